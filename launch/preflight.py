@@ -1,0 +1,42 @@
+"""Checks of the machine and inputs that run before any process is spawned."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from trainer.config import Config, ConfigError
+
+MIN_FREE_BYTES = 256 * 2**20  # room for a config, metrics and a few small checkpoints
+
+
+def check_run_dir(run_dir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"run directory {run_dir} is not writable: {e.strerror}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_bytes:
+        raise ConfigError(f"run directory {run_dir} has only {free / 2**20:.0f} MiB free "
+                          f"(needs at least {min_free_bytes / 2**20:.0f} MiB)")
+
+
+def check_resume(path: str | None) -> None:
+    if path is None:
+        return
+    from trainer.checkpoint import is_complete
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--resume: checkpoint directory not found: {path}")
+    if not is_complete(path):
+        raise ConfigError(f"--resume: {path} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
+
+
+def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
+    from trainer.data import preflight_data
+
+    preflight_data(cfg.data)
+    check_resume(resume)
+    check_run_dir(run_dir)

@@ -1,0 +1,142 @@
+"""Decoder-only MoE transformer: pre-norm blocks of RoPE GQA attention and a SwiGLU FFN that is
+an MoE layer or dense depending on the layer index.
+
+Builds on the meta device (nothing data-dependent runs in a way that needs real storage), so
+huge presets can be counted without memory; `model.to_empty(device=...)` followed by
+`model.init_weights()` then gives a usable model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.ffn import FeedForward
+from models.moe import MoE
+
+
+def is_moe_layer(layer_id: int, moe_cfg) -> bool:
+    return (moe_cfg.num_experts > 0 and layer_id >= moe_cfg.first_k_dense
+            and (layer_id - moe_cfg.first_k_dense) % moe_cfg.moe_every == 0)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each [max_seq_len, head_dim // 2], fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BSHd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face Llama/Mixtral layout, so their weights load as-is)."""
+    x1, x2 = x_BSHd.float().chunk(2, dim=-1)
+    cos, sin = cos_Sh[:, None, :], sin_Sh[:, None, :]  # broadcast over heads
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x_BSHd.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (num_kv_heads divides num_heads)."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.wq = nn.Linear(d_model, num_heads * head_dim, bias=False)
+        self.wk = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(num_heads * head_dim, d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = apply_rope(self.wq(x_BSD).view(B, S, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x_BSD).view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=True)
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for w in (self.wq, self.wk, self.wv):
+            nn.init.normal_(w.weight, std=std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg, moe_cfg):
+        super().__init__()
+        head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if is_moe_layer(layer_id, moe_cfg):
+            self.ffn: nn.Module = MoE(cfg.d_model, moe_cfg)
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attn.init_weights(std, out_std)
+        self.ffn.init_weights(std, out_std)
+
+
+class MoETransformer(nn.Module):
+    """tokens [B, S] -> logits [B, S, V] (fp32).
+
+    Args:
+        cfg: a `trainer.config.ModelConfig`.
+        moe_cfg: a `trainer.config.MoEConfig` (num_experts 0: every FFN is dense).
+    """
+
+    def __init__(self, cfg, moe_cfg):
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(i, cfg, moe_cfg) for i in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # Tied: the head reads tok_embeddings.weight in forward instead of sharing a Parameter
+        # object, because to_empty()/_apply re-create parameters per module and would untie them.
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Derived from the config, never saved; recomputed by init_weights after to_empty().
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.head_dim // 2), persistent=False)
+        self.init_weights()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one place where weights are set: N(0, init_std) for every matrix (router and
+        experts included), ones for norms, RoPE tables recomputed."""
+        std = self.cfg.init_std
+        # Each block adds two residual branches; scaling their output projections by
+        # 1/sqrt(2·num_layers) keeps the residual stream's variance from growing with depth.
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers:
+            block.init_weights(std, out_std)
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        S = tokens_BS.shape[1]
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        h_BSD = self.tok_embeddings(tokens_BS)
+        for block in self.layers:
+            h_BSD = block(h_BSD, cos, sin)
+        return F.linear(self.norm(h_BSD), self.output_weight).float()

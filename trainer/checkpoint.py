@@ -1,0 +1,134 @@
+"""Sharded, atomic checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of one checkpoint:
+    RUN_DIR/checkpoints/step_XXXXXXXX/
+        .metadata, __*.distcp     model + optimizer (DCP; each rank writes its shards)
+        extra_rank{R}.pt          per-rank state DCP does not hold: RNG, data position, scheduler
+        config.yaml               the resolved config that produced it
+A checkpoint is written under `step_XXXXXXXX.tmp` and renamed once every rank has finished, so a
+directory with the final name is always complete; a `.tmp` left by a crash is never loaded.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from parallel import ParallelMesh, barrier, unwrap
+from trainer.config import Config, save_config
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def is_complete(path: str) -> bool:
+    """Final name, DCP metadata and at least rank 0's extra state present."""
+    return (_STEP_DIR.match(os.path.basename(path.rstrip("/"))) is not None
+            and os.path.isfile(os.path.join(path, ".metadata"))
+            and os.path.isfile(os.path.join(path, "extra_rank0.pt")))
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoints of a run directory, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n))
+    return [os.path.join(root, n) for n in names if is_complete(os.path.join(root, n))]
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, cfg: Config,
+                    mesh: ParallelMesh) -> str:
+    """Write step `step` atomically on every rank; returns the final directory."""
+    final = os.path.join(checkpoint_root(run_dir), f"step_{step:08d}")
+    tmp = final + ".tmp"
+    # 1. rank 0 clears a stale temporary directory (a previous crash mid-save), all ranks wait.
+    if mesh.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    # 2. every rank writes its DCP shards (collective: DCP plans the write across ranks).
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    # 3. every rank writes the state that is its own.
+    extra = {"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(),
+             "rng": _rng_state(), "world_size": mesh.world_size}
+    torch.save(extra, os.path.join(tmp, f"extra_rank{mesh.rank}.pt"))
+    if mesh.is_main:
+        save_config(cfg, os.path.join(tmp, "config.yaml"))
+    barrier()
+    # 4. rank 0 publishes it with one rename, then prunes the oldest beyond keep_last.
+    if mesh.is_main:
+        if os.path.isdir(final):  # re-saving the same step (a rerun): replace the old one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(os.path.dirname(final))
+        _prune(run_dir, cfg.checkpoint.keep_last)
+    barrier()
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(run_dir: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: ParallelMesh) -> int:
+    """Restore everything a checkpoint holds into live objects; returns its step."""
+    if not is_complete(path):
+        raise FileNotFoundError(f"not a complete checkpoint directory: {path}")
+    target = unwrap(model)
+    model_sd, optim_sd = get_state_dict(target, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    own = os.path.join(path, f"extra_rank{mesh.rank}.pt")
+    same_layout = os.path.isfile(own)
+    extra = torch.load(own if same_layout else os.path.join(path, "extra_rank0.pt"), weights_only=False)
+    scheduler.load_state_dict(extra["scheduler"])
+    data.load_state_dict(extra["data"])
+    if same_layout and extra.get("world_size") == mesh.world_size:
+        _set_rng_state(extra["rng"])  # RNG streams are per rank: only meaningful on the same layout
+    if dist.is_initialized():
+        dist.barrier()
+    return int(extra["step"])

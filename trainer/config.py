@@ -1,0 +1,384 @@
+"""The one typed config tree of a run: dataclasses loaded from YAML, then `--set` overrides.
+
+Merge order (later wins): dataclass defaults < model preset < base recipe(s) < recipe < --set.
+Every error is a `ConfigError` whose message is one line naming the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem, reported as one line that names the key or file."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""  # a name in models.registry; its values sit under the recipe's own
+    family: str = "llm"
+    vocab_size: int = 260
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0: d_model // num_heads
+    ffn_dim: int = 512  # hidden size of dense (non-MoE) FFN layers
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # 0: a dense model (every FFN is dense)
+    top_k: int = 2
+    expert_ffn_dim: int = 256
+    moe_every: int = 1  # MoE on every k-th layer (after the dense first-k)
+    first_k_dense: int = 0
+    num_shared_experts: int = 0
+    shared_expert_ffn_dim: int = 0  # 0: expert_ffn_dim
+    score_func: str = "softmax"
+    renormalize: bool = True
+    aux_loss_coeff: float = 0.01  # Switch/GShard load-balancing loss
+    z_loss_coeff: float = 0.001  # router z-loss
+    capacity_factor: float = 0.0  # 0: dropless
+    backend: str = "auto"  # expert compute backend
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # -1: world_size // pp
+    ep: int = 1  # expert-parallel size, folded into dp
+    pp: int = 1
+    timeout_s: float = 600.0  # collective timeout
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" | local file/dir/glob (text, jsonl, parquet) | hub name
+    text_field: str = "text"
+    split: str = "train"
+    max_bytes: int = 8_000_000  # cap on the corpus read (0: all of it)
+    tokenizer: str = "byte"  # "byte" | path of a local Hugging Face tokenizer directory
+    seq_len: int = 128
+    val_fraction: float = 0.05
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | wsd | constant (all after linear warmup)
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of the steps spent in the final decay
+    grad_clip: float = 1.0  # 0: off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch_size: int = 8  # sequences per rank per micro step
+    grad_accum_steps: int = 1
+    seed: int = 0
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    stop_at_step: int = 0  # leave early (after a checkpoint) at this step; 0: off
+    run_dir: str = ""  # set by --run-dir; default runs/<recipe name>
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # 0: only at the end
+    batches: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = 100
+    keep_last: int = 2  # 0: keep all
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    project: str = "sparseforge"
+    run_name: str = ""
+    progress_bar: bool = True
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"
+
+
+@dataclass
+class PruneConfig:
+    method: str = "none"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path}: malformed YAML{line}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _deep_merge(under: dict, over: dict) -> dict:
+    out = dict(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_with_bases(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """A recipe with its `base:` chain resolved (paths relative to the recipe file)."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: recipe `base:` chain loops back to itself")
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        if not isinstance(b, str):
+            raise ConfigError(f"{path}: `base` must be a path or a list of paths")
+        merged = _deep_merge(merged, _load_with_bases(os.path.join(os.path.dirname(path), b), seen + (path,)))
+    return _deep_merge(merged, raw)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _check_value(path: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{path}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `3e-4` (no dot) as a string; users mean the number
+            return float(value)
+        except ValueError:
+            pass
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `--set logging.run_name=123` means the string
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{path}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(path + '.' if path else '') + near[0]}?" if near else ""
+            raise ConfigError(f"unknown config key {full}{hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, full)
+        else:
+            kwargs[key] = _check_value(full, value, typ)
+    return cls(**kwargs)
+
+
+def load_config(
+    recipe: str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    world_size: int | None = None,
+) -> Config:
+    """Load a recipe (with bases, model preset and --set overrides) and validate it.
+
+    Args:
+        recipe: YAML path, or None for the defaults alone.
+        overrides: `a.b=value` strings; values are parsed as YAML, then type-checked.
+        world_size: when given, the parallel layout is checked against it.
+    """
+    raw = _load_with_bases(recipe) if recipe else {}
+    for item in overrides:
+        keys, value = _parse_override(item)
+        _set_path(raw, keys, value)
+    preset = (raw.get("model") or {}).get("preset") if isinstance(raw.get("model"), dict) else None
+    if preset:
+        from models.registry import preset_overrides  # models owns the preset table
+
+        try:
+            raw = _deep_merge(preset_overrides(preset), raw)
+        except KeyError as e:
+            raise ConfigError(f"model.preset: {e.args[0]}") from None
+    cfg = _build(Config, raw, "")
+    validate(cfg, world_size)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be known before a process starts.
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{path}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def resolved_dp(par: ParallelConfig, world_size: int) -> int:
+    """The data-parallel size: explicit, or what the world leaves after pipeline stages."""
+    return par.dp if par.dp > 0 else world_size // par.pp
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.train
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads,
+        "model.ffn_dim": m.ffn_dim, "model.max_seq_len": m.max_seq_len,
+        "moe.moe_every": moe.moe_every, "moe.expert_ffn_dim": moe.expert_ffn_dim,
+        "parallel.ep": par.ep, "parallel.pp": par.pp, "data.seq_len": data.seq_len,
+        "train.steps": tr.steps, "train.micro_batch_size": tr.micro_batch_size,
+        "train.grad_accum_steps": tr.grad_accum_steps, "train.log_every": tr.log_every,
+        "eval.batches": cfg.eval.batches, "checkpoint.every": cfg.checkpoint.every,
+    }
+    for key, value in positive.items():
+        _require(value > 0, f"{key}: must be > 0, got {value}")
+    non_negative = {
+        "model.head_dim": m.head_dim, "moe.num_experts": moe.num_experts,
+        "moe.first_k_dense": moe.first_k_dense, "moe.num_shared_experts": moe.num_shared_experts,
+        "moe.shared_expert_ffn_dim": moe.shared_expert_ffn_dim, "moe.aux_loss_coeff": moe.aux_loss_coeff,
+        "moe.z_loss_coeff": moe.z_loss_coeff, "moe.capacity_factor": moe.capacity_factor,
+        "data.max_bytes": data.max_bytes, "optim.lr": opt.lr, "optim.weight_decay": opt.weight_decay,
+        "optim.warmup_steps": opt.warmup_steps, "optim.grad_clip": opt.grad_clip,
+        "train.stop_at_step": tr.stop_at_step, "eval.every": cfg.eval.every,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "parallel.timeout_s": par.timeout_s,
+    }
+    for key, value in non_negative.items():
+        _require(value >= 0, f"{key}: must be >= 0, got {value}")
+    _choice("model.family", m.family, ("llm",))
+    _choice("moe.score_func", moe.score_func, ("softmax",))
+    _choice("moe.backend", moe.backend, ("auto", "loop"))
+    _choice("optim.schedule", opt.schedule, ("cosine", "wsd", "constant"))
+    _choice("train.dtype", tr.dtype, ("fp32", "bf16"))
+    _choice("train.device", tr.device, ("auto", "cpu", "cuda"))
+    _choice("peft.method", cfg.peft.method, ("none",))
+    _choice("prune.method", cfg.prune.method, ("none",))
+    _require(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    if m.head_dim == 0:
+        _require(m.d_model % m.num_heads == 0,
+                 f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} (or set model.head_dim)")
+    _require((m.head_dim or m.d_model // m.num_heads) % 2 == 0, "model head_dim must be even for RoPE")
+    _require(data.seq_len <= m.max_seq_len,
+             f"data.seq_len={data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _require(0.0 < data.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {data.val_fraction}")
+    _require(0.0 <= opt.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {opt.min_lr_ratio}")
+    _require(0.0 < opt.decay_fraction <= 1.0, f"optim.decay_fraction: must be in (0, 1], got {opt.decay_fraction}")
+    if moe.num_experts > 0:
+        _require(1 <= moe.top_k <= moe.num_experts,
+                 f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
+        _require(moe.num_experts % par.ep == 0,
+                 f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={par.ep}")
+        _require(moe.first_k_dense < m.num_layers,
+                 f"moe.first_k_dense={moe.first_k_dense} leaves no MoE layer in model.num_layers={m.num_layers}")
+    # Layouts that later issues add; refused here rather than silently ignored.
+    _require(par.ep == 1, f"parallel.ep={par.ep}: expert parallelism is not available in this version yet")
+    _require(par.pp == 1, f"parallel.pp={par.pp}: pipeline parallelism is not available in this version yet")
+    _require(moe.capacity_factor == 0.0, "moe.capacity_factor: only dropless routing (0) is available in this version")
+    _require(moe.score_func == "softmax" or moe.num_experts == 0, "moe.score_func: only softmax is available")
+    if world_size is not None:
+        _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
+        _require(world_size % par.pp == 0,
+                 f"world size {world_size} is not divisible by parallel.pp={par.pp}")
+        dp = resolved_dp(par, world_size)
+        _require(dp * par.pp == world_size,
+                 f"parallel layout pp={par.pp} x dp={dp} = {dp * par.pp} ranks does not match world size {world_size}")
+        _require(dp % par.ep == 0, f"parallel.ep={par.ep} does not divide the data-parallel size {dp}")
