@@ -22,8 +22,9 @@ def wrap_data_parallel(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
     device_ids = [mesh.device.index] if mesh.device.type == "cuda" else None
     # Every parameter takes part in every step (the MoE loop backend touches idle experts with
     # empty matmuls), so DDP does not need the slow unused-parameter search.
+    # Buffers (RoPE tables) are computed identically on every rank: no per-forward broadcast.
     return DistributedDataParallel(model, process_group=mesh.dp_group, device_ids=device_ids,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False, gradient_as_bucket_view=True)
 
 
 def sync_context(model: nn.Module, is_last_micro_step: bool):

@@ -7,6 +7,7 @@ import math
 import netrc
 import os
 import platform
+import secrets
 import subprocess
 import sys
 from importlib import metadata
@@ -134,9 +135,7 @@ def _wandb_id(run_dir: str) -> str:
     if os.path.isfile(path):
         with open(path) as f:
             return f.read().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)
     with open(path, "w") as f:
         f.write(run_id)
     return run_id

@@ -1,0 +1,94 @@
+"""The real CLI: bad input refused before anything starts, the plan, and a 2-rank run + resume."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPE = os.path.join(ROOT, "recipes", "llm", "pretrain_tiny.yaml")
+SMALL = ["data.max_bytes=300000", "data.seq_len=32", "model.d_model=64", "model.num_layers=2",
+         "moe.expert_ffn_dim=64", "train.micro_batch_size=4", "train.log_every=1", "eval.every=3",
+         "eval.batches=2", "optim.warmup_steps=2", "logging.progress_bar=false"]
+
+
+def sparseforge(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.stpes=5"], "unknown config key train.stpes; did you mean train.steps?"),
+    (["--set", "train.steps=five"], "train.steps: expected int, got str 'five'"),
+    (["--nproc-per-node", "2", "--set", "parallel.dp=4"], "does not match world size 2"),
+    (["--set", "moe.num_experts=6", "moe.top_k=7"], "moe.top_k=7 must be between 1 and moe.num_experts=6"),
+    (["--set", "data.source=/nonexistent/corpus"], "data.source"),
+    (["--set", "data.tokenizer=/nonexistent/tok"], "data.tokenizer"),
+    (["--resume", "/nonexistent/step_00000001"], "--resume: checkpoint directory not found"),
+])
+def test_bad_input_fails_fast_with_one_line(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    proc, seconds = sparseforge("run", RECIPE, "--run-dir", str(run_dir), *args)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("sparseforge: error: ") and message in lines[0], lines
+    assert seconds < 10
+    assert not (run_dir / "config.yaml").exists()  # nothing was spawned
+
+
+def test_malformed_recipe_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: 3\n")
+    proc, _ = sparseforge("run", str(bad), "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2 and "bad.yaml: malformed YAML" in proc.stderr
+
+
+def test_dry_run_prints_plan_for_a_production_shape():
+    proc, seconds = sparseforge("run", RECIPE, "--set", "model.preset=mixtral_8x7b", "data.seq_len=4096",
+                                "train.micro_batch_size=1", "--nproc-per-node", "8", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "# resolved config" in out and "world size 8 = pp 1 x dp 8" in out
+    assert "46.70G total, 12.88G active per token" in out
+    assert out.count("\n7     0     7") == 1  # rank 7: node 0, local rank 7
+    assert "memory per rank (estimate): params 186.8" in out  # 46.7e9 fp32 weights
+    assert seconds < 10
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}, records
+
+
+def test_two_rank_run_interrupted_and_rerun_resumes_exactly(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--nproc-per-node", "2", "--set", *SMALL, "train.steps=6", "checkpoint.every=3"]
+    proc, _ = sparseforge("run", RECIPE, "--run-dir", str(straight), *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final: step 6, val loss" in proc.stdout and "unigram entropy" in proc.stdout
+    assert os.path.isdir(straight / "wandb")  # offline wandb run inside the run directory
+    assert (straight / "config.yaml").exists() and (straight / "run_info.json").exists()
+    assert sorted(os.listdir(straight / "checkpoints")) == ["step_00000003", "step_00000006"]
+
+    # Interrupted after the step-3 checkpoint, then the same command again.
+    proc, _ = sparseforge("run", RECIPE, "--run-dir", str(resumed), *common, "train.stop_at_step=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, _ = sparseforge("run", RECIPE, "--run-dir", str(resumed), *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step_00000003" in proc.stdout
+
+    want, records = _losses(straight)
+    got, _ = _losses(resumed)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(4, 7):
+        assert got[step] == want[step], step
+    keys = set().union(*records)
+    assert {"step", "loss", "lr", "tokens_per_s", "eval/loss", "moe/aux_loss", "moe/z_loss"} <= keys
