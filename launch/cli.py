@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = os.path.abspath(args.run_dir or cfg.train.run_dir or
                               os.path.join("runs", os.path.splitext(os.path.basename(args.recipe))[0]))
     cfg.train.run_dir = run_dir
+    if cfg.model.upcycle_from:  # the ranks may start in another working directory
+        cfg.model.upcycle_from = os.path.abspath(cfg.model.upcycle_from)
     if args.dry_run:
         print(format_plan(cfg, world_size, args.nproc_per_node))
         return 0

@@ -40,3 +40,9 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
     preflight_data(cfg.data)
     check_resume(resume)
     check_run_dir(run_dir)
+    if cfg.model.upcycle_from and resume is None:
+        from trainer.checkpoint import latest_checkpoint
+        from trainer.upcycle import check_upcycle_source
+
+        if latest_checkpoint(run_dir) is None:  # a resumed run no longer needs the dense source
+            check_upcycle_source(cfg.model.upcycle_from, cfg)

@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 import models
-from models.moe import pop_router_stats, set_aux_loss_scale
+from models.moe import moe_layers, pop_router_stats, pop_step_loads, set_aux_loss_scale, update_aux_free_bias
 from parallel import ParallelMesh, all_reduce_mean, build_mesh, parallelize, pick_device, sync_context, unwrap
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config
 from trainer.data import build_text_data
 from trainer.metrics import MetricsLogger
 from trainer.objectives import lm_loss
+from trainer.upcycle import upcycle_into
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.plots import overload_factors
 
 
 @dataclass
@@ -43,6 +47,12 @@ class Trainer:
             model = models.build_model(cfg.model, cfg.moe)
         set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum_steps)
         self.model = parallelize(model, self.mesh)
+        layers = moe_layers(model)
+        self.num_moe_layers = len(layers)
+        # Aux-free balancing needs the loads summed over dp every step; without it, no collective.
+        self.aux_free = any(layer.expert_bias_E is not None for layer in layers)
+        self.heatmap_every = max(cfg.logging.heatmap_every, 0) if layers else 0
+        self.heatmap_loads_LE: torch.Tensor | None = None  # routed since the previous heatmap
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         # Per-rank RNG stream from here on (dropout, jitter), reproducible and resumable.
@@ -54,6 +64,11 @@ class Trainer:
     def _resume(self, resume_from: str | None) -> int:
         path = resume_from or latest_checkpoint(self.run_dir)
         if path is None:
+            if self.cfg.model.upcycle_from:  # a fresh MoE run that starts from a dense checkpoint
+                line = upcycle_into(self.model, self.cfg.model.upcycle_from,
+                                    granularity=self.cfg.model.upcycle_granularity, seed=self.cfg.train.seed)
+                if self.mesh.is_main:
+                    print(line, flush=True)
             return 0
         step = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.data, self.mesh)
         if self.mesh.is_main:
@@ -84,6 +99,8 @@ class Trainer:
                     log.log(record)
                     log.progress(self.step, loss, tokens_per_s)
                     window_start, window_steps = time.perf_counter(), 0
+                if self.heatmap_every and self.step % self.heatmap_every == 0:
+                    self._expert_load_heatmap(log)
                 evaluate_now = cfg.eval.every and self.step % cfg.eval.every == 0
                 if evaluate_now or self.step == cfg.train.steps:
                     val_loss = self._evaluate(log)
@@ -121,17 +138,60 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._expert_loads_step()
         mean_loss = all_reduce_mean(loss_sum, self.mesh.dp_group)
         return mean_loss.item(), grad_norm.item()
 
+    def _expert_loads_step(self) -> None:
+        """After each optimizer step: the aux-loss-free bias update, and the heatmap's loads."""
+        if not self.num_moe_layers:
+            return
+        loads_LE = pop_step_loads(unwrap(self.model))
+        if self.aux_free:
+            # Every rank applies the update computed from the same global loads, so the bias
+            # buffers (which DDP does not re-broadcast) stay identical across the dp group.
+            loads_LE = _sum_over(loads_LE, self.mesh.dp_group)
+            update_aux_free_bias(unwrap(self.model), loads_LE)
+        if self.heatmap_every:
+            loads_LE = loads_LE.double()
+            acc = self.heatmap_loads_LE
+            self.heatmap_loads_LE = loads_LE if acc is None else acc + loads_LE
+
+    def _expert_load_heatmap(self, log: MetricsLogger) -> None:
+        """Plot the loads routed since the previous heatmap (or the start/resume of this process),
+        summed over dp ranks; rank 0 writes RUN_DIR/plots/expert_load_step_XXXXXXXX.png."""
+        loads_LE, self.heatmap_loads_LE = self.heatmap_loads_LE, None
+        if loads_LE is None:
+            return
+        if not self.aux_free:  # with aux-free balancing they were summed at every step already
+            loads_LE = _sum_over(loads_LE, self.mesh.dp_group)
+        if self.mesh.is_main:
+            from trainer.plots import save_expert_load_heatmap
+
+            path = save_expert_load_heatmap(loads_LE.cpu(), self.step, self.run_dir)
+            log.log_image("moe/expert_load", path, self.step)
+
     def _router_stats(self) -> dict:
-        stats = pop_router_stats(unwrap(self.model))
-        if self.mesh.dp_group is None or not stats:
-            return stats
-        keys = sorted(stats)
-        values = all_reduce_mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64),
-                                 self.mesh.dp_group)
-        return dict(zip(keys, values.tolist()))
+        """Router statistics since the previous log step, over the whole dp group.
+
+        Scalars (losses, entropy, dropped fraction, bias sizes) are averaged over the ranks, which
+        see equally many tokens. Loads are summed over the ranks and the max/mean ratios recomputed
+        from the sums: the balance of the global batch, not a mean of per-rank ratios (that would
+        overstate the imbalance, each rank seeing fewer tokens). One collective for both.
+        """
+        scalars, loads_LE = pop_router_stats(unwrap(self.model), with_loads=True)
+        if not scalars:
+            return {}
+        keys = sorted(scalars)
+        flat = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=self.device)
+        if loads_LE is not None:
+            flat = torch.cat([flat, loads_LE.to(self.device, torch.float64).flatten()])
+        flat = _sum_over(flat, self.mesh.dp_group).cpu()
+        stats = dict(zip(keys, (flat[:len(keys)] / self.mesh.dp).tolist()))
+        if loads_LE is not None:
+            stats.update(_load_stats(flat[len(keys):].view(loads_LE.shape), keys,
+                                     self.cfg.logging.expert_loads))
+        return stats
 
     @torch.no_grad()
     def _evaluate(self, log: MetricsLogger) -> float:
@@ -147,6 +207,31 @@ class Trainer:
         log.print(f"step {self.step}: val loss {val_loss:.4f}")
         model.train()
         return val_loss
+
+
+def _sum_over(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over the group (a no-op without one)."""
+    if group is None:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values
+
+
+def _load_stats(loads_LE: torch.Tensor, keys: list[str], with_loads: bool) -> dict:
+    """The load-balance keys of `pop_router_stats`, recomputed from loads summed over ranks.
+
+    Row r of `loads_LE` is the r-th MoE layer that reported statistics, i.e. the r-th
+    `moe/layer{i}/...` index in `keys`.
+    """
+    matches = (re.fullmatch(r"moe/layer(\d+)/load_max_over_mean", k) for k in keys)
+    layer_ids = sorted(int(m.group(1)) for m in matches if m)
+    ratios_L = overload_factors(loads_LE)
+    out = {"moe/load_max_over_mean": ratios_L.mean().item()}
+    out.update({f"moe/layer{i}/load_max_over_mean": r for i, r in zip(layer_ids, ratios_L.tolist())})
+    if with_loads:  # exact integers: counts of (token, slot) assignments
+        out["moe/tokens_per_expert"] = loads_LE.round().long().tolist()
+    return out
 
 
 def train(cfg: Config, run_dir: str, resume_from: str | None = None) -> TrainResult:
