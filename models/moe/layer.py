@@ -1,10 +1,8 @@
-"""The MoE feed-forward layer: router -> dispatcher(experts) -> (+ shared experts).
+"""The MoE feed-forward layer: router -> dispatcher(experts) -> (+ gated shared experts).
 
 Shape legend (suffixes on tensor names):
-    T  tokens (batch and sequence flattened)
-    D  model dim
-    E  routed experts
-    K  experts per token
+    B  sequences     S  tokens per sequence     T  tokens (B·S)
+    D  model dim     E  routed experts          K  experts per token
 
 Aux losses never appear in the layer's return value: `AttachAuxLoss` hangs them on the output
 so that `loss.backward()` on the LM loss alone also back-propagates aux · aux_loss_scale. This
@@ -19,8 +17,12 @@ from torch import nn
 from models.ffn import FeedForward
 from models.moe.dispatcher import Dispatcher, LocalDispatcher
 from models.moe.experts import GroupedExperts
-from models.moe.losses import load_balancing_loss, router_entropy, router_z_loss
-from models.moe.router import RouterOutput, TopKRouter
+from models.moe.losses import (expert_balance_loss, load_balancing_loss, router_entropy, router_z_loss,
+                               sequence_load_balancing_loss)
+from models.moe.router import RouterOutput, TopKRouter, build_router
+
+# Aux losses by their stats/log name (moe/<name>), each with its own coefficient moe.<name>_coeff.
+LOSS_NAMES = ("aux_loss", "seq_aux_loss", "z_loss", "expert_balance_loss")
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -42,21 +44,24 @@ class AttachAuxLoss(torch.autograd.Function):
 
 
 class MoE(nn.Module):
-    """Dropless token-choice MoE FFN.
+    """MoE FFN: token-choice (dropless or with capacity) or expert-choice routing.
 
     Args:
         d_model: D.
-        moe_cfg: a `trainer.config.MoEConfig` (num_experts, top_k, expert_ffn_dim,
-            num_shared_experts, shared_expert_ffn_dim, score_func, renormalize,
-            aux_loss_coeff, z_loss_coeff, backend).
+        moe_cfg: a `trainer.config.MoEConfig` (the routing, balancing and structure fields).
 
     Attributes set from outside:
         dispatcher: a `Dispatcher`; `LocalDispatcher()` unless parallel/ swaps it.
         aux_loss_scale: gradient given to the aux loss (1/grad_accum_steps in training).
 
-    Statistics (training forwards only, detached, reset by `pop_stats`): summed balance and
-    z-loss values, tokens per expert, router entropy, number of forwards. A forward re-run by
-    activation checkpointing records twice; the per-forward means are unaffected.
+    Aux losses (training forwards only): those of LOSS_NAMES whose coefficient is > 0. The
+    balance losses (all but z_loss) only apply to token choice; expert choice is balanced by
+    construction and ignores their coefficients. seq_aux_loss takes the sequences from the
+    input's leading dims ([B, S, D]; a 2-D [T, D] input is one sequence).
+
+    Statistics (training forwards only, detached, reset by `pop_stats`): each active loss,
+    router entropy, tokens per expert chosen by the router, dropped assignments. A forward re-run
+    by activation checkpointing records twice; means and max/mean ratios are unaffected.
     """
 
     def __init__(self, d_model: int, moe_cfg):
@@ -64,35 +69,62 @@ class MoE(nn.Module):
         c = moe_cfg
         self.num_experts = c.num_experts
         self.top_k = c.top_k
-        self.aux_loss_coeff = c.aux_loss_coeff
+        token_choice = c.routing == "token_choice"
+        self.aux_loss_coeff = c.aux_loss_coeff if token_choice else 0.0
+        self.seq_aux_loss_coeff = c.seq_aux_loss_coeff if token_choice else 0.0
+        self.expert_balance_loss_coeff = c.expert_balance_loss_coeff if token_choice else 0.0
         self.z_loss_coeff = c.z_loss_coeff
-        self.router = TopKRouter(d_model, c.num_experts, c.top_k, c.renormalize, c.score_func)
+        self.router = build_router(d_model, c)
         self.experts = GroupedExperts(c.num_experts, d_model, c.expert_ffn_dim, c.backend)
         # n shared SwiGLUs of width F summed == one SwiGLU of width n·F (concatenated hidden).
         shared_dim = c.num_shared_experts * (c.shared_expert_ffn_dim or c.expert_ffn_dim)
         self.shared_experts = FeedForward(d_model, shared_dim) if shared_dim > 0 else None
+        # Qwen2-MoE: a per-token scalar sigmoid(x·w) lets the model turn the shared path down.
+        use_gate = c.shared_expert_gate and self.shared_experts is not None
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if use_gate else None
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.aux_loss_scale = 1.0
         self._reset_stats()
+        self._step_loads_E: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., D] (e.g. [B, S, D]); returns the same shape."""
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.router(x_TD)
-        y_TD = self.dispatcher(x_TD, route.topk_idx_TK, route.topk_weight_TK, self.experts)
+        y_TD = self.dispatcher(x_TD, route.routing, self.experts)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         if self.training and x_TD.shape[0] > 0:
-            aux = self._aux_loss(route)
-            if torch.is_grad_enabled() and aux.requires_grad:
+            num_seqs = x_TD.shape[0] // x.shape[-2] if x.dim() >= 3 else 1
+            aux = self._aux_loss(route, num_seqs)
+            if aux is not None and torch.is_grad_enabled() and aux.requires_grad:
                 y_TD = AttachAuxLoss.apply(y_TD, aux, self.aux_loss_scale)
         return y_TD.reshape(x.shape)
 
-    def _aux_loss(self, route: RouterOutput) -> torch.Tensor:
-        balance = load_balancing_loss(route.probs_TE, route.topk_idx_TK, self.aux_loss_coeff)
-        z = router_z_loss(route.logits_TE, self.z_loss_coeff)
-        self._record(route, balance.detach(), z.detach())
-        return balance + z
+    def aux_losses(self, route: RouterOutput, num_seqs: int = 1) -> dict[str, torch.Tensor]:
+        """The active aux losses of one forward, coefficient included, by name."""
+        losses = {}
+        if route.topk_idx_TK is not None:  # balance losses: token choice only
+            probs_TE, idx_TK = route.probs_TE, route.topk_idx_TK
+            if self.aux_loss_coeff > 0:
+                losses["aux_loss"] = load_balancing_loss(probs_TE, idx_TK, self.aux_loss_coeff)
+            if self.seq_aux_loss_coeff > 0:
+                losses["seq_aux_loss"] = sequence_load_balancing_loss(
+                    probs_TE.view(num_seqs, -1, probs_TE.shape[-1]),
+                    idx_TK.view(num_seqs, -1, idx_TK.shape[-1]), self.seq_aux_loss_coeff)
+            if self.expert_balance_loss_coeff > 0:
+                losses["expert_balance_loss"] = expert_balance_loss(probs_TE, idx_TK, self.expert_balance_loss_coeff)
+        if self.z_loss_coeff > 0:
+            losses["z_loss"] = router_z_loss(route.logits_TE, self.z_loss_coeff)
+        return losses
+
+    def _aux_loss(self, route: RouterOutput, num_seqs: int) -> torch.Tensor | None:
+        losses = self.aux_losses(route, num_seqs)
+        self._record(route, {k: v.detach() for k, v in losses.items()})
+        return sum(losses.values()) if losses else None
 
     # -- statistics ----------------------------------------------------------------------------
 
@@ -100,29 +132,61 @@ class MoE(nn.Module):
         # Plain attributes, not buffers: they must not enter state_dict, and DDP must not
         # broadcast rank 0's values over every rank's own statistics.
         self._num_forwards = 0
+        self._num_requested = 0
         self._stats: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def _record(self, route: RouterOutput, balance: torch.Tensor, z: torch.Tensor) -> None:
-        counts_E = torch.bincount(route.topk_idx_TK.reshape(-1), minlength=self.num_experts)
-        new = {"aux_loss": balance, "z_loss": z, "entropy": router_entropy(route.probs_TE.detach()),
-               "tokens_per_expert": counts_E.float()}
+    def _record(self, route: RouterOutput, losses: dict[str, torch.Tensor]) -> None:
+        loads_E = route.tokens_per_expert_E.float()
+        new = {**losses, "entropy": router_entropy(route.probs_TE.detach()), "tokens_per_expert": loads_E,
+               "dropped": route.num_dropped.float()}
         for key, value in new.items():  # kept on device: no host sync per forward
             self._stats[key] = self._stats[key] + value if key in self._stats else value.clone()
         self._num_forwards += 1
+        self._num_requested += route.num_requested
+        # Separate from _stats: the trainer pops these every step for aux-free balancing, the
+        # statistics only every log_every steps.
+        self._step_loads_E = loads_E.clone() if self._step_loads_E is None else self._step_loads_E + loads_E
 
     def pop_stats(self) -> dict[str, torch.Tensor] | None:
-        """Per-forward means of aux_loss, z_loss, entropy and summed tokens_per_expert [E]
-        since the last pop (None if no training forward happened); resets them."""
+        """Since the last pop (None if no training forward happened), then reset:
+        per-forward means of each active loss (LOSS_NAMES) and `entropy`; `tokens_per_expert`
+        [E] summed (router's choice, before capacity drops); `dropped_fraction` = dropped /
+        requested over all forwards (see RouterOutput.num_requested)."""
         if self._num_forwards == 0:
             return None
-        n = self._num_forwards
-        out = {k: (v if k == "tokens_per_expert" else v / n) for k, v in self._stats.items()}
+        n, s = self._num_forwards, self._stats
+        out = {k: v / n for k, v in s.items() if k in LOSS_NAMES or k == "entropy"}
+        out["tokens_per_expert"] = s["tokens_per_expert"]
+        out["dropped_fraction"] = s["dropped"] / max(self._num_requested, 1)
         self._reset_stats()
         return out
 
+    def pop_step_loads(self) -> torch.Tensor:
+        """Tokens per expert [E] (float, on the router's device) chosen in training forwards since
+        the last call; zeros if none. Resets."""
+        loads_E = self._step_loads_E
+        self._step_loads_E = None
+        if loads_E is None:
+            return torch.zeros(self.num_experts, device=self.router.gate.weight.device)
+        return loads_E
+
+    @property
+    def can_drop(self) -> bool:
+        """Whether this layer's routing can leave assignments (or tokens) unprocessed."""
+        return self.router.can_drop
+
+    @property
+    def expert_bias_E(self) -> torch.Tensor | None:
+        """The aux-loss-free selection bias, or None when the layer does not use it."""
+        return self.router.expert_bias_E if isinstance(self.router, TopKRouter) else None
+
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.router.gate.weight, std=std)
+        if self.expert_bias_E is not None:
+            self.expert_bias_E.zero_()  # after to_empty() the buffer holds garbage
         self.experts.init_weights(std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
+        if self.shared_expert_gate is not None:
+            nn.init.normal_(self.shared_expert_gate.weight, std=std)

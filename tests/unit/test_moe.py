@@ -198,7 +198,10 @@ def test_pop_router_stats_keys_and_reset():
         model(torch.randn(2, 5, 16)).sum().backward()
     scalars, loads = pop_router_stats(model, with_loads=True)
     assert set(scalars) == {"moe/aux_loss", "moe/z_loss", "moe/load_max_over_mean", "moe/router_entropy",
-                            "moe/layer0/load_max_over_mean", "moe/layer1/load_max_over_mean"}
+                            "moe/dropped_fraction", "moe/layer0/load_max_over_mean",
+                            "moe/layer1/load_max_over_mean", "moe/layer0/router_entropy",
+                            "moe/layer1/router_entropy"}
+    assert scalars["moe/dropped_fraction"] == 0.0  # dropless
     assert loads.shape == (2, 4) and loads.sum().item() == 3 * 10 * 2 * 2  # fwds·T·K·layers
     assert scalars["moe/load_max_over_mean"] >= 1.0
     assert 0 < scalars["moe/router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
