@@ -35,6 +35,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Sparse upcycling: a checkpoint directory (step_XXXXXXXX) of a dense run of ours whose
+    # weights initialise this MoE model when the run does not resume (models/moe/upcycle.py).
+    upcycle_from: str = ""
+    upcycle_granularity: int = 1  # G > 1: experts of dense ffn_dim / G, each a 1/G slice
 
 
 @dataclass
@@ -46,11 +50,28 @@ class MoEConfig:
     first_k_dense: int = 0
     num_shared_experts: int = 0
     shared_expert_ffn_dim: int = 0  # 0: expert_ffn_dim
-    score_func: str = "softmax"
-    renormalize: bool = True
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x·w_gate)
+    # Routing. expert_choice (each expert picks its top-C tokens) is not causal: a token's
+    # routing depends on later tokens, so it suits DiTs and leaks the future in causal LMs.
+    routing: str = "token_choice"  # token_choice | expert_choice
+    score_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    renormalize: bool = True  # chosen top-k weights rescaled to sum 1 (token choice)
+    num_groups: int = 0  # group-limited routing (DeepSeek-V3): expert groups; 0: off
+    topk_group: int = 0  # groups kept per token (group score = sum of its top-2 expert scores)
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' gate weights
+    router_jitter: float = 0.0  # eps of U[1-eps, 1+eps] noise on the router input (training)
+    # Balancing: each loss has its own coefficient (0: off) and its own log key moe/<name>.
     aux_loss_coeff: float = 0.01  # Switch/GShard load-balancing loss
+    seq_aux_loss_coeff: float = 0.0  # the same per sequence, averaged (DeepSeek-V2/V3)
     z_loss_coeff: float = 0.001  # router z-loss
-    capacity_factor: float = 0.0  # 0: dropless
+    expert_balance_loss_coeff: float = 0.0  # DiT-MoE/DeepSeekMoE expert-level balance loss
+    aux_free: bool = False  # auxiliary-loss-free balancing: per-expert selection bias
+    aux_free_update_rate: float = 1e-3  # u in b += u·sign(mean load - load), per optimizer step
+    # Capacity. Token choice: C = ceil(T·K·capacity_factor/E) per expert, 0: dropless.
+    # Expert choice: C = ceil(T·capacity_factor/E), 0: use top_k as the factor.
+    capacity_factor: float = 0.0
+    drop_policy: str = "probability"  # over capacity keep: probability (highest gate) | position
+    pad_to_capacity: bool = False  # pad every expert's rows to C (static shapes, as Megatron)
     backend: str = "auto"  # expert compute backend
 
 
@@ -119,6 +140,12 @@ class LoggingConfig:
     project: str = "sparseforge"
     run_name: str = ""
     progress_bar: bool = True
+    # Expert-load heatmap (RUN_DIR/plots/expert_load_step_XXXXXXXX.png, and wandb) every N steps
+    # of the loads routed since the previous heatmap, summed over dp ranks; 0: off.
+    heatmap_every: int = 100
+    # Per-expert token counts ([MoE layer][expert], summed over dp ranks since the previous log
+    # step) as `moe/tokens_per_expert` in metrics.jsonl; turn off for very many experts x layers.
+    expert_loads: bool = True
 
 
 @dataclass
@@ -317,6 +344,34 @@ def resolved_dp(par: ParallelConfig, world_size: int) -> int:
     return par.dp if par.dp > 0 else world_size // par.pp
 
 
+def _validate_routing(moe: MoEConfig) -> None:
+    """Routing, balancing and capacity fields of an MoE model (num_experts > 0)."""
+    E, tc = moe.num_experts, moe.routing == "token_choice"
+    _choice("moe.routing", moe.routing, ("token_choice", "expert_choice"))
+    _choice("moe.score_func", moe.score_func, ("softmax", "sigmoid"))
+    _choice("moe.drop_policy", moe.drop_policy, ("probability", "position"))
+    for key, value in {"moe.seq_aux_loss_coeff": moe.seq_aux_loss_coeff, "moe.num_groups": moe.num_groups,
+                       "moe.expert_balance_loss_coeff": moe.expert_balance_loss_coeff,
+                       "moe.topk_group": moe.topk_group, "moe.aux_free_update_rate": moe.aux_free_update_rate}.items():
+        _require(value >= 0, f"{key}: must be >= 0, got {value}")
+    _require(moe.routed_scaling_factor > 0, f"moe.routed_scaling_factor: must be > 0, got {moe.routed_scaling_factor}")
+    _require(0 <= moe.router_jitter < 1, f"moe.router_jitter: must be in [0, 1), got {moe.router_jitter}")
+    if moe.num_groups > 0:
+        G = moe.num_groups
+        _require(tc, "moe.num_groups: group-limited routing needs moe.routing=token_choice")
+        _require(E % G == 0, f"moe.num_groups={G} does not divide moe.num_experts={E}")
+        _require(1 <= moe.topk_group <= G, f"moe.topk_group={moe.topk_group} must be between 1 and moe.num_groups={G}")
+        _require(moe.top_k <= moe.topk_group * (E // G),
+                 f"moe.top_k={moe.top_k} exceeds the {moe.topk_group * (E // G)} experts "
+                 f"in moe.topk_group={moe.topk_group} groups")
+    _require(moe.topk_group == 0 or moe.num_groups > 0, f"moe.topk_group={moe.topk_group} needs moe.num_groups > 0")
+    _require(tc or not moe.aux_free, "moe.aux_free: needs moe.routing=token_choice (expert choice is balanced already)")
+    _require(not moe.pad_to_capacity or moe.capacity_factor > 0 or not tc,
+             "moe.pad_to_capacity: needs moe.capacity_factor > 0 (dropless chunks have no fixed size)")
+    _require(not moe.shared_expert_gate or moe.num_shared_experts > 0,
+             "moe.shared_expert_gate: needs moe.num_shared_experts > 0")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.train
     positive = {
@@ -344,7 +399,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key, value in non_negative.items():
         _require(value >= 0, f"{key}: must be >= 0, got {value}")
     _choice("model.family", m.family, ("llm",))
-    _choice("moe.score_func", moe.score_func, ("softmax",))
     _choice("moe.backend", moe.backend, ("auto", "loop"))
     _choice("optim.schedule", opt.schedule, ("cosine", "wsd", "constant"))
     _choice("train.dtype", tr.dtype, ("fp32", "bf16"))
@@ -369,11 +423,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                  f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={par.ep}")
         _require(moe.first_k_dense < m.num_layers,
                  f"moe.first_k_dense={moe.first_k_dense} leaves no MoE layer in model.num_layers={m.num_layers}")
+        _validate_routing(moe)
+    G = m.upcycle_granularity
+    _require(G >= 1, f"model.upcycle_granularity: must be >= 1, got {G}")
+    if m.upcycle_from:
+        _require(moe.num_experts > 0, "model.upcycle_from: needs an MoE model to upcycle into (moe.num_experts > 0)")
+        _require(moe.num_experts % G == 0 and moe.top_k % G == 0,
+                 f"model.upcycle_granularity={G} must divide moe.num_experts={moe.num_experts} and moe.top_k={moe.top_k}")
     # Layouts that later issues add; refused here rather than silently ignored.
     _require(par.ep == 1, f"parallel.ep={par.ep}: expert parallelism is not available in this version yet")
     _require(par.pp == 1, f"parallel.pp={par.pp}: pipeline parallelism is not available in this version yet")
-    _require(moe.capacity_factor == 0.0, "moe.capacity_factor: only dropless routing (0) is available in this version")
-    _require(moe.score_func == "softmax" or moe.num_experts == 0, "moe.score_func: only softmax is available")
     if world_size is not None:
         _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
         _require(world_size % par.pp == 0,
