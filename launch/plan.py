@@ -25,13 +25,20 @@ def moe_layer_ids(cfg: Config) -> list[int]:
 
 def param_counts(cfg: Config) -> tuple[int, int]:
     """(total, active per token), counted on a meta-device model: no memory is allocated."""
+    return param_breakdown(cfg)[:2]
+
+
+def param_breakdown(cfg: Config) -> tuple[int, int, int]:
+    """(total, active per token, routed-expert) parameters, on a meta-device model."""
     import torch
 
     import models
+    from models.moe import expert_parameters
 
     with torch.device("meta"):
         model = models.build_model(cfg.model, cfg.moe)
-    return models.param_counts(model, cfg.moe)
+    total, active = models.param_counts(model, cfg.moe)
+    return total, active, sum(p.numel() for _, p in expert_parameters(model))
 
 
 def activation_bytes_per_rank(cfg: Config) -> int:
@@ -55,21 +62,31 @@ def activation_bytes_per_rank(cfg: Config) -> int:
     return tokens * per_token * elem + tokens * m.vocab_size * 4 * 2
 
 
-def memory_per_rank(cfg: Config, total_params: int) -> dict[str, int]:
+def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0) -> dict[str, int]:
     """fp32 weights and gradients, AdamW's two fp32 moments, and activations (bytes).
 
-    Data parallelism replicates everything (DDP), so every rank holds the full model here;
-    expert and pipeline parallelism divide these numbers once they land.
+    Data parallelism replicates everything (DDP); expert parallelism keeps 1/ep of the routed
+    experts (`expert_params` of `total_params`) on each rank. Pipeline parallelism will divide
+    these numbers once it lands.
     """
-    params = total_params * 4
+    params = (total_params - expert_params + expert_params // cfg.parallel.ep) * 4
     return {"params": params, "grads": params, "optimizer": 2 * params,
             "activations": activation_bytes_per_rank(cfg)}
+
+
+def _groups(groups: list[list[int]], shown: int = 3) -> str:
+    """Rank groups, abbreviated beyond `shown` groups of at most 8 ranks."""
+    def one(g):
+        return str(g) if len(g) <= 8 else f"[{g[0]}, {g[1]}, ..., {g[-1]}]"
+
+    text = ", ".join(one(g) for g in groups[:shown])
+    return f"[{text}{', ...' if len(groups) > shown else ''}] ({len(groups)} groups of {len(groups[0])})"
 
 
 def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     par = cfg.parallel
     dp = resolved_dp(par, world_size)
-    total, active = param_counts(cfg)
+    total, active, routed = param_breakdown(cfg)
     out = io.StringIO()
     out.write("# resolved config\n")
     out.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -94,7 +111,14 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
         held = (f"{c['ep_rank'] * per_rank}-{(c['ep_rank'] + 1) * per_rank - 1}" if per_rank else "-")
         out.write(f"{rank:<5d} {rank // nproc_per_node:<5d} {rank % nproc_per_node:<6d} {c['pp_rank']:<9d} "
                   f"{c['dp_rank']:<8d} {c['ep_rank']:<8d} {held}\n")
-    mem = memory_per_rank(cfg, total)
+    if par.ep > 1:
+        from parallel.mesh import group_ranks
+
+        groups = group_ranks(world_size, par)
+        chunks = f", {par.ep_chunks} chunks" if par.ep_overlap in ("chunked", "combinable") else ""
+        out.write(f"expert parallel: all-to-all within {_groups(groups['ep'])}, expert grads reduced "
+                  f"within {_groups(groups['edp'])}; overlap {par.ep_overlap}{chunks}\n")
+    mem = memory_per_rank(cfg, total, routed)
     parts = ", ".join(f"{k} {_human(v, 'B')}" for k, v in mem.items())
     out.write(f"\nmemory per rank (estimate): {parts}; total {_human(sum(mem.values()), 'B')}\n")
     return out.getvalue()

@@ -1,8 +1,16 @@
 """Process groups of a run: pipeline x data parallel, with expert parallelism folded into dp.
 
-Rank layout (pp outermost, as Megatron-Core and torchtitan do): rank = pp_rank * dp + dp_rank.
-Expert parallelism (a later issue) splits each dp group into ep-sized expert groups; the mesh
-records ep now so the layout printed by --dry-run is the one training will use.
+Rank layout (pp outermost, as Megatron-Core and torchtitan do):
+    rank    = pp_rank * dp + dp_rank
+    dp_rank = edp_rank * ep + ep_rank        (ep groups are contiguous runs of dp ranks)
+Groups, per pipeline stage:
+    dp   all dp ranks of the stage: reduces non-expert gradients (DDP)
+    ep   ep consecutive dp ranks (same edp_rank): exchange tokens by all-to-all; together they
+         hold every expert once, ep_rank r holding experts [r·E/ep, (r+1)·E/ep)
+    edp  the dp/ep ranks with the same ep_rank (expert data parallel): hold the same experts,
+         reduce their gradients
+Contiguous ep groups keep an expert-parallel group on one node when ep divides the processes per
+node, so the all-to-all, the heaviest traffic, stays on the fastest links.
 """
 from __future__ import annotations
 
@@ -27,10 +35,19 @@ class ParallelMesh:
     dp_rank: int
     device: torch.device
     dp_group: dist.ProcessGroup | None  # None when dp == 1
+    ep_rank: int = 0
+    edp_rank: int = 0  # = dp_rank when ep == 1
+    ep_group: dist.ProcessGroup | None = None  # None when ep == 1
+    edp_group: dist.ProcessGroup | None = None  # None when dp == ep; the dp group when ep == 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def edp(self) -> int:
+        """Size of the expert-data-parallel group (ranks holding the same experts)."""
+        return self.dp // self.ep
 
 
 def pick_device(device: str) -> torch.device:
@@ -45,13 +62,31 @@ def pick_device(device: str) -> torch.device:
 
 
 def layout(rank: int, world_size: int, par: ParallelConfig) -> dict:
-    """Coordinates of one rank; pure, so the launcher's plan and the trainer agree."""
+    """Coordinates of one rank (pp_rank, dp_rank, ep_rank, edp_rank); pure, so the launcher's
+    plan and the trainer agree."""
     dp = resolved_dp(par, world_size)
-    return {"pp_rank": rank // dp, "dp_rank": rank % dp, "ep_rank": (rank % dp) % par.ep}
+    dp_rank = rank % dp
+    return {"pp_rank": rank // dp, "dp_rank": dp_rank, "ep_rank": dp_rank % par.ep,
+            "edp_rank": dp_rank // par.ep}
+
+
+def group_ranks(world_size: int, par: ParallelConfig) -> dict[str, list[list[int]]]:
+    """Members of every dp, ep and edp group, in the order `build_mesh` creates them; pure.
+
+    Each kind partitions the world: every rank is in exactly one group of each kind.
+    """
+    dp, ep = resolved_dp(par, world_size), par.ep
+    edp = dp // ep
+    stages = [stage * dp for stage in range(par.pp)]
+    return {
+        "dp": [[base + i for i in range(dp)] for base in stages],
+        "ep": [[base + k * ep + j for j in range(ep)] for base in stages for k in range(edp)],
+        "edp": [[base + k * ep + j for k in range(edp)] for base in stages for j in range(ep)],
+    }
 
 
 def build_mesh(par: ParallelConfig, device: torch.device) -> ParallelMesh:
-    """Join the job's process group (torchrun env vars) and build the dp groups.
+    """Join the job's process group (torchrun env vars) and build the dp, ep and edp groups.
 
     Runs with a single process too (no env vars): then no group is created.
     """
@@ -61,17 +96,35 @@ def build_mesh(par: ParallelConfig, device: torch.device) -> ParallelMesh:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=par.timeout_s))
     dp = resolved_dp(par, world_size)
+    if dp * par.pp != world_size or dp % par.ep:
+        raise ValueError(f"parallel layout pp={par.pp} x dp={dp} (ep={par.ep}) does not fit world size "
+                         f"{world_size}")
     coords = layout(rank, world_size, par)
-    dp_group = None
-    if dp > 1:
-        # Every rank must create every group, in the same order.
-        for stage in range(par.pp):
-            ranks = list(range(stage * dp, (stage + 1) * dp))
-            group = dist.new_group(ranks) if par.pp > 1 else dist.group.WORLD
-            if coords["pp_rank"] == stage:
-                dp_group = group
+    members = group_ranks(world_size, par)
+    # Every rank must create every group, in the same order (new_group is collective).
+    dp_group = _own_group(members["dp"], rank, reuse_world=par.pp == 1) if dp > 1 else None
+    ep_group = edp_group = None
+    if par.ep > 1:
+        # Always a group of its own, even when it spans the world: the all-to-alls then never
+        # share a gloo/nccl tag sequence with DDP's all-reduces running in the same backward.
+        ep_group = _own_group(members["ep"], rank)
+        edp_group = _own_group(members["edp"], rank) if dp > par.ep else None
+    else:
+        edp_group = dp_group  # without expert parallelism the experts are plain data parallel
     return ParallelMesh(world_size, rank, par.pp, dp, par.ep, coords["pp_rank"], coords["dp_rank"],
-                        device, dp_group)
+                        device, dp_group, coords["ep_rank"], coords["edp_rank"], ep_group, edp_group)
+
+
+def _own_group(groups: list[list[int]], rank: int, reuse_world: bool = False) -> dist.ProcessGroup:
+    """Create every group of one kind (all ranks, same order); return the one holding `rank`."""
+    if reuse_world:
+        return dist.group.WORLD
+    own = None
+    for ranks in groups:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            own = group
+    return own
 
 
 def barrier() -> None:

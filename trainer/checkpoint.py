@@ -2,7 +2,10 @@
 
 Layout of one checkpoint:
     RUN_DIR/checkpoints/step_XXXXXXXX/
-        .metadata, __*.distcp     model + optimizer (DCP; each rank writes its shards)
+        .metadata, __*.distcp     model + optimizer (DCP; each rank writes its shards). Keys and
+                                  shapes are the unsharded model's whatever the ep size: expert
+                                  tensors [E, ...] are stored as row chunks, each expert once
+                                  (parallel/checkpoint_adapter.py), and load onto any ep size
         extra_rank{R}.pt          per-rank state DCP does not hold: RNG, data position, scheduler
         config.yaml               the resolved config that produced it
 A checkpoint is written under `step_XXXXXXXX.tmp` and renamed once every rank has finished, so a
@@ -22,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from parallel import ParallelMesh, barrier, unwrap
+from parallel.checkpoint_adapter import from_checkpoint, to_checkpoint
 from trainer.config import Config, save_config
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -78,7 +82,10 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
         os.makedirs(tmp)
     barrier()
     # 2. every rank writes its DCP shards (collective: DCP plans the write across ranks).
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    #    Expert shards go in as DTensors over the ep group: each expert is stored once.
+    target = unwrap(model)
+    model_sd, optim_sd = get_state_dict(target, optimizer)
+    to_checkpoint(target, model_sd, optim_sd, mesh)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     # 3. every rank writes the state that is its own.
     extra = {"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(),
@@ -119,8 +126,12 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
         raise FileNotFoundError(f"not a complete checkpoint directory: {path}")
     target = unwrap(model)
     model_sd, optim_sd = get_state_dict(target, optimizer)
+    # Expert shards are read as the rows of the experts this rank holds now, whatever the ep size
+    # of the run that saved them.
+    to_checkpoint(target, model_sd, optim_sd, mesh)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
+    from_checkpoint(state["model"], state["optim"])
     set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     own = os.path.join(path, f"extra_rank{mesh.rank}.pt")
     same_layout = os.path.isfile(own)

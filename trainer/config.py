@@ -81,6 +81,10 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel size, folded into dp
     pp: int = 1
     timeout_s: float = 600.0  # collective timeout
+    # How the expert-parallel all-to-alls overlap computation (same numerics for all):
+    # none | async | chunked | shared_expert | combinable (async + chunked + shared_expert)
+    ep_overlap: str = "none"
+    ep_chunks: int = 2  # token chunks pipelined by chunked / combinable
 
 
 @dataclass
@@ -399,7 +403,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key, value in non_negative.items():
         _require(value >= 0, f"{key}: must be >= 0, got {value}")
     _choice("model.family", m.family, ("llm",))
-    _choice("moe.backend", moe.backend, ("auto", "loop"))
+    _choice("moe.backend", moe.backend, ("auto", "loop", "grouped_mm", "megablocks"))
     _choice("optim.schedule", opt.schedule, ("cosine", "wsd", "constant"))
     _choice("train.dtype", tr.dtype, ("fp32", "bf16"))
     _choice("train.device", tr.device, ("auto", "cpu", "cuda"))
@@ -430,8 +434,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(moe.num_experts > 0, "model.upcycle_from: needs an MoE model to upcycle into (moe.num_experts > 0)")
         _require(moe.num_experts % G == 0 and moe.top_k % G == 0,
                  f"model.upcycle_granularity={G} must divide moe.num_experts={moe.num_experts} and moe.top_k={moe.top_k}")
+    _choice("parallel.ep_overlap", par.ep_overlap, ("none", "async", "chunked", "shared_expert", "combinable"))
+    _require(par.ep_chunks >= 1, f"parallel.ep_chunks: must be >= 1, got {par.ep_chunks}")
+    _require(par.ep == 1 or moe.num_experts > 0,
+             f"parallel.ep={par.ep}: expert parallelism needs an MoE model (moe.num_experts > 0)")
     # Layouts that later issues add; refused here rather than silently ignored.
-    _require(par.ep == 1, f"parallel.ep={par.ep}: expert parallelism is not available in this version yet")
     _require(par.pp == 1, f"parallel.pp={par.pp}: pipeline parallelism is not available in this version yet")
     if world_size is not None:
         _require(world_size >= 1, f"world size must be >= 1, got {world_size}")

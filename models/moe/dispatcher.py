@@ -14,6 +14,8 @@ with `layer.dispatcher = ...`; it implements the same `Dispatcher` interface and
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -66,14 +68,20 @@ class Dispatcher:
     swapping it never changes the model's state_dict.
     """
 
-    def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: nn.Module,
+                 overlap_fn: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """Args:
+            overlap_fn: optional work whose [T, D] result is added to the output (the shared
+                experts); a communicating dispatcher runs it while its messages are in flight.
+        """
         raise NotImplementedError
 
 
 class LocalDispatcher(Dispatcher):
     """All experts live in this process."""
 
-    def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: nn.Module,
+                 overlap_fn: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         # 1. permute: one row per kept assignment, sorted by expert (stable argsort)
         x_sorted_ND, order_N, counts_E = permute(x_TD, routing, experts.num_experts)
         # 2. count rows per expert (bincount with minlength=E, so empty experts get 0); with
@@ -92,4 +100,6 @@ class LocalDispatcher(Dispatcher):
         y_out = experts(x_in, counts_in_E)
         y_sorted_ND = y_out[slot_N] if C > 0 else y_out
         # 4. multiply by the gate weight, 5. unpermute and sum each token's rows (index_add_)
-        return unpermute_combine(y_sorted_ND, order_N, routing, x_TD.dtype)
+        y_TD = unpermute_combine(y_sorted_ND, order_N, routing, x_TD.dtype)
+        # 6. add the work that runs beside the routed experts (nothing to overlap locally)
+        return y_TD + overlap_fn() if overlap_fn is not None else y_TD

@@ -91,18 +91,23 @@ class MoE(nn.Module):
         """x: [..., D] (e.g. [B, S, D]); returns the same shape."""
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.router(x_TD)
-        y_TD = self.dispatcher(x_TD, route.routing, self.experts)
-        if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD)
-            if self.shared_expert_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+        # The shared experts go to the dispatcher as `overlap_fn`, so an expert-parallel
+        # dispatcher can compute them while routed tokens are in flight.
+        shared_fn = (lambda: self._shared(x_TD)) if self.shared_experts is not None else None
+        y_TD = self.dispatcher(x_TD, route.routing, self.experts, overlap_fn=shared_fn)
         if self.training and x_TD.shape[0] > 0:
             num_seqs = x_TD.shape[0] // x.shape[-2] if x.dim() >= 3 else 1
             aux = self._aux_loss(route, num_seqs)
             if aux is not None and torch.is_grad_enabled() and aux.requires_grad:
                 y_TD = AttachAuxLoss.apply(y_TD, aux, self.aux_loss_scale)
         return y_TD.reshape(x.shape)
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output, gated per token when the layer has a shared gate."""
+        shared_TD = self.shared_experts(x_TD)
+        if self.shared_expert_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+        return shared_TD
 
     def aux_losses(self, route: RouterOutput, num_seqs: int = 1) -> dict[str, torch.Tensor]:
         """The active aux losses of one forward, coefficient included, by name."""

@@ -228,9 +228,9 @@ def test_dispatcher_can_be_swapped():
     calls = []
     local = layer.dispatcher
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(1)
-        return local(*args)
+        return local(*args, **kwargs)
 
     layer.dispatcher = spy
     layer(torch.randn(3, 16))

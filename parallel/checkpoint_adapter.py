@@ -1,0 +1,94 @@
+"""Checkpoint state of expert-sharded models: each expert stored once, loadable onto any ep size.
+
+With ep > 1 every rank of an ep group holds other experts under the same parameter name, so a
+plain state dict would give torch.distributed.checkpoint (DCP) the same key with different
+contents on every rank: it would keep one rank's slice and load it everywhere (the failure of
+MegaBlocks #160 and DeepSpeed #6589). Instead, for DCP only, every expert-sharded tensor (the
+parameter and its same-shaped optimizer state, AdamW's exp_avg / exp_avg_sq) is presented as a
+DTensor over the ep group with placement Shard(0): its key and global shape are those of the
+unsharded model ([E, ...]) and each rank owns the rows [expert_offset, expert_offset + E/ep).
+
+Why DTensor rather than renamed per-expert keys: DCP already reshards DTensors, so
+    - the format is the unsharded model's: key `layers.1.ffn.experts.w1_EFD`, shape [E, F, D],
+      stored as ep chunks along dim 0 (one chunk when saved with ep=1); an ep=1 run saves plain
+      tensors under the same keys, and any ep loads any other;
+    - a load reads exactly the rows the rank holds under its new layout, whatever the old one;
+    - expert-data-parallel replicas (same ep_rank, other edp_rank) write the same chunk index, and
+      DCP keeps one writer per (key, offset), as it does for replicated plain tensors;
+    - consolidating a checkpoint with DCP's own tools gives full [E, ...] tensors, one key per
+      parameter (not E × 3 keys per layer).
+The model itself never holds DTensors: they exist only between `get_state_dict` and `dcp.save`,
+and between `dcp.load` and `set_state_dict`, wrapping (not copying) the local tensors.
+
+Pipeline parallelism (a later issue) needs nothing here as long as stage modules keep the full
+model's parameter names: a stage saves and loads only the keys it holds.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from parallel.mesh import ParallelMesh
+
+
+def expert_shards(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """FQN -> (expert_offset, num_global_experts) of every parameter sliced by `shard_experts`."""
+    shards = {}
+    for prefix, module in model.named_modules():
+        if not hasattr(module, "num_global_experts"):
+            continue
+        for name, _ in module.named_parameters():
+            fqn = f"{prefix}.{name}" if prefix else name
+            shards[fqn] = (module.expert_offset, module.num_global_experts)
+    return shards
+
+
+def to_checkpoint(model: nn.Module, model_sd: dict, optim_sd: dict, mesh: ParallelMesh) -> None:
+    """Wrap the expert-sharded tensors of `get_state_dict`'s dicts as DTensors, in place.
+
+    Args:
+        model: the unwrapped (no DDP) model the state dicts come from.
+        model_sd, optim_sd: from `torch.distributed.checkpoint.state_dict.get_state_dict`
+            (optimizer state keyed by parameter FQN).
+        mesh: the run's mesh; a no-op when mesh.ep == 1.
+    """
+    shards = expert_shards(model)
+    if mesh.ep == 1 or not shards:
+        return
+    device_mesh = DeviceMesh.from_group(mesh.ep_group, mesh.device.type, mesh_dim_names=("ep",))
+    for fqn, (offset, num_global) in shards.items():
+        local = model_sd[fqn].shape[0]
+        # DTensor places shard r at rows [r·E/ep, (r+1)·E/ep): that must be what shard_experts kept.
+        if offset != device_mesh.get_local_rank() * local or num_global != local * mesh.ep:
+            raise RuntimeError(f"{fqn}: experts [{offset}, {offset + local}) of {num_global} do not "
+                               f"match ep_rank {mesh.ep_rank} of ep={mesh.ep}")
+        model_sd[fqn] = _shard(model_sd[fqn], device_mesh)
+        states = optim_sd.get("state", {})
+        if fqn in states:
+            # A new dict: the optimizer's own per-parameter state dicts are in there, not copies.
+            # Moments have the parameter's shape; scalars (AdamW's `step`) are the same everywhere.
+            states[fqn] = {key: _shard(value, device_mesh) if _is_rows(value, local) else value
+                           for key, value in states[fqn].items()}
+
+
+def from_checkpoint(model_sd: dict, optim_sd: dict) -> None:
+    """Replace the DTensors of `to_checkpoint` by their local tensors (after `dcp.load`), in place."""
+    for fqn, value in model_sd.items():
+        if isinstance(value, DTensor):
+            model_sd[fqn] = value.to_local()
+    states = optim_sd.get("state", {})
+    for fqn, state in states.items():
+        if any(isinstance(value, DTensor) for value in state.values()):
+            states[fqn] = {key: value.to_local() if isinstance(value, DTensor) else value
+                           for key, value in state.items()}
+
+
+def _is_rows(value, num_local: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == num_local
+
+
+def _shard(local: torch.Tensor, device_mesh: DeviceMesh) -> DTensor:
+    # run_check=False: no collective; shapes are equal across the ep group by construction.
+    return DTensor.from_local(local, device_mesh, [Shard(0)], run_check=False)
