@@ -13,11 +13,12 @@ always names its routed experts `experts`) or by `getattr(module, "is_expert_mod
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+# Re-exported: the backends are chosen by name through this module.
+from models.moe.backends import (BACKEND_CHOICES, BACKENDS, ExpertBackend, compute_dtype,  # noqa: F401
+                                 resolve_backend, select_backend)
 
 EXPERTS_ATTR = "experts"  # the attribute name an MoE layer gives its GroupedExperts
 
@@ -27,35 +28,6 @@ def is_expert_param(name: str) -> bool:
     return EXPERTS_ATTR in name.split(".")[:-1]
 
 
-def _loop_backend(x_sorted_ND: torch.Tensor, counts: list[int], w1_EFD: torch.Tensor,
-                  w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
-    """One matmul chain per expert over its contiguous chunk of rows."""
-    out = []
-    for e, x_nD in enumerate(torch.split(x_sorted_ND, counts, dim=0)):
-        # No skip for empty chunks: a [0, D] matmul still puts every expert's weights in the
-        # autograd graph, so DDP never sees an unused parameter and their grads are zeros.
-        h_nF = F.silu(x_nD @ w1_EFD[e].t()) * (x_nD @ w3_EFD[e].t())
-        out.append(h_nF @ w2_EDF[e].t())
-    return torch.cat(out, dim=0)
-
-
-ExpertBackend = Callable[[torch.Tensor, list, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-BACKENDS: dict[str, ExpertBackend] = {"loop": _loop_backend}
-
-
-def resolve_backend(name: str, device: torch.device | None = None) -> ExpertBackend:
-    """The expert compute function for `name`; "auto" picks the best available for `device`.
-
-    A grouped-GEMM / megablocks backend registers itself in BACKENDS and "auto" prefers it on
-    CUDA; on CPU the loop is the only path.
-    """
-    if name == "auto":
-        name = "loop"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown expert backend {name!r}; known: auto, {', '.join(BACKENDS)}")
-    return BACKENDS[name]
-
-
 class GroupedExperts(nn.Module):
     """E independent SwiGLU experts applied to rows already sorted by expert.
 
@@ -63,7 +35,7 @@ class GroupedExperts(nn.Module):
         num_experts: E (experts held here).
         d_model: D.
         ffn_dim: F.
-        backend: "auto" | "loop" (see BACKENDS).
+        backend: "auto" | "loop" | "grouped_mm" | "megablocks" (see models/moe/backends.py).
     """
 
     is_expert_module = True  # parallel/ shards every parameter of this module along dim 0
@@ -79,9 +51,13 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Args: rows sorted by expert id; counts per expert (sum = N). Returns y_ND."""
-        counts = num_tokens_per_expert_E.tolist()  # split sizes must be host ints
-        fn = resolve_backend(self.backend, x_sorted_ND.device)
-        return fn(x_sorted_ND, counts, self.w1_EFD, self.w3_EFD, self.w2_EDF)
+        fn = BACKENDS[self.active_backend(x_sorted_ND)]
+        return fn(x_sorted_ND, num_tokens_per_expert_E, self.w1_EFD, self.w3_EFD, self.w2_EDF)
+
+    def active_backend(self, x_sorted_ND: torch.Tensor) -> str:
+        """The backend that runs for inputs like `x_sorted_ND` (device, dtype, autocast)."""
+        E, F_, D = self.w1_EFD.shape
+        return select_backend(self.backend, x_sorted_ND.device, compute_dtype(x_sorted_ND), D, F_)
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1_EFD, std=std)

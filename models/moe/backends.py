@@ -1,0 +1,373 @@
+"""Expert compute backends: y_ND = SwiGLU_e(x_ND) for the rows of each expert e.
+
+Shape legend (suffixes on tensor names):
+    N  (token, slot) rows sorted by expert     D  model dim
+    E  experts held here                       F  expert ffn dim
+
+Every backend is `fn(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF) -> y_ND` and
+gives every expert's weights a gradient, zeros for experts that got no rows: DDP insists that
+every parameter takes part in each backward.
+
+    loop        any device and dtype: one autograd node that runs per-expert matmuls on
+                contiguous row chunks and writes straight into preallocated outputs and grads
+    grouped_mm  torch's grouped GEMM (`F.grouped_mm`, else `torch._grouped_mm`): one kernel per
+                projection; whether it works (device, dtype, shape alignment, backward) is
+                probed on first use and cached per (device, dtype, D, F)
+    megablocks  the grouped GEMM MegaBlocks' dMoE uses (`grouped_gemm.ops.gmm`), CUDA only
+    auto        CUDA: grouped_mm if its probe passes, else megablocks if importable and its
+                probe passes, else loop. Elsewhere: loop (on CPU torch's grouped_mm is slower
+                than the loop, see benchmarks/moe_layer.py).
+
+An explicit grouped_mm (or an installed megablocks) whose probe fails falls back to the loop with
+one warning per (device, dtype, D, F); `auto` falls back silently; a missing megablocks is an
+error that says what to install.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+BACKEND_CHOICES = ("auto", "loop", "grouped_mm", "megablocks")
+MEGABLOCKS_HINT = "pip install megablocks (CUDA only; it brings the grouped_gemm kernels)"
+
+ExpertBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                         torch.Tensor]
+
+
+@functools.lru_cache(maxsize=None)
+def _has_autocast(device_type: str) -> bool:
+    try:
+        torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # e.g. meta
+        return False
+    return True
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's when it is on, else the input's."""
+    dev = x.device.type
+    if x.is_floating_point() and _has_autocast(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type, enabled=False) if _has_autocast(device_type) else nullcontext()
+
+
+def _cast(x_ND: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
+    # Done outside the autograd nodes below (which run with autocast off), so the casts are
+    # ordinary differentiable ops and the weight grads come back in the parameters' dtype.
+    dtype = compute_dtype(x_ND)
+    return [t if t.dtype == dtype else t.to(dtype) for t in (x_ND, *weights)]
+
+
+# -- loop --------------------------------------------------------------------------------------
+
+
+def _chunks(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert that has rows."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, start, start + n))
+        start += n
+    return out
+
+
+class _LoopSwiGLU(torch.autograd.Function):
+    """Per-expert SwiGLU over contiguous row chunks, as one autograd node.
+
+    Compared with slicing `w[e]` under autograd this avoids one full-size zero-filled [E, ...]
+    gradient per expert and slice (SelectBackward), the concatenations of per-expert outputs
+    and grads, and per-op graph bookkeeping. It saves x, g and u, recomputes silu(g)·u in
+    backward and reuses three [N, F] buffers there. w1/w3 are not fused into one [2F, D]
+    matmul: on CPU the per-forward concatenation and the gradient split cost more than the
+    saved matmul calls (measured).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, counts, w1_EFD, w3_EFD, w2_EDF):
+        N, D = x_ND.shape
+        chunks = _chunks(counts)
+        g_NF = x_ND.new_empty(N, w1_EFD.shape[1])
+        u_NF = torch.empty_like(g_NF)
+        for e, s, t in chunks:
+            torch.mm(x_ND[s:t], w1_EFD[e].t(), out=g_NF[s:t])
+            torch.mm(x_ND[s:t], w3_EFD[e].t(), out=u_NF[s:t])
+        h_NF = F.silu(g_NF).mul_(u_NF)  # one elementwise pass over all experts' rows
+        y_ND = x_ND.new_empty(N, D)
+        for e, s, t in chunks:
+            torch.mm(h_NF[s:t], w2_EDF[e].t(), out=y_ND[s:t])
+        ctx.save_for_backward(x_ND, g_NF, u_NF, w1_EFD, w3_EFD, w2_EDF)
+        ctx.chunks = chunks
+        return y_ND
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_ND):
+        x_ND, g_NF, u_NF, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
+        chunks = ctx.chunks
+        need_x, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
+        dy_ND = dy_ND.contiguous()  # e.g. the expanded grad of a .sum()
+        # Three [N, F] buffers, reused: a = silu(g) then dg; b = h then du; dh.
+        a_NF = F.silu(g_NF)
+        b_NF = torch.mul(a_NF, u_NF) if need_w2 else torch.empty_like(g_NF)
+        dh_NF = torch.empty_like(g_NF)
+        dw2_EDF = _grad_buffer(w2_EDF, chunks) if need_w2 else None
+        for e, s, t in chunks:
+            torch.mm(dy_ND[s:t], w2_EDF[e], out=dh_NF[s:t])
+            if need_w2:
+                torch.mm(dy_ND[s:t].t(), b_NF[s:t], out=dw2_EDF[e])
+        du_NF = torch.mul(dh_NF, a_NF, out=b_NF)  # dh·silu(g)
+        dg_NF = torch.ops.aten.silu_backward.grad_input(dh_NF.mul_(u_NF), g_NF, grad_input=a_NF)
+        del dh_NF  # dg = dh·u·silu'(g)
+        dx_ND = torch.empty_like(x_ND) if need_x else None
+        dw1_EFD = _grad_buffer(w1_EFD, chunks) if need_w1 else None
+        dw3_EFD = _grad_buffer(w3_EFD, chunks) if need_w3 else None
+        for e, s, t in chunks:
+            if need_x:
+                torch.mm(dg_NF[s:t], w1_EFD[e], out=dx_ND[s:t])
+                dx_ND[s:t].addmm_(du_NF[s:t], w3_EFD[e])
+            if need_w1:
+                torch.mm(dg_NF[s:t].t(), x_ND[s:t], out=dw1_EFD[e])
+            if need_w3:
+                torch.mm(du_NF[s:t].t(), x_ND[s:t], out=dw3_EFD[e])
+        return dx_ND, None, dw1_EFD, dw3_EFD, dw2_EDF
+
+
+def _grad_buffer(w: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch.Tensor:
+    """An uninitialised gradient for w whose idle experts' slices are already zero."""
+    grad = torch.empty_like(w, memory_format=torch.contiguous_format)
+    busy = [e for e, _, _ in chunks]
+    if len(busy) < w.shape[0]:
+        idle = torch.ones(w.shape[0], dtype=torch.bool)
+        idle[busy] = False
+        grad[idle.to(w.device)] = 0
+    return grad
+
+
+def loop_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
+                 w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """Token-sorted loop over experts: works on every device and dtype."""
+    counts = num_tokens_per_expert_E.tolist()  # chunk bounds must be host ints
+    x_ND, w1_EFD, w3_EFD, w2_EDF = _cast(x_sorted_ND, w1_EFD, w3_EFD, w2_EDF)
+    with _autocast_off(x_ND.device.type):
+        return _LoopSwiGLU.apply(x_ND, counts, w1_EFD, w3_EFD, w2_EDF)
+
+
+# -- grouped GEMM backends ---------------------------------------------------------------------
+
+
+class _ZeroIdleGrad(torch.autograd.Function):
+    """Identity on the weights whose backward zeroes the idle experts' gradient slices.
+
+    Grouped GEMM kernels may leave the weight gradient of an expert with no rows uninitialised
+    (grouped_gemm allocates it with torch.empty; torch's grouped_mm on some GPUs writes non-zero
+    values); an optimizer step on that garbage would corrupt the expert.
+    """
+
+    @staticmethod
+    def forward(ctx, w_E, num_tokens_per_expert_E):
+        ctx.save_for_backward(num_tokens_per_expert_E)
+        return w_E.view_as(w_E)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_E):
+        (counts_E,) = ctx.saved_tensors
+        idle_E = (counts_E == 0).view(-1, *([1] * (grad_E.dim() - 1)))
+        return grad_E.masked_fill(idle_E, 0), None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped GEMM backward
+    kernels reject e.g. the stride-0 gradient of a .sum())."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _torch_grouped_mm():
+    """torch's grouped GEMM function, or None on a torch without one."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_swiglu(matmul, x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
+                    w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of every expert through `matmul(a_NI, w_EOI)` = a's rows of expert e @ w[e]ᵀ.
+
+    w1 and w3 are fused into one [E, 2F, D] operand: one grouped GEMM instead of two, for the
+    price of a weight-sized copy (cheap next to the GEMM on a GPU).
+    """
+    x_ND, w1_EFD, w3_EFD, w2_EDF = _cast(x_ND, w1_EFD, w3_EFD, w2_EDF)
+    with _autocast_off(x_ND.device.type):
+        w13_E2FD = torch.cat([_ZeroIdleGrad.apply(w1_EFD, counts_E),
+                              _ZeroIdleGrad.apply(w3_EFD, counts_E)], dim=1)
+        g_NF, u_NF = matmul(x_ND, w13_E2FD).chunk(2, dim=-1)
+        y_ND = matmul(F.silu(g_NF) * u_NF, _ZeroIdleGrad.apply(w2_EDF, counts_E))
+        return _ContiguousGrad.apply(y_ND)
+
+
+def grouped_mm_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
+                       w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """torch grouped GEMM over the expert-sorted rows; group ends stay on device (no sync)."""
+    if x_sorted_ND.shape[0] == 0:  # kernels reject an empty problem; nothing to compute anyway
+        return loop_backend(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+    gmm = _torch_grouped_mm()
+    offs_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
+    matmul = lambda a_NI, w_EOI: gmm(a_NI, w_EOI.transpose(-2, -1), offs=offs_E)
+    return _grouped_swiglu(matmul, x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+
+
+def _import_megablocks_gmm():
+    """MegaBlocks' grouped GEMM op (`grouped_gemm.ops.gmm`), imported on first use."""
+    try:
+        from megablocks import grouped_gemm_util as gg
+    except ImportError as e:
+        raise ImportError(f"moe.backend='megablocks' needs MegaBlocks: {MEGABLOCKS_HINT}") from e
+    if not gg.grouped_gemm_is_available():
+        raise ImportError("moe.backend='megablocks' needs the grouped_gemm kernels that MegaBlocks "
+                          "uses: pip install grouped_gemm (CUDA only)")
+    return gg.ops.gmm
+
+
+def megablocks_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
+                       w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """MegaBlocks dMoE grouped GEMM on the expert-sorted rows (CUDA only)."""
+    gmm = _import_megablocks_gmm()
+    if x_sorted_ND.device.type != "cuda":
+        raise RuntimeError(f"moe.backend='megablocks' runs on CUDA only, got {x_sorted_ND.device}; "
+                           "use moe.backend=auto or loop")
+    return _megablocks_swiglu(gmm, x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+
+
+def _megablocks_swiglu(gmm, x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF) -> torch.Tensor:
+    """`gmm(a, w, batch_sizes, trans_b=True)` = a's rows of expert e @ w[e]ᵀ (grouped_gemm API)."""
+    if x_ND.shape[0] == 0:  # gmm asserts that some expert has rows
+        return loop_backend(x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF)
+    batch_sizes_E = counts_E.to("cpu", torch.int64)  # grouped_gemm takes host counts
+    matmul = lambda a_NI, w_EOI: gmm(a_NI.contiguous(), w_EOI.contiguous(), batch_sizes_E, trans_b=True)
+    return _grouped_swiglu(matmul, x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF)
+
+
+BACKENDS: dict[str, ExpertBackend] = {
+    "loop": loop_backend,
+    "grouped_mm": grouped_mm_backend,
+    "megablocks": megablocks_backend,
+}
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+_PROBES: dict[tuple, bool] = {}  # (backend, device, dtype, D, F) -> works
+_SELECTED: dict[tuple, str] = {}  # (requested, device, dtype, D, F) -> backend that runs
+
+
+def clear_backend_cache() -> None:
+    """Forget probe results and selections (tests; after installing a backend mid-process)."""
+    _PROBES.clear()
+    _SELECTED.clear()
+
+
+def _megablocks_importable() -> bool:
+    try:
+        _import_megablocks_gmm()
+    except ImportError:
+        return False
+    return True
+
+
+def probe_backend(name: str, device: torch.device, dtype: torch.dtype, d_model: int,
+                  ffn_dim: int) -> bool:
+    """Whether backend `name` runs forward and backward on (device, dtype, D, F) and matches
+    the loop there. Runs once on a tiny problem with an empty expert; the answer is cached."""
+    key = (name, str(device), dtype, d_model, ffn_dim)
+    if key not in _PROBES:
+        _PROBES[key] = _run_probe(BACKENDS[name], torch.device(device), dtype, d_model, ffn_dim)
+    return _PROBES[key]
+
+
+def _run_probe(fn: ExpertBackend, device: torch.device, dtype: torch.dtype, d_model: int,
+               ffn_dim: int) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    counts_E = torch.tensor([3, 0, 5])  # an idle expert and group ends that are not aligned
+    N = int(counts_E.sum())
+    shapes = [(N, d_model), (3, ffn_dim, d_model), (3, ffn_dim, d_model), (3, d_model, ffn_dim)]
+    try:
+        # The first forward may run under no_grad, inference_mode or autocast (evaluation).
+        with torch.inference_mode(False), torch.enable_grad(), _autocast_off(device.type):
+            inputs = [(torch.randn(*s, generator=gen) * 0.5).to(device, dtype) for s in shapes]
+            dy_ND = torch.randn(N, d_model, generator=gen).to(device, dtype)
+            results = []
+            for backend in (fn, loop_backend):
+                leaves = [t.clone().requires_grad_() for t in inputs]
+                y_ND = backend(leaves[0], counts_E.to(device), *leaves[1:])
+                y_ND.backward(dy_ND)
+                results.append([t.detach().float() for t in [y_ND] + [t.grad for t in leaves]])
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+        return all(torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+                   for a, b in zip(*results))
+    except Exception:  # any failure (unsupported dtype, alignment, missing kernel) means "no"
+        return False
+
+
+def select_backend(name: str, device: torch.device | str, dtype: torch.dtype, d_model: int,
+                   ffn_dim: int) -> str:
+    """The backend that runs for the requested `name` on (device, dtype, D, F); cached."""
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"unknown expert backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    device = torch.device(device)
+    key = (name, str(device), dtype, d_model, ffn_dim)
+    if key in _SELECTED:
+        return _SELECTED[key]
+    args = (device, dtype, d_model, ffn_dim)
+    if name == "loop" or device.type == "meta":
+        chosen = "loop"
+    elif name == "auto":
+        chosen = "loop"
+        if device.type == "cuda":
+            if _torch_grouped_mm() is not None and probe_backend("grouped_mm", *args):
+                chosen = "grouped_mm"
+            elif _megablocks_importable() and probe_backend("megablocks", *args):
+                chosen = "megablocks"
+    else:
+        if name == "megablocks":
+            _import_megablocks_gmm()  # missing: an error naming what to install, not a fallback
+            if device.type != "cuda":
+                raise RuntimeError(f"moe.backend='megablocks' runs on CUDA only, got {device}; "
+                                   "use moe.backend=auto or loop")
+        usable = (name != "grouped_mm" or _torch_grouped_mm() is not None) and probe_backend(name, *args)
+        chosen = name if usable else "loop"
+        if not usable:
+            warnings.warn(f"moe.backend={name!r} does not work for {dtype} on {device} with "
+                          f"d_model={d_model}, ffn_dim={ffn_dim} (forward+backward probe failed); "
+                          "using the loop backend", RuntimeWarning, stacklevel=2)
+    _SELECTED[key] = chosen
+    return chosen
+
+
+def resolve_backend(name: str, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32, d_model: int = 0,
+                    ffn_dim: int = 0) -> ExpertBackend:
+    """The expert compute function for `name`.
+
+    Without a device it only checks the name (build time) and returns the named backend
+    (`auto` -> loop); with one, it applies the run-time choice of `select_backend`.
+    """
+    if device is None:
+        if name not in BACKEND_CHOICES:
+            raise ValueError(f"unknown expert backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+        return BACKENDS["loop" if name == "auto" else name]
+    return BACKENDS[select_backend(name, device, dtype, d_model, ffn_dim)]
