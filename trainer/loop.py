@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 import models
 from models.moe import moe_layers, pop_router_stats, pop_step_loads, set_aux_loss_scale, update_aux_free_bias
-from parallel import ParallelMesh, all_reduce_mean, build_mesh, parallelize, pick_device, sync_context, unwrap
+from parallel import (ParallelMesh, all_reduce_mean, build_mesh, clip_grad_norm, parallelize, pick_device,
+                      sync_context, sync_expert_grads, unwrap)
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config
 from trainer.data import build_text_data
@@ -46,7 +47,8 @@ class Trainer:
         with torch.device(self.device):
             model = models.build_model(cfg.model, cfg.moe)
         set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum_steps)
-        self.model = parallelize(model, self.mesh)
+        self.param_counts = models.param_counts(model, cfg.moe)  # before ep shards the experts
+        self.model = parallelize(model, self.mesh, cfg)
         layers = moe_layers(model)
         self.num_moe_layers = len(layers)
         # Aux-free balancing needs the loads summed over dp every step; without it, no collective.
@@ -78,27 +80,29 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, mesh = self.cfg, self.mesh
         log = MetricsLogger(self.run_dir, cfg, mesh.is_main, self.step, cfg.train.steps)
-        total, active = models.param_counts(unwrap(self.model), cfg.moe)
+        total, active = self.param_counts
         log.print(f"params: {total:,} total, {active:,} active per token; world size {mesh.world_size}; "
                   f"{self.data.num_train_tokens:,} training tokens")
         batches = self.data.train_batches()
         tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * mesh.dp
-        window_start, window_steps = time.perf_counter(), 0
+        # Throughput counts training steps only: eval, checkpoints and plots stay out of it.
+        window_seconds, window_steps = 0.0, 0
         val_loss = None
         try:
             while self.step < cfg.train.steps:
+                step_start = time.perf_counter()
                 loss, grad_norm = self._train_step(batches)
+                window_seconds += time.perf_counter() - step_start
                 self.step += 1
                 window_steps += 1
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                    tokens_per_s = tokens_per_step * window_steps / max(window_seconds, 1e-9)
                     record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
                     record.update(self._router_stats())
                     log.log(record)
                     log.progress(self.step, loss, tokens_per_s)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_seconds, window_steps = 0.0, 0
                 if self.heatmap_every and self.step % self.heatmap_every == 0:
                     self._expert_load_heatmap(log)
                 evaluate_now = cfg.eval.every and self.step % cfg.eval.every == 0
@@ -133,8 +137,9 @@ class Trainer:
                     loss = lm_loss(model(inputs), targets) / num_micro
                 loss.backward()  # MoE aux losses ride along inside the graph (scaled 1/num_micro)
             loss_sum += loss.detach()
+        sync_expert_grads(model, self.mesh)  # expert grads over their expert-data-parallel group
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), clip)
+        grad_norm = clip_grad_norm(model, self.mesh, clip)  # norm of the whole (sharded) model
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

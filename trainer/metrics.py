@@ -16,7 +16,8 @@ import torch
 
 from trainer.config import Config, config_to_dict
 
-_PACKAGES = ("torch", "datasets", "wandb", "numpy", "pyyaml", "deepspeed", "transformers", "megablocks")
+_PACKAGES = ("torch", "datasets", "wandb", "numpy", "pyyaml", "matplotlib", "deepspeed", "transformers",
+             "megablocks")
 
 
 def run_info() -> dict:
@@ -100,13 +101,23 @@ class MetricsLogger:
                           resume="allow", id=_wandb_id(run_dir))
 
     def log(self, record: dict) -> None:
+        """One line of metrics.jsonl; wandb gets the numbers (lists such as the per-expert loads
+        stay in the JSONL: wandb sees them as heatmap images instead)."""
         if not self.enabled:
             return
         record = {k: _finite(v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self._wandb.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, list)},
+                            step=record["step"])
+
+    def log_image(self, key: str, path: str, step: int) -> None:
+        """Log a PNG already written to the run directory to wandb (no-op without wandb)."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(path)}, step=step)
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self._bar is not None:
