@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
+from launch.spawn import RDZV_BACKENDS, split_endpoint
 from trainer.config import ConfigError, load_config, save_config
 
 
@@ -16,14 +18,27 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nnodes", type=int, default=1)
 
 
+def _add_node_args(p: argparse.ArgumentParser) -> None:
+    """Multi-node: a static rendezvous (each node told its rank) or c10d (ranks assigned)."""
+    p.add_argument("--node-rank", type=int, default=None, help="static rendezvous: this node's rank (default 0)")
+    p.add_argument("--master-addr", default=None, help="address of node 0 (static), or of the c10d endpoint")
+    p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--rdzv-backend", choices=RDZV_BACKENDS, default=None,
+                   help="static (default) or c10d (default when --rdzv-endpoint is given)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="c10d: where the rendezvous store runs (one of the nodes; default master addr:port)")
+    p.add_argument("--rdzv-id", default=None,
+                   help="c10d: job id, the same on every node (default: the run directory's name)")
+    p.add_argument("--local-addr", default=None,
+                   help="c10d: this node's address for the other nodes (default: the one facing the endpoint)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="validate a recipe and train (or --dry-run: print the plan)")
     _add_recipe_args(run)
-    run.add_argument("--node-rank", type=int, default=0)
-    run.add_argument("--master-addr", default=None)
-    run.add_argument("--master-port", type=int, default=None)
+    _add_node_args(run)
     run.add_argument("--run-dir", default=None, help="default: runs/<recipe name>")
     run.add_argument("--resume", default=None, help="checkpoint directory to start from "
                      "(default: the latest one in the run directory, if any)")
@@ -38,15 +53,33 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _rdzv_backend(args: argparse.Namespace) -> str:
+    chosen = getattr(args, "rdzv_backend", None)
+    return chosen or ("c10d" if getattr(args, "rdzv_endpoint", None) else "static")
+
+
 def _check_node_args(args: argparse.Namespace) -> None:
     for name in ("nproc_per_node", "nnodes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    node_rank = getattr(args, "node_rank", 0)
-    if not 0 <= node_rank < args.nnodes:
+    node_rank = getattr(args, "node_rank", None)
+    if node_rank is not None and _rdzv_backend(args) == "c10d":
+        raise ConfigError("--node-rank is for --rdzv-backend static; c10d assigns the node ranks")
+    if not 0 <= (node_rank or 0) < args.nnodes:
         raise ConfigError(f"--node-rank {node_rank} is outside 0..{args.nnodes - 1}")
-    if args.nnodes > 1 and not getattr(args, "master_addr", None):
-        raise ConfigError("--nnodes > 1 needs --master-addr (the address of node 0)")
+    endpoint = getattr(args, "rdzv_endpoint", None)
+    if args.nnodes > 1 and not getattr(args, "master_addr", None) and not endpoint:
+        raise ConfigError("--nnodes > 1 needs --master-addr (the address of node 0) "
+                          "or --rdzv-endpoint HOST:PORT (c10d)")
+    if endpoint and _rdzv_backend(args) == "static":
+        raise ConfigError("--rdzv-endpoint is for --rdzv-backend c10d; static uses --master-addr/--master-port")
+    if endpoint:
+        try:
+            host, _ = split_endpoint(endpoint)
+        except ValueError:
+            host = ""
+        if not host:
+            raise ConfigError(f"--rdzv-endpoint: expected HOST:PORT, got {endpoint!r}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -70,11 +103,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     config_path = os.path.join(run_dir, "config.yaml")
     save_config(cfg, config_path)
     print(f"run directory: {run_dir}", flush=True)
-    nodes = NodeArgs(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    nodes = NodeArgs(args.nproc_per_node, args.nnodes, args.node_rank or 0, args.master_addr, args.master_port,
+                     _rdzv_backend(args), args.rdzv_endpoint, args.rdzv_id or _default_rdzv_id(run_dir),
+                     args.local_addr)
     code = spawn_torchrun(nodes, config_path, run_dir, args.resume)
     if code != 0:
         print(f"sparseforge: training exited with code {code}; see the rank messages above", file=sys.stderr)
     return code
+
+
+def _default_rdzv_id(run_dir: str) -> str:
+    """The run directory's name: the same on every node of a shared file system."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(run_dir.rstrip(os.sep))) or "sparseforge"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
