@@ -399,6 +399,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "optim.warmup_steps": opt.warmup_steps, "optim.grad_clip": opt.grad_clip,
         "train.stop_at_step": tr.stop_at_step, "eval.every": cfg.eval.every,
         "checkpoint.keep_last": cfg.checkpoint.keep_last, "parallel.timeout_s": par.timeout_s,
+        "logging.heatmap_every": cfg.logging.heatmap_every,
     }
     for key, value in non_negative.items():
         _require(value >= 0, f"{key}: must be >= 0, got {value}")
