@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     preflight(cfg, run_dir, args.resume)
     config_path = os.path.join(run_dir, "config.yaml")
-    save_config(cfg, config_path)
+    save_config(cfg, config_path)  # every node may write it at once on a shared file system
     print(f"run directory: {run_dir}", flush=True)
     nodes = NodeArgs(args.nproc_per_node, args.nnodes, args.node_rank or 0, args.master_addr, args.master_port,
                      _rdzv_backend(args), args.rdzv_endpoint, args.rdzv_id or _default_rdzv_id(run_dir),

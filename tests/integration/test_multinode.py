@@ -11,7 +11,10 @@ import sys
 
 import pytest
 
-from tests.cluster_box import ClusterBox, own_namespaces, unavailable_reason
+from launch.cli import main as cli_main
+from launch.spawn import NodeArgs, rendezvous_args
+from tests import cluster_box
+from tests.cluster_box import ClusterBox, ClusterBoxUnavailable, own_namespaces, unavailable_reason
 from tests.integration.test_cli import RECIPE, ROOT, SMALL, sparseforge
 
 pytestmark = pytest.mark.integration
@@ -49,6 +52,37 @@ def test_ep4_on_four_local_ranks(one_node_ep4):
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(0 < v < 10 for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2"], "--nnodes > 1 needs --master-addr (the address of node 0) or --rdzv-endpoint"),
+    (["--nnodes", "2", "--rdzv-endpoint", "10.0.0.1:port"], "--rdzv-endpoint: expected HOST:PORT"),
+    (["--nnodes", "2", "--rdzv-endpoint", "10.0.0.1:29400", "--node-rank", "1"], "c10d assigns the node ranks"),
+    (["--nnodes", "2", "--rdzv-backend", "static", "--rdzv-endpoint", "10.0.0.1:1"], "is for --rdzv-backend c10d"),
+])
+def test_multinode_arguments_are_checked(capsys, args, message):
+    assert cli_main(["run", RECIPE, "--dry-run", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparseforge: error: ") and message in err and "\n" not in err
+
+
+def test_c10d_flags_for_torchrun():
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: this node joins, it does not host.
+    flags = rendezvous_args(NodeArgs(2, 2, rdzv_backend="c10d", rdzv_endpoint="192.0.2.1:29400", rdzv_id="job"))
+    assert flags[:4] == ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=192.0.2.1:29400", "--rdzv-id=job"]
+    assert "--rdzv-conf=is_host=false" in flags
+    local = rendezvous_args(NodeArgs(2, 2, rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:29400", rdzv_id="job"))
+    assert not any(f.startswith("--rdzv-conf") for f in local)  # loopback: torchrun's own fallback
+    assert "--local-addr=127.0.0.1" in local
+
+
+def test_cluster_box_says_why_without_root(monkeypatch):
+    monkeypatch.setattr(cluster_box, "_REASON", [])
+    monkeypatch.setattr(cluster_box.os, "geteuid", lambda: 1000)
+    assert "needs root" in unavailable_reason()
+    with pytest.raises(ClusterBoxUnavailable, match="needs root"):
+        with ClusterBox(num_hosts=2):
+            pass
 
 
 def test_cluster_box_limits_links_and_cleans_up():
