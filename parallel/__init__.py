@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from parallel.data_parallel import clip_grad_norm, sync_context, sync_expert_grads, unwrap, wrap_data_parallel
 from parallel.expert_parallel import EP_OVERLAPS, AllToAllDispatcher, apply_expert_parallel, shard_experts
-from parallel.mesh import ParallelMesh, all_reduce_mean, barrier, build_mesh, group_ranks, layout, pick_device
+from parallel.mesh import (ParallelMesh, all_reduce_mean, all_reduce_sum, barrier, build_mesh, group_ranks, layout,
+                           pick_device)
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg=None) -> nn.Module:
@@ -35,6 +36,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg=None) -> nn.Module:
     return wrap_data_parallel(model, mesh)
 
 
-__all__ = ["AllToAllDispatcher", "EP_OVERLAPS", "ParallelMesh", "all_reduce_mean", "apply_expert_parallel",
+__all__ = ["AllToAllDispatcher", "EP_OVERLAPS", "ParallelMesh", "all_reduce_mean", "all_reduce_sum", "apply_expert_parallel",
            "barrier", "build_mesh", "clip_grad_norm", "group_ranks", "layout", "parallelize", "pick_device",
            "shard_experts", "sync_context", "sync_expert_grads", "unwrap"]

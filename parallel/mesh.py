@@ -132,10 +132,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Mean over the group (a no-op without one); used for logged losses and eval."""
+def all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over the group into a copy (a no-op without one); used for routed-token loads."""
     if group is None:
         return values
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    return values / dist.get_world_size(group)
+    return values
+
+
+def all_reduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Mean over the group (a no-op without one); used for logged losses and eval."""
+    if group is None:
+        return values
+    return all_reduce_sum(values, group) / dist.get_world_size(group)

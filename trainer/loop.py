@@ -8,12 +8,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 import models
 from models.moe import moe_layers, pop_router_stats, pop_step_loads, set_aux_loss_scale, update_aux_free_bias
-from parallel import (ParallelMesh, all_reduce_mean, build_mesh, clip_grad_norm, parallelize, pick_device,
-                      sync_context, sync_expert_grads, unwrap)
+from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, build_mesh, clip_grad_norm, parallelize,
+                      pick_device, sync_context, sync_expert_grads, unwrap)
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config
 from trainer.data import build_text_data
@@ -155,7 +154,7 @@ class Trainer:
         if self.aux_free:
             # Every rank applies the update computed from the same global loads, so the bias
             # buffers (which DDP does not re-broadcast) stay identical across the dp group.
-            loads_LE = _sum_over(loads_LE, self.mesh.dp_group)
+            loads_LE = all_reduce_sum(loads_LE, self.mesh.dp_group)
             update_aux_free_bias(unwrap(self.model), loads_LE)
         if self.heatmap_every:
             loads_LE = loads_LE.double()
@@ -169,7 +168,7 @@ class Trainer:
         if loads_LE is None:
             return
         if not self.aux_free:  # with aux-free balancing they were summed at every step already
-            loads_LE = _sum_over(loads_LE, self.mesh.dp_group)
+            loads_LE = all_reduce_sum(loads_LE, self.mesh.dp_group)
         if self.mesh.is_main:
             from trainer.plots import save_expert_load_heatmap
 
@@ -191,7 +190,7 @@ class Trainer:
         flat = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=self.device)
         if loads_LE is not None:
             flat = torch.cat([flat, loads_LE.to(self.device, torch.float64).flatten()])
-        flat = _sum_over(flat, self.mesh.dp_group).cpu()
+        flat = all_reduce_sum(flat, self.mesh.dp_group).cpu()
         stats = dict(zip(keys, (flat[:len(keys)] / self.mesh.dp).tolist()))
         if loads_LE is not None:
             stats.update(_load_stats(flat[len(keys):].view(loads_LE.shape), keys,
@@ -212,15 +211,6 @@ class Trainer:
         log.print(f"step {self.step}: val loss {val_loss:.4f}")
         model.train()
         return val_loss
-
-
-def _sum_over(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Sum over the group (a no-op without one)."""
-    if group is None:
-        return values
-    values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    return values
 
 
 def _load_stats(loads_LE: torch.Tensor, keys: list[str], with_loads: bool) -> dict:
