@@ -114,7 +114,7 @@ def swap_in_deepspeed(model: nn.Module, ep_size: int) -> nn.Module:
 
     init_deepspeed_comm()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    for block in model.layers:
+    for block in model.layers.values():
         if isinstance(block.ffn, MoE):
             local = block.ffn.num_experts // ep_size
             ep_rank = rank % ep_size

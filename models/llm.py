@@ -99,7 +99,12 @@ class MoETransformer(nn.Module):
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(i, cfg, moe_cfg) for i in range(cfg.num_layers))
+        # A dict keyed by the layer index ("0", "1", ...): the same state-dict keys as a list, and
+        # a pipeline stage can hold any subset of the layers under their original names.
+        self.layers = nn.ModuleDict({str(i): Block(i, cfg, moe_cfg) for i in range(cfg.num_layers)})
+        moe_ffns = [block.ffn for block in self.layers.values() if isinstance(block.ffn, MoE)]
+        for k, layer in enumerate(moe_ffns):
+            layer.moe_index = k
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # Tied: the head reads tok_embeddings.weight in forward instead of sharing a Parameter
         # object, because to_empty()/_apply re-create parameters per module and would untie them.
@@ -125,7 +130,7 @@ class MoETransformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for block in self.layers:
+        for block in self.layers.values():
             block.init_weights(std, out_std)
         self.norm.reset_parameters()
         if self.output is not None:
@@ -137,6 +142,50 @@ class MoETransformer(nn.Module):
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         h_BSD = self.tok_embeddings(tokens_BS)
-        for block in self.layers:
+        for block in self.layers.values():
             h_BSD = block(h_BSD, cos, sin)
         return F.linear(self.norm(h_BSD), self.output_weight).float()
+
+    def pipeline_stage(self, layer_ids: list[int], first: bool, last: bool) -> "TransformerStage":
+        """A module that runs layers `layer_ids` (ascending) of this model, sharing its parameters.
+
+        The stage keeps the full model's parameter names ("layers.5.attn.wq.weight"), so a stage's
+        state dict is the matching slice of the model's. The first stage also embeds tokens, the
+        last also applies the final norm and the output head.
+        """
+        if last and self.output is None:
+            raise ValueError("pipeline stages need untied embeddings (model.tie_embeddings=false): "
+                             "the first and the last stage would share one weight")
+        return TransformerStage(self, layer_ids, first, last)
+
+
+class TransformerStage(nn.Module):
+    """A contiguous slice of a `MoETransformer` (see `MoETransformer.pipeline_stage`).
+
+    forward: tokens [B, S] (first stage) or hidden states [B, S, D] -> hidden states [B, S, D],
+    or fp32 logits [B, S, V] (last stage).
+    """
+
+    def __init__(self, model: MoETransformer, layer_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        self.layer_ids, self.first, self.last = list(layer_ids), first, last
+        self.max_seq_len = model.cfg.max_seq_len
+        self.tok_embeddings = model.tok_embeddings if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
+        self.norm = model.norm if last else None
+        self.output = model.output if last else None
+        # The model's RoPE tables, shared (not copied): init_weights on the model refreshes them.
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        S = x.shape[1]
+        if S > self.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.max_seq_len}")
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        h_BSD = self.tok_embeddings(x) if self.first else x
+        for block in self.layers.values():
+            h_BSD = block(h_BSD, cos, sin)
+        if not self.last:
+            return h_BSD
+        return F.linear(self.norm(h_BSD), self.output.weight).float()

@@ -20,8 +20,8 @@ Why DTensor rather than renamed per-expert keys: DCP already reshards DTensors, 
 The model itself never holds DTensors: they exist only between `get_state_dict` and `dcp.save`,
 and between `dcp.load` and `set_state_dict`, wrapping (not copying) the local tensors.
 
-Pipeline parallelism (a later issue) needs nothing here as long as stage modules keep the full
-model's parameter names: a stage saves and loads only the keys it holds.
+Pipeline parallelism needs nothing here: stage modules keep the full model's parameter names, so a
+stage saves and loads only the keys it holds (each pp stage writes its own keys; any pp reads them).
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def to_checkpoint(model: nn.Module, model_sd: dict, optim_sd: dict, mesh: Parall
 
     Args:
         model: the unwrapped (no DDP) model the state dicts come from.
-        model_sd, optim_sd: from `torch.distributed.checkpoint.state_dict.get_state_dict`
-            (optimizer state keyed by parameter FQN).
+        model_sd, optim_sd: from `torch.distributed.checkpoint.state_dict.get_state_dict` with
+            `flatten_optimizer_state_dict=True` (optimizer keys `state.<fqn>.<name>`).
         mesh: the run's mesh; a no-op when mesh.ep == 1.
     """
     shards = expert_shards(model)
@@ -65,12 +65,12 @@ def to_checkpoint(model: nn.Module, model_sd: dict, optim_sd: dict, mesh: Parall
             raise RuntimeError(f"{fqn}: experts [{offset}, {offset + local}) of {num_global} do not "
                                f"match ep_rank {mesh.ep_rank} of ep={mesh.ep}")
         model_sd[fqn] = _shard(model_sd[fqn], device_mesh)
-        states = optim_sd.get("state", {})
-        if fqn in states:
-            # A new dict: the optimizer's own per-parameter state dicts are in there, not copies.
-            # Moments have the parameter's shape; scalars (AdamW's `step`) are the same everywhere.
-            states[fqn] = {key: _shard(value, device_mesh) if _is_rows(value, local) else value
-                           for key, value in states[fqn].items()}
+        # Optimizer state, flattened per parameter (`state.<fqn>.<name>`, see trainer/checkpoint.py):
+        # moments have the parameter's shape; scalars (AdamW's `step`) are the same everywhere.
+        prefix = f"state.{fqn}."
+        for key, value in optim_sd.items():
+            if key.startswith(prefix) and _is_rows(value, local):
+                optim_sd[key] = _shard(value, device_mesh)
 
 
 def from_checkpoint(model_sd: dict, optim_sd: dict) -> None:
@@ -78,11 +78,9 @@ def from_checkpoint(model_sd: dict, optim_sd: dict) -> None:
     for fqn, value in model_sd.items():
         if isinstance(value, DTensor):
             model_sd[fqn] = value.to_local()
-    states = optim_sd.get("state", {})
-    for fqn, state in states.items():
-        if any(isinstance(value, DTensor) for value in state.values()):
-            states[fqn] = {key: value.to_local() if isinstance(value, DTensor) else value
-                           for key, value in state.items()}
+    for key, value in optim_sd.items():
+        if isinstance(value, DTensor):
+            optim_sd[key] = value.to_local()
 
 
 def _is_rows(value, num_local: int) -> bool:

@@ -70,16 +70,39 @@ def sync_expert_grads(model: nn.Module, mesh: ParallelMesh) -> None:
     torch._foreach_div_(grads, float(mesh.dp))
 
 
+def sync_replicated_grads(model: nn.Module, mesh: ParallelMesh) -> None:
+    """Average the non-expert gradients over the dp group, as DDP would (no-op when dp == 1).
+
+    For pipeline stages, which are not wrapped in DDP: a schedule runs many forwards and
+    backwards per step (split into input and weight halves by the zero-bubble schedules), and
+    one flat all-reduce after the last of them is simpler than steering DDP's reducer through
+    them. Call once per optimizer step, with `sync_expert_grads`, before clipping.
+    """
+    if mesh.dp_group is None:
+        return
+    skip_experts = mesh.ep > 1  # sharded: reduced over their expert-data-parallel group instead
+    grads = [p.grad for n, p in unwrap(model).named_parameters()
+             if p.grad is not None and not (skip_experts and is_expert_param(n))]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=mesh.dp_group)
+    flat /= mesh.dp
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
 def clip_grad_norm(model: nn.Module, mesh: ParallelMesh, max_norm: float) -> torch.Tensor:
     """Clip all gradients by the 2-norm of the whole model's gradient; returns that norm.
 
     What torch.nn.utils.clip_grad_norm_ gives on the unsharded model: replicated parameters
     count once, expert shards are summed over the ep group (after `sync_expert_grads` they are
-    equal across the expert-data-parallel group, so each expert counts once). `max_norm` inf:
-    measure only.
+    equal across the expert-data-parallel group, so each expert counts once). Under pipeline
+    parallelism each rank holds some stages' parameters: the squares are summed over the pp
+    group too. `max_norm` inf: measure only.
     """
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.grad is not None]
-    if mesh.ep == 1:
+    if mesh.ep == 1 and mesh.pp == 1:
         return torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm)
     grads = [p.grad for _, p in named]
     dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)
@@ -87,8 +110,12 @@ def clip_grad_norm(model: nn.Module, mesh: ParallelMesh, max_norm: float) -> tor
     for (name, _), g in zip(named, grads):
         i = int(is_expert_param(name))
         sq[i] = sq[i] + torch.linalg.vector_norm(g, dtype=dtype).square()
-    dist.all_reduce(sq[1], op=dist.ReduceOp.SUM, group=mesh.ep_group)
-    total = (sq[0] + sq[1]).sqrt()
+    if mesh.ep > 1:
+        dist.all_reduce(sq[1], op=dist.ReduceOp.SUM, group=mesh.ep_group)
+    total_sq = sq[0] + sq[1]
+    if mesh.pp > 1:  # stages hold disjoint parameters
+        dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=mesh.pp_group)
+    total = total_sq.sqrt()
     if not math.isinf(max_norm):
         # As torch: scale by max_norm / (norm + 1e-6) when that is below 1.
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -9,6 +9,9 @@ Groups, per pipeline stage:
          hold every expert once, ep_rank r holding experts [r·E/ep, (r+1)·E/ep)
     edp  the dp/ep ranks with the same ep_rank (expert data parallel): hold the same experts,
          reduce their gradients
+Across stages:
+    pp   the pp ranks with the same dp_rank, one per stage: pass activations and gradients
+         between stages (torch.distributed.pipelining), sum the squared gradient norm
 Contiguous ep groups keep an expert-parallel group on one node when ep divides the processes per
 node, so the all-to-all, the heaviest traffic, stays on the fastest links.
 """
@@ -39,6 +42,7 @@ class ParallelMesh:
     edp_rank: int = 0  # = dp_rank when ep == 1
     ep_group: dist.ProcessGroup | None = None  # None when ep == 1
     edp_group: dist.ProcessGroup | None = None  # None when dp == ep; the dp group when ep == 1
+    pp_group: dist.ProcessGroup | None = None  # None when pp == 1
 
     @property
     def is_main(self) -> bool:
@@ -71,7 +75,7 @@ def layout(rank: int, world_size: int, par: ParallelConfig) -> dict:
 
 
 def group_ranks(world_size: int, par: ParallelConfig) -> dict[str, list[list[int]]]:
-    """Members of every dp, ep and edp group, in the order `build_mesh` creates them; pure.
+    """Members of every dp, ep, edp and pp group, in the order `build_mesh` creates them; pure.
 
     Each kind partitions the world: every rank is in exactly one group of each kind.
     """
@@ -82,6 +86,7 @@ def group_ranks(world_size: int, par: ParallelConfig) -> dict[str, list[list[int
         "dp": [[base + i for i in range(dp)] for base in stages],
         "ep": [[base + k * ep + j for j in range(ep)] for base in stages for k in range(edp)],
         "edp": [[base + k * ep + j for k in range(edp)] for base in stages for j in range(ep)],
+        "pp": [[stage + d for stage in stages] for d in range(dp)],
     }
 
 
@@ -111,8 +116,10 @@ def build_mesh(par: ParallelConfig, device: torch.device) -> ParallelMesh:
         edp_group = _own_group(members["edp"], rank) if dp > par.ep else None
     else:
         edp_group = dp_group  # without expert parallelism the experts are plain data parallel
+    pp_group = _own_group(members["pp"], rank) if par.pp > 1 else None
     return ParallelMesh(world_size, rank, par.pp, dp, par.ep, coords["pp_rank"], coords["dp_rank"],
-                        device, dp_group, coords["ep_rank"], coords["edp_rank"], ep_group, edp_group)
+                        device, dp_group, coords["ep_rank"], coords["edp_rank"], ep_group, edp_group,
+                        pp_group)
 
 
 def _own_group(groups: list[list[int]], rank: int, reuse_world: bool = False) -> dist.ProcessGroup:

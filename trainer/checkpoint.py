@@ -22,13 +22,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from parallel import ParallelMesh, barrier, unwrap
 from parallel.checkpoint_adapter import from_checkpoint, to_checkpoint
 from trainer.config import Config, save_config
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Optimizer state flattened to one key per (parameter FQN, field), param-group settings included:
+# a pipeline stage holds other parameters than its neighbours, and the nested format's list of
+# param groups would be one object that every stage writes differently. Flat keys load onto any
+# pp (and ep) layout, as torchtitan does.
+_SD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -84,7 +89,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
     # 2. every rank writes its DCP shards (collective: DCP plans the write across ranks).
     #    Expert shards go in as DTensors over the ep group: each expert is stored once.
     target = unwrap(model)
-    model_sd, optim_sd = get_state_dict(target, optimizer)
+    model_sd, optim_sd = get_state_dict(target, optimizer, options=_SD_OPTIONS)
     to_checkpoint(target, model_sd, optim_sd, mesh)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     # 3. every rank writes the state that is its own.
@@ -125,14 +130,15 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
     if not is_complete(path):
         raise FileNotFoundError(f"not a complete checkpoint directory: {path}")
     target = unwrap(model)
-    model_sd, optim_sd = get_state_dict(target, optimizer)
+    model_sd, optim_sd = get_state_dict(target, optimizer, options=_SD_OPTIONS)
     # Expert shards are read as the rows of the experts this rank holds now, whatever the ep size
     # of the run that saved them.
     to_checkpoint(target, model_sd, optim_sd, mesh)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     from_checkpoint(state["model"], state["optim"])
-    set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_SD_OPTIONS)
     own = os.path.join(path, f"extra_rank{mesh.rank}.pt")
     same_layout = os.path.isfile(own)
     extra = torch.load(own if same_layout else os.path.join(path, "extra_rank0.pt"), weights_only=False)

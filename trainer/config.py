@@ -86,6 +86,11 @@ class ParallelConfig:
     # none | async | chunked | shared_expert | combinable (async + chunked + shared_expert)
     ep_overlap: str = "none"
     ep_chunks: int = 2  # token chunks pipelined by chunked / combinable
+    # Pipeline parallelism (pp > 1), run by torch.distributed.pipelining:
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zbv | dualpipev
+    pp_microbatches: int = 0  # pipeline microbatches per micro step (0: the number of stages)
+    pp_stages_per_rank: int = 0  # virtual stages per rank (0: 1 for gpipe/1f1b, else 2)
+    pp_layers: list[int] = field(default_factory=list)  # layers per stage; empty: balanced by params
 
 
 @dataclass
@@ -356,6 +361,52 @@ def resolved_dp(par: ParallelConfig, world_size: int) -> int:
     return par.dp if par.dp > 0 else world_size // par.pp
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+_V_SCHEDULES = ("zbv", "dualpipev")  # two stages per rank in a V: rank r holds r and 2·pp-1-r
+
+
+def pp_stages_per_rank(par: ParallelConfig) -> int:
+    """Stages each pipeline rank holds: explicit, or what the schedule needs."""
+    if par.pp_stages_per_rank > 0:
+        return par.pp_stages_per_rank
+    return 1 if par.pp_schedule in ("gpipe", "1f1b") else 2
+
+
+def pp_microbatches(par: ParallelConfig) -> int:
+    """Pipeline microbatches per micro step: explicit, or one per stage."""
+    return par.pp_microbatches if par.pp_microbatches > 0 else par.pp * pp_stages_per_rank(par)
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    """The parallel.pp_* fields, checked only when parallel.pp > 1."""
+    par, m, tr = cfg.parallel, cfg.model, cfg.train
+    v, stages = pp_stages_per_rank(par), par.pp * pp_stages_per_rank(par)
+    if par.pp_schedule in ("gpipe", "1f1b"):
+        _require(v == 1, f"parallel.pp_stages_per_rank={v}: pp_schedule={par.pp_schedule} runs one stage per rank")
+    elif par.pp_schedule in _V_SCHEDULES:
+        _require(v == 2, f"parallel.pp_stages_per_rank={v}: pp_schedule={par.pp_schedule} runs exactly 2 stages per rank (a V)")
+    else:
+        _require(v >= 2, f"parallel.pp_stages_per_rank={v}: pp_schedule=interleaved_1f1b needs >= 2 stages per rank")
+    _require(stages <= m.num_layers,
+             f"parallel.pp={par.pp} x pp_stages_per_rank={v} = {stages} stages for model.num_layers={m.num_layers}: "
+             f"every stage needs a layer")
+    if par.pp_layers:
+        _require(len(par.pp_layers) == stages,
+                 f"parallel.pp_layers has {len(par.pp_layers)} entries for {stages} pipeline stages")
+        _require(all(n >= 1 for n in par.pp_layers), f"parallel.pp_layers={par.pp_layers}: every stage needs >= 1 layer")
+        _require(sum(par.pp_layers) == m.num_layers,
+                 f"parallel.pp_layers={par.pp_layers} sums to {sum(par.pp_layers)}, model.num_layers={m.num_layers}")
+    mb = pp_microbatches(par)
+    _require(par.pp_microbatches >= 0, f"parallel.pp_microbatches: must be >= 0, got {par.pp_microbatches}")
+    _require(tr.micro_batch_size % mb == 0,
+             f"parallel.pp_microbatches={mb} does not divide train.micro_batch_size={tr.micro_batch_size}")
+    _require(mb >= par.pp, f"parallel.pp_microbatches={mb} must be >= parallel.pp={par.pp} to fill the pipeline")
+    if par.pp_schedule == "dualpipev":
+        _require(mb >= stages, f"parallel.pp_microbatches={mb}: dualpipev needs >= {stages} (2 x pp)")
+    _require(not m.tie_embeddings,
+             "model.tie_embeddings: pipeline stages need untied embeddings (the first and last stage would share a weight)")
+
+
 def _validate_routing(moe: MoEConfig) -> None:
     """Routing, balancing and capacity fields of an MoE model (num_experts > 0)."""
     E, tc = moe.num_experts, moe.routing == "token_choice"
@@ -447,8 +498,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(par.ep_chunks >= 1, f"parallel.ep_chunks: must be >= 1, got {par.ep_chunks}")
     _require(par.ep == 1 or moe.num_experts > 0,
              f"parallel.ep={par.ep}: expert parallelism needs an MoE model (moe.num_experts > 0)")
-    # Layouts that later issues add; refused here rather than silently ignored.
-    _require(par.pp == 1, f"parallel.pp={par.pp}: pipeline parallelism is not available in this version yet")
+    _choice("parallel.pp_schedule", par.pp_schedule, PP_SCHEDULES)
+    _require(par.pp_stages_per_rank >= 0, f"parallel.pp_stages_per_rank: must be >= 0, got {par.pp_stages_per_rank}")
+    if par.pp > 1:
+        _validate_pipeline(cfg)
     if world_size is not None:
         _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
         _require(world_size % par.pp == 0,

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import torch
 
 import models
-from models.moe import moe_layers, pop_router_stats, pop_step_loads, set_aux_loss_scale, update_aux_free_bias
+from models.moe import (moe_layer_indices, moe_layers, pop_router_stats, pop_step_loads, set_aux_loss_scale,
+                        update_aux_free_bias)
 from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, build_mesh, clip_grad_norm, parallelize,
-                      pick_device, sync_context, sync_expert_grads, unwrap)
+                      parallelize_pipeline, pick_device, sync_context, sync_expert_grads, sync_replicated_grads,
+                      unwrap)
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import Config
+from trainer.config import Config, pp_microbatches
 from trainer.data import build_text_data
 from trainer.metrics import MetricsLogger
 from trainer.objectives import lm_loss
@@ -45,14 +47,22 @@ class Trainer:
                              f"vocabulary ({self.data.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
         with torch.device(self.device):
             model = models.build_model(cfg.model, cfg.moe)
-        set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum_steps)
+        # The aux-loss gradient of one forward: 1 / (forwards per optimizer step), as the LM loss.
+        forwards = cfg.train.grad_accum_steps * (pp_microbatches(cfg.parallel) if self.mesh.pp > 1 else 1)
+        set_aux_loss_scale(model, 1.0 / forwards)
         self.param_counts = models.param_counts(model, cfg.moe)  # before ep shards the experts
-        self.model = parallelize(model, self.mesh, cfg)
+        self.pipeline = None
+        if self.mesh.pp > 1:  # this rank keeps its stages only; self.model holds their parameters
+            self.pipeline = parallelize_pipeline(model, self.mesh, cfg, lm_loss)
+            model = self.model = self.pipeline.module
+        else:
+            self.model = parallelize(model, self.mesh, cfg)
         layers = moe_layers(model)
         self.num_moe_layers = len(layers)
         # Aux-free balancing needs the loads summed over dp every step; without it, no collective.
         self.aux_free = any(layer.expert_bias_E is not None for layer in layers)
-        self.heatmap_every = max(cfg.logging.heatmap_every, 0) if layers else 0
+        # From the whole model, not this rank's layers: under pp every rank joins the heatmap's gather.
+        self.heatmap_every = max(cfg.logging.heatmap_every, 0) if cfg.moe.num_experts > 0 else 0
         self.heatmap_loads_LE: torch.Tensor | None = None  # routed since the previous heatmap
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
@@ -129,6 +139,8 @@ class Trainer:
         model.train()
         num_micro = cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)
+        if self.pipeline is not None:
+            return self._pipeline_train_step(batches)
         for micro in range(num_micro):
             inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
             with sync_context(model, micro == num_micro - 1):
@@ -145,6 +157,40 @@ class Trainer:
         self._expert_loads_step()
         mean_loss = all_reduce_mean(loss_sum, self.mesh.dp_group)
         return mean_loss.item(), grad_norm.item()
+
+    def _pipeline_train_step(self, batches) -> tuple[float, float]:
+        """`_train_step` under pipeline parallelism (parallel/pipeline.py explains the steps)."""
+        cfg, pipe, mesh = self.cfg, self.pipeline, self.mesh
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(cfg.train.grad_accum_steps):
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
+            with self.autocast:
+                loss = pipe.step(inputs, targets)  # scaled: sums to the mean over the step
+            if loss is not None:
+                loss_sum += loss
+        sync_replicated_grads(self.model, mesh)  # no DDP around stages: one all-reduce over dp
+        sync_expert_grads(self.model, mesh)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(self.model, mesh, clip)  # squares summed over the stages
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._expert_loads_step()
+        loss = pipe.broadcast_from_last(loss_sum if pipe.has_last else None, self.device)
+        return all_reduce_mean(loss, mesh.dp_group).item(), grad_norm.item()
+
+    def _gather_layers_over_pp(self, rows_LE: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-MoE-layer rows of this rank's stages -> the whole model's rows (pp > 1), in layer
+        order, on every rank; the rows themselves when pp == 1."""
+        if self.mesh.pp == 1:
+            return rows_LE
+        import torch.distributed as dist
+
+        mine = (moe_layer_indices(self.model), None if rows_LE is None else rows_LE.cpu())
+        gathered: list = [None] * self.mesh.pp
+        dist.all_gather_object(gathered, mine, group=self.mesh.pp_group)
+        pairs = sorted((i, row) for ids, rows in gathered if rows is not None for i, row in zip(ids, rows))
+        return torch.stack([row for _, row in pairs]) if pairs else None
 
     def _expert_loads_step(self) -> None:
         """After each optimizer step: the aux-loss-free bias update, and the heatmap's loads."""
@@ -165,10 +211,11 @@ class Trainer:
         """Plot the loads routed since the previous heatmap (or the start/resume of this process),
         summed over dp ranks; rank 0 writes RUN_DIR/plots/expert_load_step_XXXXXXXX.png."""
         loads_LE, self.heatmap_loads_LE = self.heatmap_loads_LE, None
+        if loads_LE is not None and not self.aux_free:  # aux-free: summed at every step already
+            loads_LE = all_reduce_sum(loads_LE, self.mesh.dp_group)
+        loads_LE = self._gather_layers_over_pp(loads_LE)  # every stage's layers (pp > 1)
         if loads_LE is None:
             return
-        if not self.aux_free:  # with aux-free balancing they were summed at every step already
-            loads_LE = all_reduce_sum(loads_LE, self.mesh.dp_group)
         if self.mesh.is_main:
             from trainer.plots import save_expert_load_heatmap
 
@@ -184,6 +231,8 @@ class Trainer:
         overstate the imbalance, each rank seeing fewer tokens). One collective for both.
         """
         scalars, loads_LE = pop_router_stats(unwrap(self.model), with_loads=True)
+        if self.mesh.pp > 1:
+            return self._pipeline_router_stats(scalars, loads_LE)
         if not scalars:
             return {}
         keys = sorted(scalars)
@@ -197,16 +246,58 @@ class Trainer:
                                      self.cfg.logging.expert_loads))
         return stats
 
+    def _pipeline_router_stats(self, scalars: dict, loads_LE: torch.Tensor | None) -> dict:
+        """`_router_stats` when each rank holds some stages' MoE layers: per stage the sums over
+        dp, then every stage's per-layer values, loads and layer counts gathered over pp; the
+        means over layers recomputed from them (weighted by each stage's MoE layers)."""
+        import torch.distributed as dist
+
+        keys = sorted(scalars)
+        flat = torch.tensor([scalars[k] for k in keys], dtype=torch.float64)
+        if loads_LE is not None:
+            flat = torch.cat([flat, loads_LE.to(torch.float64).flatten()])
+        flat = all_reduce_sum(flat.to(self.device), self.mesh.dp_group).cpu() / self.mesh.dp
+        mine = (keys, flat[:len(keys)].tolist(), self.num_moe_layers,
+                moe_layer_indices(self.model), None if loads_LE is None else flat[len(keys):].view(loads_LE.shape))
+        gathered: list = [None] * self.mesh.pp
+        dist.all_gather_object(gathered, mine, group=self.mesh.pp_group)
+        stats: dict = {}
+        weight: dict = {}
+        rows = []
+        for stage_keys, values, num_layers, ids, stage_loads in gathered:
+            for k, v in zip(stage_keys, values):
+                if k.startswith("moe/layer") or k == "moe/aux_free_bias_abs_max":
+                    stats[k] = max(v, stats.get(k, v))  # per-layer keys are unique to one stage
+                else:  # a mean over this stage's layers
+                    stats[k] = stats.get(k, 0.0) + v * num_layers
+                    weight[k] = weight.get(k, 0) + num_layers
+            if stage_loads is not None:
+                rows.extend(zip(ids, stage_loads))
+        for k, w in weight.items():
+            stats[k] /= w
+        if rows:
+            rows.sort(key=lambda pair: pair[0])
+            all_keys = sorted(stats)
+            stats.update(_load_stats(torch.stack([r for _, r in rows]), all_keys, self.cfg.logging.expert_loads))
+        return stats
+
     @torch.no_grad()
     def _evaluate(self, log: MetricsLogger) -> float:
         model = unwrap(self.model)
         model.eval()
         losses = []
         for inputs, targets in self.data.val_batches(self.cfg.eval.batches):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self.autocast:
-                losses.append(lm_loss(model(inputs.to(self.device)), targets.to(self.device)))
+                if self.pipeline is None:
+                    losses.append(lm_loss(model(inputs), targets))
+                elif (loss := self.pipeline.eval_loss(inputs, targets)) is not None:
+                    losses.append(loss)  # on the last stage's rank only
         pop_router_stats(model)  # eval routing is not training routing; keep the stats clean
-        val_loss = all_reduce_mean(torch.stack(losses).mean(), self.mesh.dp_group).item()
+        mean = torch.stack(losses).mean() if losses else None
+        if self.pipeline is not None:
+            mean = self.pipeline.broadcast_from_last(mean, self.device)
+        val_loss = all_reduce_mean(mean, self.mesh.dp_group).item()
         log.log({"step": self.step, "eval/loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50.0))})
         log.print(f"step {self.step}: val loss {val_loss:.4f}")
         model.train()

@@ -26,7 +26,7 @@ __all__ = [
     "AttachAuxLoss", "BACKENDS", "DROP_POLICIES", "Dispatcher", "ExpertChoiceRouter", "GroupedExperts",
     "LOSS_NAMES", "LocalDispatcher", "MoE", "ROUTINGS", "RouterOutput", "Routing", "SCORE_FUNCS",
     "TopKRouter", "build_router", "expert_balance_loss", "expert_capacity", "expert_parameters",
-    "is_expert_param", "keep_within_capacity", "load_balancing_loss", "moe_layers", "padded_slots",
+    "is_expert_param", "keep_within_capacity", "load_balancing_loss", "moe_layer_indices", "moe_layers", "padded_slots",
     "permute", "pop_router_stats", "pop_step_loads", "resolve_backend", "router_entropy",
     "router_z_loss", "sequence_load_balancing_loss", "set_aux_loss_scale", "unpermute_combine",
     "update_aux_free_bias",
@@ -36,6 +36,12 @@ __all__ = [
 def moe_layers(model: nn.Module) -> list[MoE]:
     """Every MoE layer of `model`, in `model.modules()` order (layer i of the stats keys)."""
     return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def moe_layer_indices(model: nn.Module) -> list[int]:
+    """Index of each of `moe_layers(model)` among the MoE layers of the whole model (its
+    `moe_index`; the position in `model` for layers built on their own)."""
+    return [i if layer.moe_index is None else layer.moe_index for i, layer in enumerate(moe_layers(model))]
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
@@ -71,14 +77,15 @@ def pop_router_stats(model: nn.Module, with_loads: bool = False):
         moe/aux_free_bias_abs_mean, moe/aux_free_bias_abs_max   mean and max of |bias| over the
                                       aux-free layers (current values); only with moe.aux_free
         moe/layer{i}/load_max_over_mean, moe/layer{i}/router_entropy   per MoE layer i (index
-                                      among MoE layers); moe/layer{i}/dropped_fraction only for
-                                      layers that can drop
+                                      among the whole model's MoE layers, `moe_layer_indices`);
+                                      moe/layer{i}/dropped_fraction only for layers that can drop
     Loads count the router's choice before capacity drops. Layers without a training forward
     since the last pop are skipped; {} if none had one. With `with_loads=True`, returns
     `(scalars, loads_LE)`: tokens routed per expert summed over the forwards, float [L, E] on CPU,
     for expert-load heatmaps (None when no layer had stats).
     """
     layers = moe_layers(model)
+    names = moe_layer_indices(model)
     per_layer = [(i, s) for i, layer in enumerate(layers) if (s := layer.pop_stats())]
     if not per_layer:
         return ({}, None) if with_loads else {}
@@ -95,10 +102,10 @@ def pop_router_stats(model: nn.Module, with_loads: bool = False):
         values["moe/aux_free_bias_abs_mean"] = torch.stack([b.mean() for b in biases]).mean()
         values["moe/aux_free_bias_abs_max"] = torch.stack([b.max() for b in biases]).max()
     for (i, s), r in zip(per_layer, ratios):
-        values[f"moe/layer{i}/load_max_over_mean"] = r
-        values[f"moe/layer{i}/router_entropy"] = s["entropy"]
+        values[f"moe/layer{names[i]}/load_max_over_mean"] = r
+        values[f"moe/layer{names[i]}/router_entropy"] = s["entropy"]
         if layers[i].can_drop:
-            values[f"moe/layer{i}/dropped_fraction"] = s["dropped_fraction"]
+            values[f"moe/layer{names[i]}/dropped_fraction"] = s["dropped_fraction"]
     device = ratios[0].device
     flat = torch.stack([v.to(device=device, dtype=torch.float32) for v in values.values()]).tolist()
     scalars = dict(zip(values, flat))

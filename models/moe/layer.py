@@ -84,6 +84,9 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if use_gate else None
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.aux_loss_scale = 1.0
+        # Index among the MoE layers of the whole model (set by the model; None for a lone layer):
+        # names this layer's statistics, also when a pipeline stage holds only some layers.
+        self.moe_index: int | None = None
         self._reset_stats()
         self._step_loads_E: torch.Tensor | None = None
 

@@ -46,7 +46,17 @@ def test_wrong_type_names_key_expected_and_given():
 
 @pytest.mark.parametrize("override, world, message", [
     (["parallel.dp=3"], 2, r"does not match world size 2"),
-    (["parallel.pp=2"], 2, r"parallel\.pp=2: pipeline parallelism is not available"),
+    (["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_stages_per_rank=3"], 2,
+     r"pp_stages_per_rank=3: pp_schedule=zbv runs exactly 2 stages per rank"),
+    (["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.pp_stages_per_rank=2"], 2, r"runs one stage per rank"),
+    (["parallel.pp=2", "parallel.pp_layers=[1, 2]"], 2, r"pp_layers=\[1, 2\] sums to 3, model\.num_layers=4"),
+    (["parallel.pp=2", "parallel.pp_layers=[4]"], 2, r"pp_layers has 1 entries for 2 pipeline stages"),
+    (["parallel.pp=2", "parallel.pp_microbatches=3"], 2, r"pp_microbatches=3 does not divide train\.micro_batch_size"),
+    (["parallel.pp=2", "parallel.pp_microbatches=1", "train.micro_batch_size=4"], 2, r"must be >= parallel\.pp=2"),
+    (["parallel.pp=2", "model.tie_embeddings=true"], 2, r"model\.tie_embeddings: pipeline stages need untied"),
+    (["parallel.pp=2", "parallel.pp_schedule=pipedream"], 2, r"parallel\.pp_schedule: 'pipedream' is not one of"),
+    (["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b"], 4, r"8 stages for model\.num_layers=4"),
+    (["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.pp_microbatches=2"], 2, r"dualpipev needs >= 4"),
     (["model.num_kv_heads=3"], 1, r"num_heads=4 is not divisible by model\.num_kv_heads=3"),
     (["moe.top_k=9"], 1, r"moe\.top_k=9 must be between 1 and moe\.num_experts=8"),
     (["data.seq_len=4096"], 1, r"data\.seq_len=4096 exceeds model\.max_seq_len"),

@@ -14,7 +14,7 @@ def test_layout_and_groups_agree(pp, dp, ep):
     coords = [layout(r, world, par) for r in range(world)]
     groups = group_ranks(world, par)
     assert (len(groups["dp"]), len(groups["ep"]), len(groups["edp"])) == (pp, pp * dp // ep, pp * ep)
-    for kind in ("dp", "ep", "edp"):  # each kind partitions the world
+    for kind in ("dp", "ep", "edp", "pp"):  # each kind partitions the world
         assert sorted(r for g in groups[kind] for r in g) == list(range(world)), kind
     for r, c in enumerate(coords):
         assert r == c["pp_rank"] * dp + c["dp_rank"]
@@ -37,6 +37,7 @@ def test_known_layout_pp2_dp4_ep2():
         "dp": [[0, 1, 2, 3], [4, 5, 6, 7]],
         "ep": [[0, 1], [2, 3], [4, 5], [6, 7]],
         "edp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "pp": [[0, 4], [1, 5], [2, 6], [3, 7]],
     }
     assert layout(6, 8, par) == {"pp_rank": 1, "dp_rank": 2, "ep_rank": 0, "edp_rank": 1}
 

@@ -92,7 +92,7 @@ def test_meta_build_then_materialise():
     model.init_weights()
     logits = model(torch.randint(0, 260, (1, 8)))
     assert torch.isfinite(logits).all()
-    std = model.layers[0].ffn.experts.w1_EFD.std().item()
+    std = model.layers["0"].ffn.experts.w1_EFD.std().item()
     assert std == pytest.approx(model_cfg.init_std, rel=0.05)
     torch.testing.assert_close(model.rope_cos, rope_tables(32, 512, 10000.0)[0])
 
@@ -127,7 +127,7 @@ def test_moe_layer_placement():
     moe_cfg = MoEConfig(num_experts=4, first_k_dense=1, moe_every=2)
     assert [is_moe_layer(i, moe_cfg) for i in range(6)] == [False, True, False, True, False, True]
     model = build_model(ModelConfig(num_layers=6), moe_cfg)
-    assert [isinstance(b.ffn, MoE) for b in model.layers] == [False, True, False, True, False, True]
+    assert [isinstance(b.ffn, MoE) for b in model.layers.values()] == [False, True, False, True, False, True]
 
 
 def test_expert_params_are_marked():

@@ -94,9 +94,9 @@ def test_upcycled_moe_equals_dense(dense_ckpt):
     # Same seed, same router on every rank; another seed, another router.
     _, again = _build(MOE)
     upcycle_into(again, path, seed=cfg.train.seed)
-    torch.testing.assert_close(again.layers[0].ffn.router.gate.weight, moe.layers[0].ffn.router.gate.weight)
+    torch.testing.assert_close(again.layers["0"].ffn.router.gate.weight, moe.layers["0"].ffn.router.gate.weight)
     upcycle_into(again, path, seed=cfg.train.seed + 1)
-    assert not torch.equal(again.layers[0].ffn.router.gate.weight, moe.layers[0].ffn.router.gate.weight)
+    assert not torch.equal(again.layers["0"].ffn.router.gate.weight, moe.layers["0"].ffn.router.gate.weight)
 
 
 def test_granular_upcycling_equals_dense(dense_ckpt):
@@ -106,7 +106,7 @@ def test_granular_upcycling_equals_dense(dense_ckpt):
     upcycle_into(moe, path, granularity=2)
     tokens = _tokens()
     torch.testing.assert_close(_logits(moe, tokens), _logits(dense, tokens), rtol=1e-4, atol=1e-5)
-    layer, w1 = moe.layers[0].ffn, dense.layers[0].ffn.w1.weight
+    layer, w1 = moe.layers["0"].ffn, dense.layers["0"].ffn.w1.weight
     torch.testing.assert_close(layer.experts.w1_EFD[2], w1[:32], rtol=0, atol=0)  # expert 2: piece 0
     torch.testing.assert_close(layer.experts.w1_EFD[3], w1[32:], rtol=0, atol=0)  # expert 3: piece 1
     gate = layer.router.gate.weight
@@ -131,9 +131,9 @@ def test_shared_expert_of_dense_width_keeps_parity(dense_ckpt):
 def test_shared_expert_of_other_width_keeps_its_init(dense_ckpt):
     path, _ = dense_ckpt
     _, moe = _build(MOE + ["moe.num_shared_experts=1", "moe.shared_expert_ffn_dim=16"])
-    before = moe.layers[0].ffn.shared_experts.w1.weight.clone()
+    before = moe.layers["0"].ffn.shared_experts.w1.weight.clone()
     assert "own init" in upcycle_into(moe, path)
-    torch.testing.assert_close(moe.layers[0].ffn.shared_experts.w1.weight, before, rtol=0, atol=0)
+    torch.testing.assert_close(moe.layers["0"].ffn.shared_experts.w1.weight, before, rtol=0, atol=0)
 
 
 def _variant(*overrides):

@@ -1,0 +1,239 @@
+"""Pipeline parallelism: split a model into stages and run them with torch.distributed.pipelining.
+
+The model provides `model.pipeline_stage(layer_ids, first, last)`: a module that runs some of its
+layers (and the embedding on the first stage, the head on the last), sharing the model's
+parameters under the full model's names. Everything distributed lives here:
+
+    stage_layer_counts(...)   layers per stage: explicit (parallel.pp_layers) or balanced by the
+                              FLOPs per token of each layer (active parameters: routed experts count
+                              top_k/E) with the output head on the last stage
+    rank_stage_ids(...)       which stages a pp rank holds: one (gpipe, 1f1b), a loop r, r+pp, ...
+                              (interleaved_1f1b), or a V r and 2·pp-1-r (zbv, dualpipev)
+    build_pipeline(...)       this rank's stages as `PipelineStage`s over the pp group and the
+                              schedule from the recipe; returns a `Pipeline`
+
+One optimizer step with pp > 1 (trainer/loop.py):
+    1. for each micro step (gradient accumulation), `Pipeline.step(inputs, targets)`: the first
+       stage splits the batch into parallel.pp_microbatches microbatches, activations go forward
+       and gradients backward between neighbouring stages by send/recv over the pp group in the
+       schedule's order; the last stage computes the loss of each microbatch
+    2. MoE aux losses: each layer attaches its aux-loss gradient inside its own stage's graph
+       (models/moe AttachAuxLoss), scaled 1/(microbatches·accumulation) like the LM loss, so the
+       summed gradient is exactly that of the non-pipelined run accumulating the same microbatches
+    3. `sync_replicated_grads` (dp) and `sync_expert_grads` (edp); `clip_grad_norm` sums the
+       squared norm over the pp group too
+    4. the last stage's loss is broadcast over the pp group for logging
+Gradients are never rescaled by the schedule (scale_grads=False): the loss function carries the
+1/(microbatches·accumulation) factor, so accumulation over several `step` calls stays exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.moe import is_expert_param
+from parallel.mesh import ParallelMesh
+from trainer.config import Config, pp_microbatches, pp_stages_per_rank
+
+V_SCHEDULES = ("zbv", "dualpipev")
+
+
+def _schedule_class(name: str):
+    from torch.distributed.pipelining import schedules as S
+
+    return {"gpipe": S.ScheduleGPipe, "1f1b": S.Schedule1F1B,
+            "interleaved_1f1b": S.ScheduleInterleaved1F1B, "zbv": S.ScheduleZBVZeroBubble,
+            "dualpipev": S.ScheduleDualPipeV}[name]
+
+
+def layer_costs(model: nn.Module, moe_cfg) -> tuple[list[float], float]:
+    """FLOPs per token of each layer, in units of multiply-adds (its active parameters), and of
+    the output head. Works on a meta-device model."""
+    costs = []
+    for block in model.layers.values():
+        cost = 0.0
+        for name, p in block.named_parameters():
+            share = moe_cfg.top_k / moe_cfg.num_experts if is_expert_param(name) else 1.0
+            cost += p.numel() * share
+        costs.append(cost)
+    head = model.output_weight.numel()
+    return costs, float(head)
+
+
+def balanced_counts(costs: list[float], num_stages: int, last_extra: float = 0.0) -> list[int]:
+    """Contiguous split of `costs` into `num_stages` non-empty stages minimising the largest stage
+    cost (the last stage also pays `last_extra`); exact, by dynamic programming."""
+    n = len(costs)
+    if not 1 <= num_stages <= n:
+        raise ValueError(f"cannot split {n} layers into {num_stages} non-empty stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: smallest max-stage cost for the first i layers in s stages; cut[s][i]: start of the last
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for i in range(s, n - (num_stages - s) + 1):
+            extra = last_extra if s == num_stages else 0.0
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j] + extra)
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    counts, i = [], n
+    for s in range(num_stages, 0, -1):
+        j = cut[s][i]
+        counts.append(i - j)
+        i = j
+    return counts[::-1]
+
+
+def stage_layer_counts(cfg: Config, model: nn.Module | None = None) -> list[int]:
+    """Layers per pipeline stage (length pp·stages_per_rank)."""
+    par = cfg.parallel
+    num_stages = par.pp * pp_stages_per_rank(par)
+    if par.pp_layers:
+        return list(par.pp_layers)
+    if model is None:
+        import models
+
+        with torch.device("meta"):
+            model = models.build_model(cfg.model, cfg.moe)
+    costs, head = layer_costs(model, cfg.moe)
+    return balanced_counts(costs, num_stages, last_extra=head)
+
+
+def stage_layer_ids(counts: list[int]) -> list[list[int]]:
+    out, start = [], 0
+    for n in counts:
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def rank_stage_ids(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
+    """Stages held by pipeline rank `pp_rank`, ascending."""
+    if schedule in V_SCHEDULES:
+        return sorted({pp_rank, 2 * pp - 1 - pp_rank})
+    return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
+@dataclass
+class Pipeline:
+    """This rank's part of the pipeline.
+
+    Attributes:
+        module: this rank's parameters (all of its stages), under the full model's names: build
+            the optimizer on it, checkpoint it, read router statistics from it.
+        stages: `torch.distributed.pipelining.PipelineStage`s of this rank.
+        schedule: the schedule object (parallel.pp_schedule).
+        stage_ids, num_stages, has_first, has_last, last_stage_rank (global rank holding the
+        last stage in this rank's pp group).
+    """
+
+    module: nn.Module
+    stages: list
+    schedule: object
+    stage_ids: list[int]
+    num_stages: int
+    microbatches: int
+    loss_scale: float
+    has_first: bool
+    has_last: bool
+    last_stage_rank: int
+    group: dist.ProcessGroup
+    stage_modules: list  # this rank's stage modules, in stage_ids order
+    stage_rank: list[int]  # global rank holding each stage (in this rank's pp group)
+    hidden_size: int
+    loss_fn: Callable
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Forward + backward of one micro step (all its pipeline microbatches). Returns the sum
+        of the microbatch losses as given to backward (scaled) on the rank holding the last stage,
+        else None."""
+        losses: list[torch.Tensor] | None = [] if self.has_last else None
+        args = (inputs,) if self.has_first else ()
+        self.schedule.step(*args, target=targets if self.has_last else None, losses=losses,
+                           return_outputs=False)
+        return torch.stack([l.detach() for l in losses]).sum() if self.has_last else None
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Mean loss of a batch, forward only, on the last stage's rank; None elsewhere.
+
+        Not through the schedule (the multi-stage schedules replay their training order, backward
+        included): the whole batch goes through the stages in order, 1) run the stages this rank
+        holds, 2) send the hidden states [B, S, D] (fp32) to the rank of the next stage, which
+        3) receives them (shape known from the batch) and goes on.
+        """
+        hidden = None
+        for s in range(self.num_stages):
+            if s not in self.stage_ids:
+                continue
+            if s == 0:
+                hidden = inputs
+            elif s - 1 not in self.stage_ids:  # 3. from the previous stage's rank
+                hidden = torch.empty(*inputs.shape, self.hidden_size, dtype=torch.float32, device=inputs.device)
+                dist.recv(hidden, src=self.stage_rank[s - 1], group=self.group)
+            hidden = self.stage_modules[self.stage_ids.index(s)](hidden)  # 1.
+            if s + 1 < self.num_stages and s + 1 not in self.stage_ids:  # 2.
+                dist.send(hidden.float().contiguous(), dst=self.stage_rank[s + 1], group=self.group)
+        if not self.has_last:
+            return None
+        return self.loss_fn(hidden, targets)
+
+    def broadcast_from_last(self, value: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The last stage's scalar on every rank of the pp group."""
+        out = value.detach().reshape(()).to(torch.float32) if value is not None else \
+            torch.zeros((), dtype=torch.float32, device=device)
+        out = out.clone()
+        dist.broadcast(out, src=self.last_stage_rank, group=self.group)
+        return out
+
+
+def build_pipeline(model: nn.Module, mesh: ParallelMesh, cfg: Config,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Pipeline:
+    """Split `model` (already on its device, experts already sharded) into this rank's stages.
+
+    Args:
+        model: a model with `pipeline_stage(layer_ids, first, last)` and `layers` (a ModuleDict).
+        mesh: from `build_mesh`, with pp > 1.
+        cfg: the run config (parallel.pp_*; train.grad_accum_steps for the loss scale).
+        loss_fn: (last stage output, targets) -> mean loss of one microbatch, unscaled.
+    """
+    from torch.distributed.pipelining import PipelineStage
+
+    par = cfg.parallel
+    v = pp_stages_per_rank(par)
+    num_stages = par.pp * v
+    counts = stage_layer_counts(cfg, model)
+    layer_ids = stage_layer_ids(counts)
+    own = rank_stage_ids(mesh.pp_rank, par.pp, v, par.pp_schedule)
+    m = pp_microbatches(par)
+    scale = 1.0 / (m * cfg.train.grad_accum_steps)
+    union = sorted(i for s in own for i in layer_ids[s])
+    module = model.pipeline_stage(union, first=0 in own, last=num_stages - 1 in own)
+    stages = []
+    for s in own:
+        submodule = model.pipeline_stage(layer_ids[s], first=s == 0, last=s == num_stages - 1)
+        stages.append(PipelineStage(submodule, s, num_stages, mesh.device, group=mesh.pp_group))
+
+    def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_fn(output, target) * scale
+
+    cls = _schedule_class(par.pp_schedule)
+    if cls.__name__ in ("ScheduleGPipe", "Schedule1F1B"):
+        schedule = cls(stages[0], m, loss_fn=scaled_loss, scale_grads=False)
+    else:
+        schedule = cls(stages, m, loss_fn=scaled_loss, scale_grads=False)
+    # The global rank holding each stage in this rank's pp group (one member per pp_rank).
+    owner = {s: r for r in range(par.pp) for s in rank_stage_ids(r, par.pp, v, par.pp_schedule)}
+    stage_rank = [owner[s] * mesh.dp + mesh.dp_rank for s in range(num_stages)]
+    return Pipeline(module, stages, schedule, own, num_stages, m, scale, 0 in own, num_stages - 1 in own,
+                    stage_rank[-1], mesh.pp_group, [st.submod for st in stages], stage_rank,
+                    cfg.model.d_model, loss_fn)

@@ -1,0 +1,209 @@
+"""Pipeline parallelism (torch.distributed.pipelining) against a single-process reference.
+
+What "the same" means: a pipelined micro step splits its batch into m microbatches, each routed
+and given its MoE aux losses on its own. The reference is therefore the non-pipelined model
+accumulating gradients over the same m microbatches (grad_accum = m · accumulation, micro batch
+= micro batch / m): with aux losses, z-loss and clipping on, that is exactly the same computation
+in another order.
+
+Cases:
+    model level (one step): every schedule at pp=2; gradients of every parameter, rtol 1e-5
+    trainer level (20 steps, real data, AdamW, clipping, aux + z losses on):
+        pp=2 with gpipe, 1f1b, interleaved_1f1b, zbv and dualpipev on 2 ranks, and
+        pp=2 x dp=2 with ep=2 (1f1b and zbv) on 4 ranks,
+        against one process accumulating the same microbatches: per-step loss rtol 1e-4,
+        gradient norm rtol 1e-3 (AdamW amplifies rounding over the steps, as in the EP test)
+    resume across pp: pp=2 stopped at step 3 resumes on 1 process (pp=1), and a pp=1 run stopped
+        at step 3 resumes on 2 ranks (pp=2): the losses after the resume equal the uninterrupted
+        run's within rtol 1e-4. Here the balance loss coefficient is 0 (the z-loss stays on): the
+        Switch loss of a half batch is not that of the whole batch, so pp=2 and pp=1 would differ
+        by design, not by resharding.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from tests.dist_helper import run_distributed
+from trainer.config import load_config
+
+pytestmark = pytest.mark.distributed
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+SMALL = ["data.max_bytes=300000", "data.seq_len=32", "model.d_model=32", "model.num_layers=4",
+         "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_dim=64", "moe.num_experts=4",
+         "moe.expert_ffn_dim=32", "moe.num_shared_experts=1", "moe.aux_loss_coeff=0.01",
+         "moe.z_loss_coeff=0.001", "logging.wandb=false", "logging.progress_bar=false", "train.log_every=1",
+         "eval.every=0", "eval.batches=2", "optim.warmup_steps=2", "optim.grad_clip=0.5",
+         "checkpoint.enabled=false"]
+STEPS, MICRO = 20, 8
+
+
+def _cfg(*extra):
+    return load_config("recipes/llm/pretrain_tiny.yaml", SMALL + [f"train.steps={STEPS}", *extra])
+
+
+def _pp_cfg(schedule, *extra):
+    micro = 4 if schedule == "dualpipev" else 2  # dualpipev needs as many microbatches as stages
+    return _cfg("parallel.pp=2", f"parallel.pp_schedule={schedule}", f"parallel.pp_microbatches={micro}",
+                f"train.micro_batch_size={MICRO}", *extra)
+
+
+def _reference_cfg(microbatches, dp=1, *extra):
+    """One process accumulating every (dp rank, microbatch) of a step, in order."""
+    return _cfg(f"train.micro_batch_size={MICRO // microbatches}", f"train.grad_accum_steps={microbatches * dp}",
+                *extra)
+
+
+def _train(cfg, run_dir, resume_from=None):
+    from trainer.loop import Trainer
+
+    os.makedirs(run_dir, exist_ok=True)
+    trainer = Trainer(cfg, run_dir, resume_from)
+    trainer.run()
+    return trainer
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def _assert_same_history(actual, expected, steps, what):
+    for step in steps:
+        a, e = actual[step], expected[step]
+        assert a["loss"] == pytest.approx(e["loss"], rel=1e-4), f"{what}: loss at step {step}"
+        assert a["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-3), f"{what}: grad norm at step {step}"
+
+
+# -- model level: one step, every parameter's gradient ------------------------------------------
+
+
+def _model_and_batch():
+    import models
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model, cfg.moe)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.model.vocab_size, (MICRO, 32), generator=g)
+    y = torch.randint(0, cfg.model.vocab_size, (MICRO, 32), generator=g)
+    return model, x, y
+
+
+def _one_step_grads(rank, world_size, schedule):
+    from models.moe import set_aux_loss_scale
+    from parallel import build_mesh, parallelize_pipeline
+    from trainer.config import pp_microbatches
+    from trainer.objectives import lm_loss
+
+    cfg = _pp_cfg(schedule)
+    mesh = build_mesh(cfg.parallel, torch.device("cpu"))
+    model, x, y = _model_and_batch()
+    set_aux_loss_scale(model, 1.0 / pp_microbatches(cfg.parallel))
+    pipe = parallelize_pipeline(model, mesh, cfg, lm_loss)
+    loss = pipe.broadcast_from_last(pipe.step(x, y), mesh.device)
+    return loss.item(), {n: p.grad.clone() for n, p in pipe.module.named_parameters()}, pipe.stage_ids
+
+
+def _run_model_level(rank, world_size):
+    return {s: _one_step_grads(rank, world_size, s) for s in SCHEDULES}
+
+
+def test_every_schedule_gives_the_reference_gradients():
+    from models.moe import set_aux_loss_scale
+    from trainer.config import pp_microbatches
+    from trainer.objectives import lm_loss
+
+    results = run_distributed(_run_model_level, 2)
+    for schedule in SCHEDULES:
+        m = pp_microbatches(_pp_cfg(schedule).parallel)
+        model, x, y = _model_and_batch()
+        set_aux_loss_scale(model, 1.0 / m)
+        ref_loss = 0.0
+        for xs, ys in zip(x.chunk(m), y.chunk(m)):
+            loss = lm_loss(model(xs), ys) / m
+            loss.backward()
+            ref_loss += loss.item()
+        expected = dict(model.named_parameters())
+        seen = set()
+        for loss, grads, stage_ids in (r[schedule] for r in results):
+            assert loss == pytest.approx(ref_loss, rel=1e-5), schedule
+            for name, grad in grads.items():
+                ref = expected[name].grad
+                torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()),
+                                           msg=lambda msg: f"{schedule} {name}: {msg}")
+                seen.add(name)
+        assert seen == set(expected), f"{schedule}: parameters held by no stage: {set(expected) - seen}"
+    # V schedules: rank 0 holds the first and the last stage
+    assert results[0]["zbv"][2] == [0, 3] and results[1]["zbv"][2] == [1, 2]
+    assert results[0]["interleaved_1f1b"][2] == [0, 2]
+
+
+# -- trainer level: 20 steps -----------------------------------------------------------------------
+
+
+def _run_schedules(rank, world_size, out):
+    for schedule in SCHEDULES:
+        _train(_pp_cfg(schedule), os.path.join(out, schedule))
+
+
+def _run_pp_dp_ep(rank, world_size, out):
+    for schedule in ("1f1b", "zbv"):
+        _train(_pp_cfg(schedule, "parallel.ep=2", "parallel.ep_overlap=combinable"),
+               os.path.join(out, f"ep_{schedule}"))
+
+
+def _run_reference(out, name, cfg):
+    _train(cfg, os.path.join(out, name))
+    return _history(os.path.join(out, name))
+
+
+def test_pipelined_training_matches_one_process(tmp_path):
+    out = str(tmp_path)
+    run_distributed(_run_schedules, 2, out)
+    references = {}
+    for schedule in SCHEDULES:
+        m = 4 if schedule == "dualpipev" else 2
+        if m not in references:
+            references[m] = _run_reference(out, f"ref_m{m}", _reference_cfg(m))
+        _assert_same_history(_history(os.path.join(out, schedule)), references[m], range(1, STEPS + 1), schedule)
+
+
+def test_pp_dp_ep_composition_matches_one_process(tmp_path):
+    out = str(tmp_path)
+    run_distributed(_run_pp_dp_ep, 4, out)
+    reference = _run_reference(out, "ref", _reference_cfg(2, dp=2))
+    for schedule in ("1f1b", "zbv"):
+        _assert_same_history(_history(os.path.join(out, f"ep_{schedule}")), reference, range(1, STEPS + 1),
+                             f"pp2 x dp2 ep2 {schedule}")
+
+
+# -- resume onto another pp size --------------------------------------------------------------------
+
+RESUME = ["moe.aux_loss_coeff=0", "checkpoint.enabled=true", "checkpoint.every=3", "train.steps=6",
+          f"train.micro_batch_size={MICRO}"]
+
+
+def _run_pp2_for_resume(rank, world_size, out):
+    _train(_cfg(*RESUME, "parallel.pp=2"), os.path.join(out, "pp2_straight"))
+    _train(_cfg(*RESUME, "parallel.pp=2", "train.stop_at_step=3"), os.path.join(out, "pp2_then_pp1"))
+    # the other direction: a pp=1 checkpoint (written by the test process) resumed on pp=2
+    _train(_cfg(*RESUME, "parallel.pp=2"), os.path.join(out, "pp1_then_pp2"))
+
+
+def test_resume_onto_another_pipeline_size(tmp_path):
+    out = str(tmp_path)
+    _train(_cfg(*RESUME), os.path.join(out, "pp1_straight"))
+    _train(_cfg(*RESUME, "train.stop_at_step=3"), os.path.join(out, "pp1_then_pp2"))
+    run_distributed(_run_pp2_for_resume, 2, out)
+    _train(_cfg(*RESUME), os.path.join(out, "pp2_then_pp1"))  # finds the pp=2 step-3 checkpoint
+    for resumed, straight in (("pp2_then_pp1", "pp2_straight"), ("pp1_then_pp2", "pp1_straight")):
+        history = _history(os.path.join(out, resumed))
+        assert set(history) == set(range(1, 7)), resumed  # steps 1-3 before, 4-6 after the resume
+        _assert_same_history(history, _history(os.path.join(out, straight)), range(4, 7), resumed)
+    # and pp=2 agrees with pp=1 on this configuration, so the comparison above is not vacuous
+    _assert_same_history(_history(os.path.join(out, "pp2_straight")), _history(os.path.join(out, "pp1_straight")),
+                         range(1, 7), "pp2 vs pp1")
