@@ -218,10 +218,23 @@ def build_pipeline(model: nn.Module, mesh: ParallelMesh, cfg: Config,
     scale = 1.0 / (m * cfg.train.grad_accum_steps)
     union = sorted(i for s in own for i in layer_ids[s])
     module = model.pipeline_stage(union, first=0 in own, last=num_stages - 1 in own)
+    # Static shapes of what crosses each stage boundary (meta tensors: shapes only). Without them
+    # torch infers shapes by running the first stage on the first real microbatch, a forward whose
+    # router statistics and expert loads would be counted.
+    mb, seq, d = cfg.train.micro_batch_size // m, cfg.data.seq_len, cfg.model.d_model
+    meta = torch.device("meta")
+    tokens = torch.empty(mb, seq, dtype=torch.long, device=meta)
+    hidden = torch.empty(mb, seq, d, dtype=torch.float32, device=meta)  # the fp32 residual stream
+    hidden_in = hidden.clone().requires_grad_()  # received activations need their gradient sent back
+    logits = torch.empty(mb, seq, cfg.model.vocab_size, dtype=torch.float32, device=meta)
     stages = []
     for s in own:
         submodule = model.pipeline_stage(layer_ids[s], first=s == 0, last=s == num_stages - 1)
-        stages.append(PipelineStage(submodule, s, num_stages, mesh.device, group=mesh.pp_group))
+        stages.append(PipelineStage(submodule, s, num_stages, mesh.device, group=mesh.pp_group,
+                                    input_args=(tokens if s == 0 else hidden_in,),
+                                    output_args=logits if s == num_stages - 1 else hidden,
+                                    input_grads=(None if s == 0 else hidden,),
+                                    output_grads=None if s == num_stages - 1 else hidden))
 
     def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return loss_fn(output, target) * scale

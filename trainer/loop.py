@@ -51,6 +51,13 @@ class Trainer:
         forwards = cfg.train.grad_accum_steps * (pp_microbatches(cfg.parallel) if self.mesh.pp > 1 else 1)
         set_aux_loss_scale(model, 1.0 / forwards)
         self.param_counts = models.param_counts(model, cfg.moe)  # before ep shards the experts
+        resume_path = resume_from or latest_checkpoint(run_dir)
+        upcycled = None
+        if resume_path is None and cfg.model.upcycle_from:
+            # A fresh MoE run from a dense checkpoint: upcycled whole, before experts are sharded
+            # or stages split, so every layout starts from the same weights and router init.
+            upcycled = upcycle_into(model, cfg.model.upcycle_from, granularity=cfg.model.upcycle_granularity,
+                                    seed=cfg.train.seed)
         self.pipeline = None
         if self.mesh.pp > 1:  # this rank keeps its stages only; self.model holds their parameters
             self.pipeline = parallelize_pipeline(model, self.mesh, cfg, lm_loss)
@@ -68,18 +75,14 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         # Per-rank RNG stream from here on (dropout, jitter), reproducible and resumable.
         torch.manual_seed(cfg.train.seed + 1 + self.mesh.rank)
-        self.step = self._resume(resume_from)
+        if upcycled and self.mesh.is_main:
+            print(upcycled, flush=True)
+        self.step = self._resume(resume_path)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.train.dtype == "bf16")
 
-    def _resume(self, resume_from: str | None) -> int:
-        path = resume_from or latest_checkpoint(self.run_dir)
+    def _resume(self, path: str | None) -> int:
         if path is None:
-            if self.cfg.model.upcycle_from:  # a fresh MoE run that starts from a dense checkpoint
-                line = upcycle_into(self.model, self.cfg.model.upcycle_from,
-                                    granularity=self.cfg.model.upcycle_granularity, seed=self.cfg.train.seed)
-                if self.mesh.is_main:
-                    print(line, flush=True)
             return 0
         step = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.data, self.mesh)
         if self.mesh.is_main:
@@ -256,8 +259,8 @@ class Trainer:
         flat = torch.tensor([scalars[k] for k in keys], dtype=torch.float64)
         if loads_LE is not None:
             flat = torch.cat([flat, loads_LE.to(torch.float64).flatten()])
-        flat = all_reduce_sum(flat.to(self.device), self.mesh.dp_group).cpu() / self.mesh.dp
-        mine = (keys, flat[:len(keys)].tolist(), self.num_moe_layers,
+        flat = all_reduce_sum(flat.to(self.device), self.mesh.dp_group).cpu()  # loads: summed
+        mine = (keys, (flat[:len(keys)] / self.mesh.dp).tolist(), self.num_moe_layers,  # scalars: mean
                 moe_layer_indices(self.model), None if loads_LE is None else flat[len(keys):].view(loads_LE.shape))
         gathered: list = [None] * self.mesh.pp
         dist.all_gather_object(gathered, mine, group=self.mesh.pp_group)

@@ -145,6 +145,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _record(self, route: RouterOutput, losses: dict[str, torch.Tensor]) -> None:
+        if route.probs_TE.device.type == "meta":  # shape inference (e.g. a pipeline stage's first
+            return                                 # step) routes no real tokens: nothing to count
         loads_E = route.tokens_per_expert_E.float()
         new = {**losses, "entropy": router_entropy(route.probs_TE.detach()), "tokens_per_expert": loads_E,
                "dropped": route.num_dropped.float()}

@@ -50,10 +50,10 @@ def _pp_cfg(schedule, *extra):
                 f"train.micro_batch_size={MICRO}", *extra)
 
 
-def _reference_cfg(microbatches, dp=1, *extra):
-    """One process accumulating every (dp rank, microbatch) of a step, in order."""
-    return _cfg(f"train.micro_batch_size={MICRO // microbatches}", f"train.grad_accum_steps={microbatches * dp}",
-                *extra)
+def _reference_cfg(microbatches, dp=1, accum=1):
+    """One process accumulating every (micro step, dp rank, microbatch) of a step, in order."""
+    return _cfg(f"train.micro_batch_size={MICRO // microbatches}",
+                f"train.grad_accum_steps={microbatches * dp * accum}")
 
 
 def _train(cfg, run_dir, resume_from=None):
@@ -72,10 +72,18 @@ def _history(run_dir):
 
 
 def _assert_same_history(actual, expected, steps, what):
+    """Loss, gradient norm and every router statistic (from every stage) at every step."""
     for step in steps:
         a, e = actual[step], expected[step]
         assert a["loss"] == pytest.approx(e["loss"], rel=1e-4), f"{what}: loss at step {step}"
         assert a["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-3), f"{what}: grad norm at step {step}"
+        router_keys = {k for k in e if k.startswith("moe/")}
+        assert router_keys and {k for k in a if k.startswith("moe/")} == router_keys, f"{what}: step {step}"
+        for k in router_keys:
+            if isinstance(e[k], list):  # moe/tokens_per_expert: exact counts
+                assert a[k] == e[k], f"{what}: {k} at step {step}"
+            else:
+                assert a[k] == pytest.approx(e[k], rel=1e-3, abs=1e-6), f"{what}: {k} at step {step}"
 
 
 # -- model level: one step, every parameter's gradient ------------------------------------------
@@ -147,7 +155,11 @@ def test_every_schedule_gives_the_reference_gradients():
 
 def _run_schedules(rank, world_size, out):
     for schedule in SCHEDULES:
-        _train(_pp_cfg(schedule), os.path.join(out, schedule))
+        # zbv also draws expert-load heatmaps: loads gathered from both ranks' stages
+        extra = ["logging.heatmap_every=10"] if schedule == "zbv" else []
+        _train(_pp_cfg(schedule, *extra), os.path.join(out, schedule))
+    # gradient accumulation over 2 micro steps of 2 microbatches each
+    _train(_pp_cfg("1f1b", "train.grad_accum_steps=2"), os.path.join(out, "1f1b_accum2"))
 
 
 def _run_pp_dp_ep(rank, world_size, out):
@@ -170,6 +182,12 @@ def test_pipelined_training_matches_one_process(tmp_path):
         if m not in references:
             references[m] = _run_reference(out, f"ref_m{m}", _reference_cfg(m))
         _assert_same_history(_history(os.path.join(out, schedule)), references[m], range(1, STEPS + 1), schedule)
+    reference = _run_reference(out, "ref_accum2", _reference_cfg(2, accum=2))
+    _assert_same_history(_history(os.path.join(out, "1f1b_accum2")), reference, range(1, STEPS + 1), "1f1b accum 2")
+    plots = sorted(os.listdir(os.path.join(out, "zbv", "plots")))
+    assert plots == ["expert_load_step_00000010.png", "expert_load_step_00000020.png"], plots
+    for step in (10, 20):  # every MoE layer, from both ranks' stages, is logged
+        assert len(_history(os.path.join(out, "zbv"))[step]["moe/tokens_per_expert"]) == 4  # 4 MoE layers
 
 
 def test_pp_dp_ep_composition_matches_one_process(tmp_path):
