@@ -1,11 +1,13 @@
-"""The plan of a run, computed before any process starts: layout, parameters, memory per rank."""
+"""The plan of a run, computed before any process starts: layout, parameters, memory per rank,
+and with pipeline parallelism (parallel.pp > 1) the stages, their ranks and the schedule's bubble."""
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import yaml
 
-from trainer.config import Config, config_to_dict, resolved_dp
+from trainer.config import Config, config_to_dict, pp_microbatches, pp_stages_per_rank, resolved_dp
 
 
 def _human(num: float, unit: str = "") -> str:
@@ -23,6 +25,25 @@ def moe_layer_ids(cfg: Config) -> list[int]:
             if i >= moe.first_k_dense and (i - moe.first_k_dense) % moe.moe_every == 0]
 
 
+def meta_model(cfg: Config):
+    """The model on the meta device: shapes only, no memory allocated."""
+    import torch
+
+    import models
+
+    with torch.device("meta"):
+        return models.build_model(cfg.model, cfg.moe)
+
+
+def module_breakdown(module, moe_cfg) -> tuple[int, int, int]:
+    """(total, active per token, routed-expert) parameters of a model or of a pipeline stage."""
+    import models
+    from models.moe import expert_parameters
+
+    total, active = models.param_counts(module, moe_cfg)
+    return total, active, sum(p.numel() for _, p in expert_parameters(module))
+
+
 def param_counts(cfg: Config) -> tuple[int, int]:
     """(total, active per token), counted on a meta-device model: no memory is allocated."""
     return param_breakdown(cfg)[:2]
@@ -30,19 +51,14 @@ def param_counts(cfg: Config) -> tuple[int, int]:
 
 def param_breakdown(cfg: Config) -> tuple[int, int, int]:
     """(total, active per token, routed-expert) parameters, on a meta-device model."""
-    import torch
-
-    import models
-    from models.moe import expert_parameters
-
-    with torch.device("meta"):
-        model = models.build_model(cfg.model, cfg.moe)
-    total, active = models.param_counts(model, cfg.moe)
-    return total, active, sum(p.numel() for _, p in expert_parameters(model))
+    return module_breakdown(meta_model(cfg), cfg.moe)
 
 
-def activation_bytes_per_rank(cfg: Config) -> int:
-    """Activations kept for backward by one micro batch, without recomputation (an estimate).
+def activation_bytes(cfg: Config, layer_ids: list[int] | None = None, head: bool = True,
+                     sequences: int | None = None) -> int:
+    """Activations kept for backward by `sequences` sequences (default train.micro_batch_size)
+    through the layers `layer_ids` (default all) and, when `head`, the LM head; without
+    recomputation (an estimate).
 
     Per layer and token: attention keeps its normed input, q/k/v, the SDPA output and the
     residual; a dense FFN its input and three F-wide tensors (w1, w3, their SwiGLU product); an MoE
@@ -50,27 +66,39 @@ def activation_bytes_per_rank(cfg: Config) -> int:
     F-wide tensors. The LM head keeps fp32 logits and their gradient.
     """
     m, moe, tr = cfg.model, cfg.moe, cfg.train
-    tokens = tr.micro_batch_size * cfg.data.seq_len
+    layer_ids = range(m.num_layers) if layer_ids is None else layer_ids
+    tokens = (tr.micro_batch_size if sequences is None else sequences) * cfg.data.seq_len
     head_dim = m.head_dim or m.d_model // m.num_heads
     attention = 3 * m.d_model + (m.num_heads + 2 * m.num_kv_heads) * head_dim + m.num_heads * head_dim
     dense_ffn = m.d_model + 3 * m.ffn_dim
     shared = moe.num_shared_experts * 3 * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
     moe_ffn = m.d_model + moe.num_experts + moe.top_k * (m.d_model + 3 * moe.expert_ffn_dim) + shared
-    num_moe = len(moe_layer_ids(cfg))
-    per_token = m.num_layers * attention + num_moe * moe_ffn + (m.num_layers - num_moe) * dense_ffn
+    moe_ids = set(moe_layer_ids(cfg))
+    per_token = sum(attention + (moe_ffn if i in moe_ids else dense_ffn) for i in layer_ids)
     elem = 2 if tr.dtype == "bf16" else 4
-    return tokens * per_token * elem + tokens * m.vocab_size * 4 * 2
+    logits = tokens * m.vocab_size * 4 * 2 if head else 0
+    return tokens * per_token * elem + logits
+
+
+def activation_bytes_per_rank(cfg: Config) -> int:
+    """Activations of one micro batch through the whole model (no pipeline parallelism)."""
+    return activation_bytes(cfg)
+
+
+def _state_bytes(total_params: int, expert_params: int, ep: int) -> dict[str, int]:
+    """fp32 weights, their gradients and AdamW's two fp32 moments; expert parallelism keeps 1/ep
+    of the routed experts (`expert_params` of `total_params`) on each rank."""
+    params = (total_params - expert_params + expert_params // ep) * 4
+    return {"params": params, "grads": params, "optimizer": 2 * params}
 
 
 def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0) -> dict[str, int]:
-    """fp32 weights and gradients, AdamW's two fp32 moments, and activations (bytes).
+    """fp32 weights and gradients, AdamW's two fp32 moments, and activations (bytes), for pp == 1.
 
     Data parallelism replicates everything (DDP); expert parallelism keeps 1/ep of the routed
-    experts (`expert_params` of `total_params`) on each rank. Pipeline parallelism will divide
-    these numbers once it lands.
+    experts on each rank. With pp > 1 see `pipeline_memory_per_rank`.
     """
-    params = (total_params - expert_params + expert_params // cfg.parallel.ep) * 4
-    return {"params": params, "grads": params, "optimizer": 2 * params,
+    return {**_state_bytes(total_params, expert_params, cfg.parallel.ep),
             "activations": activation_bytes_per_rank(cfg)}
 
 
@@ -83,10 +111,162 @@ def _groups(groups: list[list[int]], shown: int = 3) -> str:
     return f"[{text}{', ...' if len(groups) > shown else ''}] ({len(groups)} groups of {len(groups[0])})"
 
 
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallelism
+
+
+@dataclass
+class StagePlan:
+    index: int
+    pp_rank: int  # the pipeline rank holding this stage
+    layer_ids: list[int]
+    first: bool  # holds the token embedding
+    last: bool  # holds the final norm and the output head
+    total: int  # parameters
+    active: int  # parameters active per token
+    routed: int  # routed-expert parameters (divided by ep on each rank)
+
+
+@dataclass
+class PipelinePlan:
+    schedule: str
+    pp: int
+    stages_per_rank: int
+    microbatches: int  # per micro step
+    microbatch_size: int  # sequences per microbatch
+    stages: list[StagePlan]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def rank_stages(self, pp_rank: int) -> list[StagePlan]:
+        return [s for s in self.stages if s.pp_rank == pp_rank]
+
+
+def pipeline_plan(cfg: Config, model=None) -> PipelinePlan:
+    """The stages of a pp > 1 run, split and assigned exactly as `parallel.pipeline` does.
+
+    `model`: a (meta-device) model to count parameters on; built when None.
+    """
+    from parallel.pipeline import rank_stage_ids, stage_layer_counts, stage_layer_ids
+
+    par = cfg.parallel
+    model = meta_model(cfg) if model is None else model
+    v, m = pp_stages_per_rank(par), pp_microbatches(par)
+    layer_ids = stage_layer_ids(stage_layer_counts(cfg, model))
+    owner = {s: r for r in range(par.pp) for s in rank_stage_ids(r, par.pp, v, par.pp_schedule)}
+    last = len(layer_ids) - 1
+    stages = []
+    for s, ids in enumerate(layer_ids):
+        # The trainer's own stage module: it decides which of embedding / norm / head a stage has.
+        total, active, routed = module_breakdown(model.pipeline_stage(ids, first=s == 0, last=s == last), cfg.moe)
+        stages.append(StagePlan(s, owner[s], ids, s == 0, s == last, total, active, routed))
+    return PipelinePlan(par.pp_schedule, par.pp, v, m, cfg.train.micro_batch_size // m, stages)
+
+
+def microbatches_in_flight(plan: PipelinePlan, pp_rank: int) -> int:
+    """Microbatches whose activations one stage of `pp_rank` holds at its peak.
+
+    gpipe runs every forward before any backward: all m. 1f1b's warm-up on rank i runs pp - i
+    forwards before the first backward, after which each backward frees one. For
+    interleaved_1f1b, zbv and dualpipev the count differs per stage chunk and per rank with the
+    schedule's warm-up; min(m, number of stages) per chunk is a conservative estimate.
+    """
+    m = plan.microbatches
+    if plan.schedule == "gpipe":
+        return m
+    if plan.schedule == "1f1b":
+        return min(m, plan.pp - pp_rank)
+    return min(m, plan.num_stages)
+
+
+def pipeline_memory_per_rank(cfg: Config, plan: PipelinePlan, pp_rank: int) -> dict[str, int]:
+    """Bytes on each rank of pipeline rank `pp_rank` (its dp ranks are alike): weights, gradients
+    and AdamW moments of its stages only, and the activations of its stages' layers for the
+    microbatches in flight."""
+    held = plan.rank_stages(pp_rank)
+    total = sum(s.total for s in held)
+    routed = sum(s.routed for s in held)
+    in_flight = microbatches_in_flight(plan, pp_rank)
+    activations = sum(activation_bytes(cfg, s.layer_ids, head=s.last, sequences=plan.microbatch_size)
+                      for s in held) * in_flight
+    return {**_state_bytes(total, routed, cfg.parallel.ep), "activations": activations}
+
+
+def bubble_text(plan: PipelinePlan) -> str:
+    """The schedule's theoretical bubble: idle share of a micro step, equal-time passes assumed."""
+    p, m, v = plan.pp, plan.microbatches, plan.stages_per_rank
+    if plan.schedule in ("gpipe", "1f1b"):
+        return f"{(p - 1) / (m + p - 1):.1%} of each micro step idle, (p-1)/(m+p-1) with p {p}, m {m}"
+    if plan.schedule == "interleaved_1f1b":  # Narayanan et al. 2021: the bubble shrinks by v
+        return (f"{(p - 1) / (v * m + p - 1):.1%} of each micro step idle, (p-1)/(v*m+p-1) "
+                f"with p {p}, v {v}, m {m}")
+    if plan.schedule == "zbv":
+        return ("~0 (zero bubble, in theory: ZB-V with equal forward, input-grad and weight-grad "
+                "pass times and enough microbatches; real runs keep some)")
+    # dualpipev: DeepSeek's DualPipe analysis counts the bubble in pass times, not as a share of m.
+    return ("small, not zero in general: (pp/2-1)*(F&B+B-3W) pass times in DeepSeek's DualPipe "
+            "analysis (F&B: a forward and a backward overlapped), below 1F1B's (pp-1)*(F+B)")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('ch') else 's'}"
+
+
+def _layer_range(ids: list[int]) -> str:
+    return f"layer {ids[0]}" if len(ids) == 1 else f"layers {ids[0]}-{ids[-1]}"
+
+
+def _rank_range(pp_rank: int, dp: int) -> str:
+    """The global ranks of one pipeline rank (rank = pp_rank * dp + dp_rank: contiguous)."""
+    first = pp_rank * dp
+    return f"rank {first}" if dp == 1 else f"ranks {first}-{first + dp - 1}"
+
+
+def _stage_ids_text(plan: PipelinePlan, pp_rank: int) -> str:
+    return ",".join(str(s.index) for s in plan.rank_stages(pp_rank))
+
+
+def format_pipeline(cfg: Config, plan: PipelinePlan, dp: int) -> str:
+    """The pipeline section: schedule, microbatches, bubble, one line per stage, memory per pp rank."""
+    out = io.StringIO()
+    shape = "V: rank r holds r and 2pp-1-r" if plan.schedule in ("zbv", "dualpipev") else \
+        ("loop: rank r holds r, r+pp, ..." if plan.stages_per_rank > 1 else "one per rank")
+    out.write(f"\npipeline: schedule {plan.schedule}, {plan.num_stages} stages = pp {plan.pp} x "
+              f"{plan.stages_per_rank} per rank ({shape}); {_count(plan.microbatches, 'microbatch')} of "
+              f"{_count(plan.microbatch_size, 'sequence')} per micro step\n")
+    out.write(f"bubble (theory): {bubble_text(plan)}\n")
+    memory = {r: pipeline_memory_per_rank(cfg, plan, r) for r in range(plan.pp)}
+    rows = [("stage", "pp_rank", "layers", "holds", "params", "active", "memory of its rank(s)")]
+    for s in plan.stages:
+        holds = "+".join(part for part, has in (("embedding", s.first), ("norm+head", s.last)) if has) or "-"
+        rows.append((str(s.index), str(s.pp_rank), _layer_range(s.layer_ids), holds, _human(s.total),
+                     _human(s.active), f"{_human(sum(memory[s.pp_rank].values()), 'B')} "
+                     f"({_rank_range(s.pp_rank, dp)})"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] + "\n")
+    out.write("\nmemory per rank (estimate), by pipeline rank:\n")
+    for r in range(plan.pp):
+        parts = ", ".join(f"{k} {_human(v, 'B')}" for k, v in memory[r].items())
+        bound = "" if plan.schedule in ("gpipe", "1f1b") else ", an upper bound"
+        out.write(f"pp rank {r} (stages {_stage_ids_text(plan, r)}; {_rank_range(r, dp)}): {parts} "
+                  f"({_count(microbatches_in_flight(plan, r), 'microbatch')} in flight per stage{bound}); "
+                  f"total {_human(sum(memory[r].values()), 'B')}\n")
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole plan
+
+
 def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     par = cfg.parallel
     dp = resolved_dp(par, world_size)
-    total, active, routed = param_breakdown(cfg)
+    model = meta_model(cfg)
+    total, active, routed = module_breakdown(model, cfg.moe)
+    plan = pipeline_plan(cfg, model) if par.pp > 1 else None
     out = io.StringIO()
     out.write("# resolved config\n")
     out.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -102,14 +282,17 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     out.write(f"batch: {global_batch} sequences x {cfg.data.seq_len} tokens per step "
               f"({cfg.train.micro_batch_size} per rank x {cfg.train.grad_accum_steps} accumulation x dp {dp}); "
               f"{cfg.train.steps} steps\n")
-    out.write("\nrank  node  local  pp_stage  dp_rank  ep_rank  experts held\n")
     from parallel.mesh import layout  # the same arithmetic the trainer uses
 
+    coords = [layout(rank, world_size, par) for rank in range(world_size)]
+    # A rank's stage ids ("0,3" under zbv); with one stage per rank that is its pp rank.
+    stage_ids = [_stage_ids_text(plan, c["pp_rank"]) if plan else str(c["pp_rank"]) for c in coords]
+    width = max(9, *(len(s) + 1 for s in stage_ids))
+    out.write(f"\nrank  node  local  {'pp_stage':<{width}} dp_rank  ep_rank  experts held\n")
     per_rank = cfg.moe.num_experts // par.ep if cfg.moe.num_experts else 0
-    for rank in range(world_size):
-        c = layout(rank, world_size, par)
+    for rank, (c, stages) in enumerate(zip(coords, stage_ids)):
         held = (f"{c['ep_rank'] * per_rank}-{(c['ep_rank'] + 1) * per_rank - 1}" if per_rank else "-")
-        out.write(f"{rank:<5d} {rank // nproc_per_node:<5d} {rank % nproc_per_node:<6d} {c['pp_rank']:<9d} "
+        out.write(f"{rank:<5d} {rank // nproc_per_node:<5d} {rank % nproc_per_node:<6d} {stages:<{width}} "
                   f"{c['dp_rank']:<8d} {c['ep_rank']:<8d} {held}\n")
     if par.ep > 1:
         from parallel.mesh import group_ranks
@@ -118,7 +301,11 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
         chunks = f", {par.ep_chunks} chunks" if par.ep_overlap in ("chunked", "combinable") else ""
         out.write(f"expert parallel: all-to-all within {_groups(groups['ep'])}, expert grads reduced "
                   f"within {_groups(groups['edp'])}; overlap {par.ep_overlap}{chunks}\n")
+    if plan is not None:
+        out.write(format_pipeline(cfg, plan, dp))
+        return out.getvalue()
     mem = memory_per_rank(cfg, total, routed)
     parts = ", ".join(f"{k} {_human(v, 'B')}" for k, v in mem.items())
     out.write(f"\nmemory per rank (estimate): {parts}; total {_human(sum(mem.values()), 'B')}\n")
     return out.getvalue()
+
