@@ -92,3 +92,20 @@ def test_two_rank_run_interrupted_and_rerun_resumes_exactly(tmp_path):
         assert got[step] == want[step], step
     keys = set().union(*records)
     assert {"step", "loss", "lr", "tokens_per_s", "eval/loss", "moe/aux_loss", "moe/z_loss"} <= keys
+
+
+def test_pipelined_run_through_the_cli(tmp_path):
+    """pp=2 with the zero-bubble V schedule on 2 ranks, through torchrun, with the default
+    balanced stage split; the plan names the stages and the run trains and evaluates."""
+    run_dir = tmp_path / "pp"
+    pp = ["parallel.pp=2", "parallel.pp_schedule=zbv", "model.num_layers=4", "train.steps=4"]
+    proc, seconds = sparseforge("run", RECIPE, "--run-dir", str(run_dir), "--nproc-per-node", "2",
+                                "--set", *SMALL, *pp, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pipeline: schedule zbv, 4 stages" in proc.stdout
+    proc, _ = sparseforge("run", RECIPE, "--run-dir", str(run_dir), "--nproc-per-node", "2", "--set", *SMALL, *pp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final: step 4, val loss" in proc.stdout
+    losses, records = _losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    assert any(k.startswith("moe/layer2/") for k in set().union(*records))  # a layer of the second rank
