@@ -76,9 +76,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _wrapped_extra(target, extra_state: dict | None, mesh: ParallelMesh) -> dict:
+    """Shallow copies of the extra state dicts ({fqn: tensor} per name, e.g. the EMA weights) with
+    expert shards wrapped as DTensors, like the model's own (parallel/checkpoint_adapter.py)."""
+    out = {}
+    for name, sd in (extra_state or {}).items():
+        sd = dict(sd)
+        to_checkpoint(target, sd, {}, mesh)
+        out[name] = sd
+    return out
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, cfg: Config,
-                    mesh: ParallelMesh) -> str:
-    """Write step `step` atomically on every rank; returns the final directory."""
+                    mesh: ParallelMesh, extra_state: dict | None = None) -> str:
+    """Write step `step` atomically on every rank; returns the final directory.
+
+    `extra_state`: more {parameter name: tensor} dicts saved beside the model under their own
+    name (the DiT's EMA weights), sharded and resharded like the parameters.
+    """
     final = os.path.join(checkpoint_root(run_dir), f"step_{step:08d}")
     tmp = final + ".tmp"
     # 1. rank 0 clears a stale temporary directory (a previous crash mid-save), all ranks wait.
@@ -91,7 +106,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
     target = unwrap(model)
     model_sd, optim_sd = get_state_dict(target, optimizer, options=_SD_OPTIONS)
     to_checkpoint(target, model_sd, optim_sd, mesh)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    dcp.save({"model": model_sd, "optim": optim_sd, **_wrapped_extra(target, extra_state, mesh)}, checkpoint_id=tmp)
     # 3. every rank writes the state that is its own.
     extra = {"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(),
              "rng": _rng_state(), "world_size": mesh.world_size}
@@ -125,8 +140,10 @@ def _prune(run_dir: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: ParallelMesh) -> int:
-    """Restore everything a checkpoint holds into live objects; returns its step."""
+def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: ParallelMesh,
+                    extra_state: dict | None = None) -> int:
+    """Restore everything a checkpoint holds into live objects; returns its step. The tensors of
+    `extra_state` (as given to `save_checkpoint`) are overwritten in place."""
     if not is_complete(path):
         raise FileNotFoundError(f"not a complete checkpoint directory: {path}")
     target = unwrap(model)
@@ -134,8 +151,15 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
     # Expert shards are read as the rows of the experts this rank holds now, whatever the ep size
     # of the run that saved them.
     to_checkpoint(target, model_sd, optim_sd, mesh)
-    state = {"model": model_sd, "optim": optim_sd}
+    extras = _wrapped_extra(target, extra_state, mesh)
+    state = {"model": model_sd, "optim": optim_sd, **extras}
     dcp.load(state, checkpoint_id=path)
+    for name, live in (extra_state or {}).items():
+        for key, tensor in live.items():
+            loaded = state[name][key]
+            loaded = loaded.to_local() if hasattr(loaded, "to_local") else loaded
+            if loaded is not tensor:
+                tensor.copy_(loaded)
     from_checkpoint(state["model"], state["optim"])
     set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_SD_OPTIONS)

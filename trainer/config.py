@@ -40,6 +40,15 @@ class ModelConfig:
     # weights initialise this MoE model when the run does not resume (models/moe/upcycle.py).
     upcycle_from: str = ""
     upcycle_granularity: int = 1  # G > 1: experts of dense ffn_dim / G, each a 1/G slice
+    # DiT (family dit): images of image_size² pixels and in_channels channels, cut into
+    # patch_size² patches (one token each); class-conditional over num_classes (label num_classes
+    # is the "no label" of classifier-free guidance, used with class_dropout_prob in training).
+    image_size: int = 8
+    patch_size: int = 2
+    in_channels: int = 1
+    num_classes: int = 10
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True  # also output the interpolation v of the variance (DDPM objective)
 
 
 @dataclass
@@ -77,6 +86,24 @@ class MoEConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """Objective and sampling of DiT recipes (model.family dit)."""
+    # ddpm: ε-prediction (+ the learned-range variance VLB term with model.learn_sigma)
+    # v: v-prediction; flow: rectified flow / flow matching (velocity noise - x0)
+    objective: str = "ddpm"
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"  # linear | cosine
+    vlb_weight: float = 1.0  # weight of the VLB term (it is a per-pixel mean, as in DiT)
+    flow_logit_mean: float = 0.0  # logit-normal timestep sampling of the flow objective
+    flow_logit_std: float = 1.0
+    sampler: str = "ddpm"  # ddpm | ddim | dpm_solver_pp (diffusion); euler | heun (flow)
+    sample_steps: int = 250  # steps of the sampler (NFE = steps; heun 2 per step but the last)
+    cfg_scale: float = 1.5  # classifier-free guidance scale (1: none), over all output channels
+    ema_decay: float = 0.999  # EMA of the weights, used for sampling
+    num_samples: int = 200  # class-conditional samples drawn at evaluation (over all ranks)
+
+
+@dataclass
 class ParallelConfig:
     dp: int = -1  # -1: world_size // pp
     ep: int = 1  # expert-parallel size, folded into dp
@@ -97,6 +124,11 @@ class ParallelConfig:
 class DataConfig:
     source: str = "stdlib"  # "stdlib" | local file/dir/glob (text, jsonl, parquet) | hub name
     text_field: str = "text"
+    # Images (DiT): source "digits" = scikit-learn's 8x8 digits; a local image folder or a hub
+    # dataset name work the same. Fields of the image and its integer label; random h-flips.
+    image_field: str = "image"
+    label_field: str = "label"
+    hflip: bool = False
     split: str = "train"
     max_bytes: int = 8_000_000  # cap on the corpus read (0: all of it)
     tokenizer: str = "byte"  # "byte" | path of a local Hugging Face tokenizer directory
@@ -172,6 +204,7 @@ class PruneConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -407,6 +440,39 @@ def _validate_pipeline(cfg: Config) -> None:
              "model.tie_embeddings: pipeline stages need untied embeddings (the first and last stage would share a weight)")
 
 
+DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")
+FLOW_SAMPLERS = ("euler", "heun")
+
+
+def _validate_dit(cfg: Config) -> None:
+    """Model, diffusion and data fields of a DiT recipe (model.family dit)."""
+    m, d = cfg.model, cfg.diffusion
+    for key, value in {"model.image_size": m.image_size, "model.patch_size": m.patch_size,
+                       "model.in_channels": m.in_channels, "model.num_classes": m.num_classes,
+                       "diffusion.num_timesteps": d.num_timesteps, "diffusion.sample_steps": d.sample_steps,
+                       "diffusion.num_samples": d.num_samples}.items():
+        _require(value > 0, f"{key}: must be > 0, got {value}")
+    _require(m.image_size % m.patch_size == 0,
+             f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}")
+    _require(0.0 <= m.class_dropout_prob < 1.0,
+             f"model.class_dropout_prob: must be in [0, 1), got {m.class_dropout_prob}")
+    _choice("diffusion.objective", d.objective, ("ddpm", "v", "flow"))
+    _choice("diffusion.beta_schedule", d.beta_schedule, ("linear", "cosine"))
+    samplers = FLOW_SAMPLERS if d.objective == "flow" else DIFFUSION_SAMPLERS
+    _require(d.sampler in samplers, f"diffusion.sampler: {d.sampler!r} does not sample diffusion.objective="
+                                    f"{d.objective}; use one of {', '.join(samplers)}")
+    _require(not m.learn_sigma or d.objective == "ddpm",
+             f"model.learn_sigma: the learned variance needs diffusion.objective=ddpm, got {d.objective}")
+    _require(d.sample_steps <= d.num_timesteps or d.objective == "flow",
+             f"diffusion.sample_steps={d.sample_steps} exceeds diffusion.num_timesteps={d.num_timesteps}")
+    _require(0.0 <= d.ema_decay < 1.0, f"diffusion.ema_decay: must be in [0, 1), got {d.ema_decay}")
+    _require(d.cfg_scale >= 0, f"diffusion.cfg_scale: must be >= 0, got {d.cfg_scale}")
+    _require(d.vlb_weight >= 0, f"diffusion.vlb_weight: must be >= 0, got {d.vlb_weight}")
+    _require(d.flow_logit_std > 0, f"diffusion.flow_logit_std: must be > 0, got {d.flow_logit_std}")
+    _require(cfg.parallel.pp == 1, f"parallel.pp={cfg.parallel.pp}: DiT models train with data and expert "
+                                   f"parallelism; pipeline stages are LLM-only in this version")
+
+
 def _validate_routing(moe: MoEConfig) -> None:
     """Routing, balancing and capacity fields of an MoE model (num_experts > 0)."""
     E, tc = moe.num_experts, moe.routing == "token_choice"
@@ -462,7 +528,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     }
     for key, value in non_negative.items():
         _require(value >= 0, f"{key}: must be >= 0, got {value}")
-    _choice("model.family", m.family, ("llm",))
+    _choice("model.family", m.family, ("llm", "dit"))
+    if m.family == "dit":
+        _validate_dit(cfg)
     _choice("moe.backend", moe.backend, ("auto", "loop", "grouped_mm", "megablocks"))
     _choice("optim.schedule", opt.schedule, ("cosine", "wsd", "constant"))
     _choice("train.dtype", tr.dtype, ("fp32", "bf16"))
@@ -475,7 +543,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(m.d_model % m.num_heads == 0,
                  f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} (or set model.head_dim)")
     _require((m.head_dim or m.d_model // m.num_heads) % 2 == 0, "model head_dim must be even for RoPE")
-    _require(data.seq_len <= m.max_seq_len,
+    _require(m.family != "llm" or data.seq_len <= m.max_seq_len,
              f"data.seq_len={data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _require(0.0 < data.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {data.val_fraction}")
     _require(0.0 <= opt.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {opt.min_lr_ratio}")

@@ -17,9 +17,9 @@ from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, build_mesh,
                       unwrap)
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config, pp_microbatches
-from trainer.data import build_text_data
+from trainer.ema import EMA
 from trainer.metrics import MetricsLogger
-from trainer.objectives import lm_loss
+from trainer.tasks import build_task
 from trainer.upcycle import upcycle_into
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.plots import overload_factors
@@ -29,7 +29,8 @@ from trainer.plots import overload_factors
 class TrainResult:
     final_step: int
     final_val_loss: float | None
-    unigram_entropy_nats: float
+    unigram_entropy_nats: float | None  # LM runs: the corpus's unigram entropy, a reference loss
+    final_eval: dict | None = None  # the last family-specific evaluation (DiT: eval/acc, eval/fd)
 
 
 class Trainer:
@@ -40,11 +41,8 @@ class Trainer:
         self.device = pick_device(cfg.train.device)
         self.mesh: ParallelMesh = build_mesh(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.data = build_text_data(cfg.data, cfg.train.micro_batch_size, self.mesh.dp_rank,
-                                    self.mesh.dp, cfg.train.seed)
-        if self.data.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                             f"vocabulary ({self.data.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
+        self.task = build_task(cfg, self.mesh, self.device)  # data, loss and evaluation of the family
+        self.data = self.task.data
         with torch.device(self.device):
             model = models.build_model(cfg.model, cfg.moe)
         # The aux-loss gradient of one forward: 1 / (forwards per optimizer step), as the LM loss.
@@ -60,7 +58,7 @@ class Trainer:
                                     seed=cfg.train.seed)
         self.pipeline = None
         if self.mesh.pp > 1:  # this rank keeps its stages only; self.model holds their parameters
-            self.pipeline = parallelize_pipeline(model, self.mesh, cfg, lm_loss)
+            self.pipeline = parallelize_pipeline(model, self.mesh, cfg, self.task.pipeline_loss_fn)
             model = self.model = self.pipeline.module
         else:
             self.model = parallelize(model, self.mesh, cfg)
@@ -72,6 +70,8 @@ class Trainer:
         self.heatmap_every = max(cfg.logging.heatmap_every, 0) if cfg.moe.num_experts > 0 else 0
         self.heatmap_loads_LE: torch.Tensor | None = None  # routed since the previous heatmap
         self.optimizer = build_optimizer(model, cfg.optim)
+        # DiT: an EMA of this rank's parameters, for sampling (checkpointed with them).
+        self.ema = EMA(model, cfg.diffusion.ema_decay) if cfg.model.family == "dit" else None
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         # Per-rank RNG stream from here on (dropout, jitter), reproducible and resumable.
         torch.manual_seed(cfg.train.seed + 1 + self.mesh.rank)
@@ -81,10 +81,18 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.train.dtype == "bf16")
 
+    @property
+    def unwrapped_model(self):
+        return unwrap(self.model)
+
+    def _extra_state(self) -> dict:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
     def _resume(self, path: str | None) -> int:
         if path is None:
             return 0
-        step = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.data, self.mesh)
+        step = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.data, self.mesh,
+                               extra_state=self._extra_state())
         if self.mesh.is_main:
             print(f"resumed from {path} at step {step}", flush=True)
         return step
@@ -94,9 +102,10 @@ class Trainer:
         log = MetricsLogger(self.run_dir, cfg, mesh.is_main, self.step, cfg.train.steps)
         total, active = self.param_counts
         log.print(f"params: {total:,} total, {active:,} active per token; world size {mesh.world_size}; "
-                  f"{self.data.num_train_tokens:,} training tokens")
+                  f"{self.task.describe_data()}")
         batches = self.data.train_batches()
-        tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * mesh.dp
+        tokens_per_step = self.task.tokens_per_micro_batch * cfg.train.grad_accum_steps * mesh.dp
+        final_eval = None
         # Throughput counts training steps only: eval, checkpoints and plots stay out of it.
         window_seconds, window_steps = 0.0, 0
         val_loss = None
@@ -112,6 +121,7 @@ class Trainer:
                     record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
                     record.update(self._router_stats())
+                    record.update(self._task_metrics())
                     log.log(record)
                     log.progress(self.step, loss, tokens_per_s)
                     window_seconds, window_steps = 0.0, 0
@@ -119,22 +129,20 @@ class Trainer:
                     self._expert_load_heatmap(log)
                 evaluate_now = cfg.eval.every and self.step % cfg.eval.every == 0
                 if evaluate_now or self.step == cfg.train.steps:
-                    val_loss = self._evaluate(log)
+                    val_loss, final_eval = self._evaluate(log)
                 stopping = cfg.train.stop_at_step and self.step == cfg.train.stop_at_step
                 if cfg.checkpoint.enabled and (self.step % cfg.checkpoint.every == 0
                                                or self.step == cfg.train.steps or stopping):
                     save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                    self.data, cfg, mesh)
+                                    self.data, cfg, mesh, extra_state=self._extra_state())
                 if stopping:
                     log.print(f"stopping at step {self.step} (train.stop_at_step); rerun to resume")
                     break
         finally:
             log.close()
         if val_loss is not None and mesh.is_main:
-            print(f"final: step {self.step}, val loss {val_loss:.4f} nats/token "
-                  f"(ppl {math.exp(val_loss):.2f}); unigram entropy of the corpus "
-                  f"{self.data.unigram_entropy_nats:.4f} nats/token", flush=True)
-        return TrainResult(self.step, val_loss, self.data.unigram_entropy_nats)
+            print(self.task.final_line(self.step, val_loss, final_eval or {}), flush=True)
+        return TrainResult(self.step, val_loss, self.task.reference_loss, final_eval)
 
     def _train_step(self, batches) -> tuple[float, float]:
         """One optimizer step over grad_accum_steps micro batches; returns (loss, grad norm)."""
@@ -145,10 +153,10 @@ class Trainer:
         if self.pipeline is not None:
             return self._pipeline_train_step(batches)
         for micro in range(num_micro):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
+            batch = self.task.to_device(next(batches))
             with sync_context(model, micro == num_micro - 1):
                 with self.autocast:
-                    loss = lm_loss(model(inputs), targets) / num_micro
+                    loss = self.task.micro_batch_loss(model, batch) / num_micro
                 loss.backward()  # MoE aux losses ride along inside the graph (scaled 1/num_micro)
             loss_sum += loss.detach()
         sync_expert_grads(model, self.mesh)  # expert grads over their expert-data-parallel group
@@ -157,6 +165,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         self._expert_loads_step()
         mean_loss = all_reduce_mean(loss_sum, self.mesh.dp_group)
         return mean_loss.item(), grad_norm.item()
@@ -181,6 +191,16 @@ class Trainer:
         self._expert_loads_step()
         loss = pipe.broadcast_from_last(loss_sum if pipe.has_last else None, self.device)
         return all_reduce_mean(loss, mesh.dp_group).item(), grad_norm.item()
+
+    def _task_metrics(self) -> dict:
+        """The task's own per-step metrics (DiT: diffusion/mse, diffusion/vlb), mean over dp."""
+        metrics = self.task.pop_metrics()
+        if not metrics:
+            return {}
+        keys = sorted(metrics)
+        values = all_reduce_mean(torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                                              device=self.device), self.mesh.dp_group)
+        return dict(zip(keys, values.tolist()))
 
     def _gather_layers_over_pp(self, rows_LE: torch.Tensor | None) -> torch.Tensor | None:
         """Per-MoE-layer rows of this rank's stages -> the whole model's rows (pp > 1), in layer
@@ -285,26 +305,33 @@ class Trainer:
         return stats
 
     @torch.no_grad()
-    def _evaluate(self, log: MetricsLogger) -> float:
+    def _evaluate(self, log: MetricsLogger) -> tuple[float, dict]:
+        """Validation loss (logged as eval/loss), then the task's own evaluation."""
         model = unwrap(self.model)
         model.eval()
         losses = []
-        for inputs, targets in self.data.val_batches(self.cfg.eval.batches):
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+        for index, batch in enumerate(self.data.val_batches(self.cfg.eval.batches)):
+            batch = self.task.to_device(batch)
             with self.autocast:
                 if self.pipeline is None:
-                    losses.append(lm_loss(model(inputs), targets))
-                elif (loss := self.pipeline.eval_loss(inputs, targets)) is not None:
+                    losses.append(self.task.eval_loss(model, batch, index))
+                elif (loss := self.pipeline.eval_loss(*batch)) is not None:
                     losses.append(loss)  # on the last stage's rank only
         pop_router_stats(model)  # eval routing is not training routing; keep the stats clean
         mean = torch.stack(losses).mean() if losses else None
         if self.pipeline is not None:
             mean = self.pipeline.broadcast_from_last(mean, self.device)
         val_loss = all_reduce_mean(mean, self.mesh.dp_group).item()
-        log.log({"step": self.step, "eval/loss": val_loss, "eval/ppl": math.exp(min(val_loss, 50.0))})
+        record = {"step": self.step, "eval/loss": val_loss}
+        if self.cfg.model.family == "llm":
+            record["eval/ppl"] = math.exp(min(val_loss, 50.0))
         log.print(f"step {self.step}: val loss {val_loss:.4f}")
         model.train()
-        return val_loss
+        extra = self.task.evaluate_extra(self, log)  # collective: every rank takes part
+        pop_router_stats(model)  # the sampling forwards are not training routing either
+        record.update(extra)
+        log.log(record)
+        return val_loss, extra
 
 
 def _load_stats(loads_LE: torch.Tensor, keys: list[str], with_loads: bool) -> dict:

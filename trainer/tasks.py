@@ -1,0 +1,199 @@
+"""What a run trains on: the data, the loss of a micro batch, and the evaluation, per model family.
+
+The loop (trainer/loop.py) is the same for every family; a task supplies
+    data                         train_batches() / val_batches(n) / state_dict() for this dp rank
+    micro_batch_loss(model, b)   mean loss of one micro batch (the loop scales and backpropagates)
+    eval_loss(model, b, i)       deterministic loss of validation batch i
+    evaluate_extra(...)          family-specific evaluation after the validation loss (DiT: samples)
+    pipeline_loss_fn             (last stage output, targets) -> loss, for pipeline parallelism
+
+    LMTask         next-token cross entropy on text (trainer/data.py)
+    DiffusionTask  DDPM / v-prediction / flow matching on images (trainer/image_data.py,
+                   trainer/diffusion.py), evaluated by sampling with the EMA weights and scoring
+                   the samples offline (trainer/samplers.py, trainer/image_eval.py)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import Config
+from trainer.objectives import lm_loss
+
+
+def build_task(cfg: Config, mesh, device: torch.device):
+    return DiffusionTask(cfg, mesh, device) if cfg.model.family == "dit" else LMTask(cfg, mesh, device)
+
+
+class LMTask:
+    def __init__(self, cfg: Config, mesh, device: torch.device):
+        from trainer.data import build_text_data
+
+        self.cfg, self.device = cfg, device
+        self.data = build_text_data(cfg.data, cfg.train.micro_batch_size, mesh.dp_rank, mesh.dp, cfg.train.seed)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({self.data.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
+        self.pipeline_loss_fn = lm_loss
+        self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.seq_len
+
+    def describe_data(self) -> str:
+        return f"{self.data.num_train_tokens:,} training tokens"
+
+    def to_device(self, batch):
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def micro_batch_loss(self, model, batch) -> torch.Tensor:
+        inputs, targets = batch
+        return lm_loss(model(inputs), targets)
+
+    def eval_loss(self, model, batch, index: int) -> torch.Tensor:
+        return self.micro_batch_loss(model, batch)
+
+    def pop_metrics(self) -> dict[str, float]:
+        return {}
+
+    def evaluate_extra(self, trainer, log) -> dict:
+        return {}
+
+    def final_line(self, step: int, val_loss: float, extra: dict) -> str:
+        import math
+
+        return (f"final: step {step}, val loss {val_loss:.4f} nats/token (ppl {math.exp(val_loss):.2f}); "
+                f"unigram entropy of the corpus {self.data.unigram_entropy_nats:.4f} nats/token")
+
+    @property
+    def reference_loss(self) -> float | None:
+        return self.data.unigram_entropy_nats
+
+
+class DiffusionTask:
+    """Class-conditional image generation with a DiT.
+
+    Training: x0, labels -> t (uniform, or logit-normal for flow), noise -> x_t -> model(x_t, time,
+    labels) -> the objective's loss (with the learned-variance VLB term for DDPM + learn_sigma).
+    Randomness comes from the rank's torch RNG stream, which checkpoints save and restore.
+    Evaluation: the validation loss at fixed seeds, then `diffusion.num_samples` class-balanced
+    samples with the EMA weights, guided with `diffusion.cfg_scale`, drawn by every dp rank for its
+    share (expert parallelism needs every rank in each forward), gathered, and scored on rank 0:
+    conditional accuracy and Fréchet distance in the feature space of a small classifier trained
+    once on the training images (cached), plus a PNG grid in RUN_DIR/plots and wandb.
+    """
+
+    def __init__(self, cfg: Config, mesh, device: torch.device):
+        from trainer.diffusion import build_objective
+        from trainer.image_data import build_image_data
+
+        self.cfg, self.mesh, self.device = cfg, mesh, device
+        self.data = build_image_data(cfg.data, cfg.model, cfg.train.micro_batch_size, mesh.dp_rank, mesh.dp,
+                                     cfg.train.seed)
+        self.objective = build_objective(cfg.diffusion)
+        m = cfg.model
+        self.tokens_per_micro_batch = cfg.train.micro_batch_size * (m.image_size // m.patch_size) ** 2
+        self.pipeline_loss_fn = None  # DiT stages are refused by config validation for now
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def describe_data(self) -> str:
+        return f"{self.data.num_train:,} training images, {self.data.num_val:,} validation images"
+
+    def to_device(self, batch):
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def _loss_terms(self, model, batch, generator=None) -> dict[str, torch.Tensor]:
+        x0, y = batch
+        B = x0.shape[0]
+        t = self.objective.sample_t(B, generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        x_t = self.objective.q_sample(x0, t, noise)
+        out = model(x_t, self.objective.model_time(t), y)
+        return self.objective.loss(out.float(), x0, x_t, t, noise)
+
+    def micro_batch_loss(self, model, batch) -> torch.Tensor:
+        terms = self._loss_terms(model, batch)
+        for k, v in terms.items():  # logged as diffusion/<term>, the mean since the last log step
+            self._sums[k] = self._sums.get(k, 0.0) + float(v.detach().mean())
+        self._count += 1
+        return terms["loss"].mean()
+
+    def eval_loss(self, model, batch, index: int) -> torch.Tensor:
+        # The same timesteps and noise at every evaluation: comparable across steps and runs.
+        seed = (self.cfg.train.seed * 1_000_003 + index * 1009 + self.mesh.dp_rank) % 2**31
+        g = torch.Generator(device=batch[0].device).manual_seed(seed)
+        return self._loss_terms(model, batch, generator=g)["loss"].mean()
+
+    def pop_metrics(self) -> dict[str, float]:
+        out = {f"diffusion/{k}": v / self._count for k, v in self._sums.items() if k != "loss"} if self._count else {}
+        self._sums, self._count = {}, 0
+        return out
+
+    @torch.no_grad()
+    def draw_samples(self, model, num_samples: int, sampler: str, steps: int, seed: int,
+                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This dp rank's share of `num_samples` class-balanced samples (labels i % classes for the
+        global indices i of the rank), with `model` as it is (the caller applies the EMA)."""
+        from trainer.samplers import sample
+
+        m, d, mesh = self.cfg.model, self.cfg.diffusion, self.mesh
+        per_rank = -(-num_samples // mesh.dp)
+        first = mesh.dp_rank * per_rank
+        labels = torch.arange(first, first + per_rank, device=self.device) % m.num_classes
+        g = torch.Generator(device=self.device).manual_seed(seed * 1000 + mesh.dp_rank)
+        shape = (per_rank, m.in_channels, m.image_size, m.image_size)
+        x0, nfe = sample(model, self.objective, shape, labels, sampler, steps, cfg_scale=d.cfg_scale,
+                         null_label=m.num_classes, generator=g, progress=progress)
+        return x0.clamp(-1, 1), labels, nfe
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every dp rank's equally shaped tensor (in dp-rank order) on every rank."""
+        if self.mesh.dp_group is None:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.mesh.dp)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.mesh.dp_group)
+        return torch.cat(parts)
+
+    def score(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Conditional accuracy and Fréchet distance to the training images (rank 0 calls this)."""
+        from trainer.image_eval import evaluate_samples, load_or_train_classifier
+
+        classifier = load_or_train_classifier(self.data)
+        real, _ = self.data.train_images()
+        result = evaluate_samples(samples.cpu(), labels.cpu(), classifier, real)
+        return {"acc": float(result["acc"]), "fd": float(result["fd"])}
+
+    def evaluate_extra(self, trainer, log) -> dict:
+        d, mesh = self.cfg.diffusion, self.mesh
+        model = trainer.unwrapped_model
+        model.eval()
+        progress = mesh.is_main and self.cfg.logging.progress_bar
+        with trainer.ema.applied():
+            samples, labels, nfe = self.draw_samples(model, d.num_samples, d.sampler, d.sample_steps,
+                                                     seed=self.cfg.train.seed, progress=progress)
+        model.train()
+        samples, labels = self.gather(samples), self.gather(labels)
+        samples, labels = samples[:d.num_samples], labels[:d.num_samples]
+        if not mesh.is_main:
+            return {}
+        from trainer.image_eval import save_sample_grid
+
+        scores = self.score(samples, labels)
+        order = torch.argsort(labels, stable=True)[:100]  # up to 10 per class, grouped by class
+        path = os.path.join(trainer.run_dir, "plots", f"samples_step_{trainer.step:08d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_sample_grid(samples[order], path, nrow=10, labels=labels[order])
+        log.log_image("samples", path, trainer.step)
+        log.print(f"step {trainer.step}: {len(samples)} samples ({d.sampler}, {nfe} NFE, cfg {d.cfg_scale}): "
+                  f"class accuracy {scores['acc']:.3f}, FD {scores['fd']:.3f} ({path})")
+        return {"eval/acc": scores["acc"], "eval/fd": scores["fd"], "eval/nfe": nfe}
+
+    def final_line(self, step: int, val_loss: float, extra: dict) -> str:
+        tail = ""
+        if "eval/acc" in extra:
+            tail = f"; samples: class accuracy {extra['eval/acc']:.3f}, FD {extra['eval/fd']:.3f}"
+        return f"final: step {step}, val loss {val_loss:.4f}{tail}"
+
+    @property
+    def reference_loss(self) -> float | None:
+        return None
