@@ -1,6 +1,8 @@
 """Plain torch models. Nothing here imports torch.distributed; parallel/ wraps from outside.
 
-    build_model(model_cfg, moe_cfg) -> nn.Module     honours the current default device (meta ok)
+    build_model(model_cfg, moe_cfg) -> nn.Module     by model_cfg.family: "llm" MoETransformer,
+                                                     "dit" DiT; honours the current default
+                                                     device (meta ok)
     param_counts(model, moe_cfg) -> (total, active)  active: routed experts count top_k/E
 """
 from __future__ import annotations
@@ -20,7 +22,11 @@ def build_model(model_cfg, moe_cfg) -> nn.Module:
         from models.llm import MoETransformer
 
         return MoETransformer(model_cfg, moe_cfg)
-    raise ValueError(f"unknown model family {model_cfg.family!r}; known: llm")
+    if model_cfg.family == "dit":
+        from models.dit import DiT
+
+        return DiT(model_cfg, moe_cfg)
+    raise ValueError(f"unknown model family {model_cfg.family!r}; known: llm, dit")
 
 
 def param_counts(model: nn.Module, moe_cfg) -> tuple[int, int]:
