@@ -179,10 +179,12 @@ class DiffusionTask:
         from trainer.image_eval import save_sample_grid
 
         scores = self.score(samples, labels)
-        order = torch.argsort(labels, stable=True)[:100]  # up to 10 per class, grouped by class
+        per_class = max(1, min(10, 100 // self.cfg.model.num_classes))  # a grid of at most ~100
+        order = torch.cat([torch.nonzero(labels == c).flatten()[:per_class]
+                           for c in range(self.cfg.model.num_classes)])  # one row per class
         path = os.path.join(trainer.run_dir, "plots", f"samples_step_{trainer.step:08d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_sample_grid(samples[order], path, nrow=10, labels=labels[order])
+        save_sample_grid(samples[order], path, nrow=per_class, labels=labels[order])
         log.log_image("samples", path, trainer.step)
         log.print(f"step {trainer.step}: {len(samples)} samples ({d.sampler}, {nfe} NFE, cfg {d.cfg_scale}): "
                   f"class accuracy {scores['acc']:.3f}, FD {scores['fd']:.3f} ({path})")
