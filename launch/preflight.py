@@ -35,9 +35,14 @@ def check_resume(path: str | None) -> None:
 
 
 def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
-    from trainer.data import preflight_data
+    if cfg.model.family == "dit":
+        from trainer.image_data import preflight_image_data
 
-    preflight_data(cfg.data)
+        preflight_image_data(cfg.data)
+    else:
+        from trainer.data import preflight_data
+
+        preflight_data(cfg.data)
     check_resume(resume)
     check_run_dir(run_dir)
     if cfg.model.upcycle_from and resume is None:
