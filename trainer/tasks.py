@@ -89,7 +89,7 @@ class DiffusionTask:
         self.cfg, self.mesh, self.device = cfg, mesh, device
         self.data = build_image_data(cfg.data, cfg.model, cfg.train.micro_batch_size, mesh.dp_rank, mesh.dp,
                                      cfg.train.seed)
-        self.objective = build_objective(cfg.diffusion)
+        self.objective = build_objective(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         m = cfg.model
         self.tokens_per_micro_batch = cfg.train.micro_batch_size * (m.image_size // m.patch_size) ** 2
         self.pipeline_loss_fn = None  # DiT stages are refused by config validation for now
