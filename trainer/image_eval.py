@@ -116,6 +116,7 @@ def _accuracy(classifier: ImageClassifier, x_BCHW: torch.Tensor, labels_B: torch
     return float((pred_B == labels_B.to("cpu")).double().mean())
 
 
+@torch.enable_grad()  # callers evaluate under no_grad; training needs autograd regardless
 def train_classifier(images_NCHW: torch.Tensor, labels_N: torch.Tensor, num_classes: int, *,
                      epochs: int = TRAIN_RECIPE["epochs"], batch_size: int = TRAIN_RECIPE["batch_size"],
                      lr: float = TRAIN_RECIPE["lr"], max_steps: int = TRAIN_RECIPE["max_steps"],
