@@ -266,7 +266,7 @@ def worker(rank: int, world_size: int, args) -> dict:
             clock.reset()
             dist.barrier()
             t0, c0 = time.perf_counter(), time.process_time()
-            loss = pipe.step(x, y)
+            loss = pipe.step((x,), y)
             span, proc_cpu = time.perf_counter() - t0, time.process_time() - c0
             span_t = torch.tensor([span], dtype=torch.float64)
             dist.all_reduce(span_t, op=dist.ReduceOp.MAX)  # the step ends with its last rank

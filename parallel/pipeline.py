@@ -124,6 +124,43 @@ def rank_stage_ids(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -
 
 
 @dataclass
+class StageIO:
+    """Shapes and dtypes (meta tensors) of one microbatch at the stage boundaries.
+
+    inputs: the first stage's arguments; boundary: what every stage hands the next (activations
+    whose gradient flows back); output: the last stage's output, the loss function's input.
+    """
+
+    inputs: tuple[torch.Tensor, ...]
+    boundary: tuple[torch.Tensor, ...]
+    output: torch.Tensor
+
+
+def llm_stage_io(cfg: Config, microbatch: int) -> StageIO:
+    """tokens [mb, S] -> fp32 hidden states [mb, S, D] -> fp32 logits [mb, S, V]."""
+    meta = torch.device("meta")
+    seq, d = cfg.data.seq_len, cfg.model.d_model
+    return StageIO(inputs=(torch.empty(microbatch, seq, dtype=torch.long, device=meta),),
+                   # the fp32 residual stream (bf16 autocast promotes it back at each residual add)
+                   boundary=(torch.empty(microbatch, seq, d, dtype=torch.float32, device=meta),),
+                   output=torch.empty(microbatch, seq, cfg.model.vocab_size, dtype=torch.float32, device=meta))
+
+
+def dit_stage_io(cfg: Config, microbatch: int) -> StageIO:
+    """(x_t [mb, C, H, W], time [mb], labels [mb]) -> (hidden [mb, T, D], conditioning [mb, D])
+    -> output [mb, C_out, H, W]."""
+    meta, m = torch.device("meta"), cfg.model
+    tokens = (m.image_size // m.patch_size) ** 2
+    c_out = 2 * m.in_channels if m.learn_sigma else m.in_channels
+    image = (microbatch, m.in_channels, m.image_size, m.image_size)
+    return StageIO(inputs=(torch.empty(image, device=meta), torch.empty(microbatch, device=meta),
+                           torch.empty(microbatch, dtype=torch.long, device=meta)),
+                   boundary=(torch.empty(microbatch, tokens, m.d_model, device=meta),
+                             torch.empty(microbatch, m.d_model, device=meta)),
+                   output=torch.empty(microbatch, c_out, m.image_size, m.image_size, device=meta))
+
+
+@dataclass
 class Pipeline:
     """This rank's part of the pipeline.
 
@@ -149,43 +186,67 @@ class Pipeline:
     group: dist.ProcessGroup
     stage_modules: list  # this rank's stage modules, in stage_ids order
     stage_rank: list[int]  # global rank holding each stage (in this rank's pp group)
-    hidden_size: int
+    io: "StageIO"
     loss_fn: Callable
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        """Forward + backward of one micro step (all its pipeline microbatches). Returns the sum
-        of the microbatch losses as given to backward (scaled) on the rank holding the last stage,
-        else None."""
+    def step(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor | None:
+        """Forward + backward of one micro step (all its pipeline microbatches): `inputs` are the
+        first stage's arguments, `target` the loss function's, both whole micro batches (split
+        along dim 0 by the schedule). Returns the sum of the microbatch losses as given to
+        backward (scaled) on the rank holding the last stage, else None."""
         losses: list[torch.Tensor] | None = [] if self.has_last else None
-        args = (inputs,) if self.has_first else ()
-        self.schedule.step(*args, target=targets if self.has_last else None, losses=losses,
+        args = tuple(inputs) if self.has_first else ()
+        self.schedule.step(*args, target=target if self.has_last else None, losses=losses,
                            return_outputs=False)
         return torch.stack([l.detach() for l in losses]).sum() if self.has_last else None
 
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        """Mean loss of a batch, forward only, on the last stage's rank; None elsewhere.
+    def forward_only(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The last stage's output for a whole batch, forward only, on the last stage's rank;
+        None elsewhere.
 
         Not through the schedule (the multi-stage schedules replay their training order, backward
         included): the whole batch goes through the stages in order, 1) run the stages this rank
-        holds, 2) send the hidden states [B, S, D] (fp32) to the rank of the next stage, which
-        3) receives them (shape known from the batch) and goes on.
+        holds, 2) send what crosses the stage boundary (`io.boundary`: the LLM's hidden states,
+        the DiT's hidden states and conditioning) to the rank of the next stage, which 3) receives
+        it (shapes from `io`, scaled to this batch) and goes on.
         """
-        hidden = None
+        batch = inputs[0].shape[0]
+        values: tuple = ()
         for s in range(self.num_stages):
             if s not in self.stage_ids:
                 continue
             if s == 0:
-                hidden = inputs
+                values = tuple(inputs)
             elif s - 1 not in self.stage_ids:  # 3. from the previous stage's rank
-                hidden = torch.empty(*inputs.shape, self.hidden_size, dtype=torch.float32, device=inputs.device)
-                dist.recv(hidden, src=self.stage_rank[s - 1], group=self.group)
-            hidden = self.stage_modules[self.stage_ids.index(s)](hidden)  # 1.
+                values = tuple(torch.empty(batch, *m.shape[1:], dtype=m.dtype, device=inputs[0].device)
+                               for m in self.io.boundary)
+                for v in values:
+                    dist.recv(v, src=self.stage_rank[s - 1], group=self.group)
+            out = self.stage_modules[self.stage_ids.index(s)](*values)  # 1.
+            values = out if isinstance(out, tuple) else (out,)
             if s + 1 < self.num_stages and s + 1 not in self.stage_ids:  # 2.
-                dist.send(hidden.float().contiguous(), dst=self.stage_rank[s + 1], group=self.group)
-        if not self.has_last:
-            return None
-        return self.loss_fn(hidden, targets)
+                for v, m in zip(values, self.io.boundary):
+                    dist.send(v.to(m.dtype).contiguous(), dst=self.stage_rank[s + 1], group=self.group)
+        return values[0] if self.has_last else None
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor | None:
+        """Mean loss of a batch, forward only, on the last stage's rank; None elsewhere."""
+        out = self.forward_only(inputs)
+        return self.loss_fn(out, target) if self.has_last else None
+
+    @torch.no_grad()
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The model's output for a whole batch on every rank of the pp group (e.g. each step of a
+        diffusion sampler): `forward_only`, then 4) the last stage's rank broadcasts the output."""
+        out = self.forward_only(inputs)
+        if out is None:
+            m = self.io.output
+            out = torch.empty(inputs[0].shape[0], *m.shape[1:], dtype=m.dtype, device=inputs[0].device)
+        out = out.to(self.io.output.dtype).contiguous()
+        dist.broadcast(out, src=self.last_stage_rank, group=self.group)  # 4.
+        return out
 
     def broadcast_from_last(self, value: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """The last stage's scalar on every rank of the pp group."""
@@ -221,20 +282,18 @@ def build_pipeline(model: nn.Module, mesh: ParallelMesh, cfg: Config,
     # Static shapes of what crosses each stage boundary (meta tensors: shapes only). Without them
     # torch infers shapes by running the first stage on the first real microbatch, a forward whose
     # router statistics and expert loads would be counted.
-    mb, seq, d = cfg.train.micro_batch_size // m, cfg.data.seq_len, cfg.model.d_model
-    meta = torch.device("meta")
-    tokens = torch.empty(mb, seq, dtype=torch.long, device=meta)
-    hidden = torch.empty(mb, seq, d, dtype=torch.float32, device=meta)  # the fp32 residual stream
-    hidden_in = hidden.clone().requires_grad_()  # received activations need their gradient sent back
-    logits = torch.empty(mb, seq, cfg.model.vocab_size, dtype=torch.float32, device=meta)
+    mb = cfg.train.micro_batch_size // m
+    io = dit_stage_io(cfg, mb) if cfg.model.family == "dit" else llm_stage_io(cfg, mb)
+    received = tuple(t.clone().requires_grad_() for t in io.boundary)  # their gradient goes back
     stages = []
     for s in own:
-        submodule = model.pipeline_stage(layer_ids[s], first=s == 0, last=s == num_stages - 1)
+        first, last = s == 0, s == num_stages - 1
+        submodule = model.pipeline_stage(layer_ids[s], first=first, last=last)
         stages.append(PipelineStage(submodule, s, num_stages, mesh.device, group=mesh.pp_group,
-                                    input_args=(tokens if s == 0 else hidden_in,),
-                                    output_args=logits if s == num_stages - 1 else hidden,
-                                    input_grads=(None if s == 0 else hidden,),
-                                    output_grads=None if s == num_stages - 1 else hidden))
+                                    input_args=io.inputs if first else received,
+                                    output_args=io.output if last else io.boundary,
+                                    input_grads=tuple(None for _ in io.inputs) if first else io.boundary,
+                                    output_grads=None if last else io.boundary))
 
     def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return loss_fn(output, target) * scale
@@ -248,5 +307,4 @@ def build_pipeline(model: nn.Module, mesh: ParallelMesh, cfg: Config,
     owner = {s: r for r in range(par.pp) for s in rank_stage_ids(r, par.pp, v, par.pp_schedule)}
     stage_rank = [owner[s] * mesh.dp + mesh.dp_rank for s in range(num_stages)]
     return Pipeline(module, stages, schedule, own, num_stages, m, scale, 0 in own, num_stages - 1 in own,
-                    stage_rank[-1], mesh.pp_group, [st.submod for st in stages], stage_rank,
-                    cfg.model.d_model, loss_fn)
+                    stage_rank[-1], mesh.pp_group, [st.submod for st in stages], stage_rank, io, loss_fn)

@@ -469,8 +469,6 @@ def _validate_dit(cfg: Config) -> None:
     _require(d.cfg_scale >= 0, f"diffusion.cfg_scale: must be >= 0, got {d.cfg_scale}")
     _require(d.vlb_weight >= 0, f"diffusion.vlb_weight: must be >= 0, got {d.vlb_weight}")
     _require(d.flow_logit_std > 0, f"diffusion.flow_logit_std: must be > 0, got {d.flow_logit_std}")
-    _require(cfg.parallel.pp == 1, f"parallel.pp={cfg.parallel.pp}: DiT models train with data and expert "
-                                   f"parallelism; pipeline stages are LLM-only in this version")
 
 
 def _validate_routing(moe: MoEConfig) -> None:

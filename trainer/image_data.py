@@ -401,6 +401,11 @@ class ImageData:
             self._consumed += 1
             yield images_BCHW, labels_B
 
+    @property
+    def consumed(self) -> int:
+        """Global micro-batches handed out so far: the batch last yielded is number consumed - 1."""
+        return self._consumed
+
     def val_batches(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's slice of the first num_batches*G validation images (in order, wrapping; no flips)."""
         B, G, n = self.micro_batch_size, self.global_batch_size, self.num_val_examples

@@ -176,9 +176,9 @@ class Trainer:
         cfg, pipe, mesh = self.cfg, self.pipeline, self.mesh
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(cfg.train.grad_accum_steps):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
+            inputs, target = self.task.pipeline_args(self.task.to_device(next(batches)))
             with self.autocast:
-                loss = pipe.step(inputs, targets)  # scaled: sums to the mean over the step
+                loss = pipe.step(inputs, target)  # scaled: sums to the mean over the step
             if loss is not None:
                 loss_sum += loss
         sync_replicated_grads(self.model, mesh)  # no DDP around stages: one all-reduce over dp
@@ -315,7 +315,7 @@ class Trainer:
             with self.autocast:
                 if self.pipeline is None:
                     losses.append(self.task.eval_loss(model, batch, index))
-                elif (loss := self.pipeline.eval_loss(*batch)) is not None:
+                elif (loss := self.pipeline.eval_loss(*self.task.pipeline_args(batch, eval_index=index))) is not None:
                     losses.append(loss)  # on the last stage's rank only
         pop_router_stats(model)  # eval routing is not training routing; keep the stats clean
         mean = torch.stack(losses).mean() if losses else None

@@ -5,7 +5,8 @@ The loop (trainer/loop.py) is the same for every family; a task supplies
     micro_batch_loss(model, b)   mean loss of one micro batch (the loop scales and backpropagates)
     eval_loss(model, b, i)       deterministic loss of validation batch i
     evaluate_extra(...)          family-specific evaluation after the validation loss (DiT: samples)
-    pipeline_loss_fn             (last stage output, targets) -> loss, for pipeline parallelism
+    pipeline_args(b)             (first stage inputs, loss target) of a micro batch, and
+    pipeline_loss_fn             (last stage output, target) -> loss, for pipeline parallelism
 
     LMTask         next-token cross entropy on text (trainer/data.py)
     DiffusionTask  DDPM / v-prediction / flow matching on images (trainer/image_data.py,
@@ -52,6 +53,10 @@ class LMTask:
     def eval_loss(self, model, batch, index: int) -> torch.Tensor:
         return self.micro_batch_loss(model, batch)
 
+    def pipeline_args(self, batch, eval_index: int | None = None):
+        inputs, targets = batch
+        return (inputs,), targets
+
     def pop_metrics(self) -> dict[str, float]:
         return {}
 
@@ -74,7 +79,8 @@ class DiffusionTask:
 
     Training: x0, labels -> t (uniform, or logit-normal for flow), noise -> x_t -> model(x_t, time,
     labels) -> the objective's loss (with the learned-variance VLB term for DDPM + learn_sigma).
-    Randomness comes from the rank's torch RNG stream, which checkpoints save and restore.
+    Timesteps and noise come from a generator keyed by the batch (`_generator`); label dropout
+    from the rank's torch RNG stream, which checkpoints save and restore.
     Evaluation: the validation loss at fixed seeds, then `diffusion.num_samples` class-balanced
     samples with the EMA weights, guided with `diffusion.cfg_scale`, drawn by every dp rank for its
     share (expert parallelism needs every rank in each forward), gathered, and scored on rank 0:
@@ -92,7 +98,6 @@ class DiffusionTask:
         self.objective = build_objective(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         m = cfg.model
         self.tokens_per_micro_batch = cfg.train.micro_batch_size * (m.image_size // m.patch_size) ** 2
-        self.pipeline_loss_fn = None  # DiT stages are refused by config validation for now
         self._sums: dict[str, float] = {}
         self._count = 0
 
@@ -102,14 +107,42 @@ class DiffusionTask:
     def to_device(self, batch):
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
-    def _loss_terms(self, model, batch, generator=None) -> dict[str, torch.Tensor]:
+    def _generator(self, eval_index: int | None) -> torch.Generator:
+        """Timesteps and noise of a batch come from a generator keyed by (seed, which batch, dp
+        rank): the first and the last pipeline stage draw the same ones without talking, resume
+        needs no RNG state, and the same batch gets the same noise whatever the pipeline layout.
+        Training batch n is the n-th global micro batch of the data stream; evaluation batches
+        have their own keys, the same at every evaluation."""
+        which = self.data.consumed - 1 if eval_index is None else -1 - eval_index
+        seed = (self.cfg.train.seed * 1_000_003 + which * 1009 + self.mesh.dp_rank) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _draw(self, x0: torch.Tensor, eval_index: int | None):
+        g = self._generator(eval_index)
+        t = self.objective.sample_t(x0.shape[0], generator=g, device=x0.device)
+        noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype, device=x0.device)
+        return t, noise, self.objective.q_sample(x0, t, noise)
+
+    def _loss_terms(self, model, batch, eval_index: int | None = None) -> dict[str, torch.Tensor]:
         x0, y = batch
-        B = x0.shape[0]
-        t = self.objective.sample_t(B, generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        x_t = self.objective.q_sample(x0, t, noise)
+        t, noise, x_t = self._draw(x0, eval_index)
         out = model(x_t, self.objective.model_time(t), y)
         return self.objective.loss(out.float(), x0, x_t, t, noise)
+
+    def pipeline_args(self, batch, eval_index: int | None = None):
+        """First-stage inputs (x_t, time, labels) and the loss target: x0, x_t, noise and t packed
+        as channels of one tensor (the schedule splits one target tensor into microbatches)."""
+        x0, y = batch
+        t, noise, x_t = self._draw(x0, eval_index)
+        t_plane = t.to(x0.dtype)[:, None, None, None].expand(-1, 1, *x0.shape[2:])
+        return (x_t, self.objective.model_time(t), y), torch.cat([x0, x_t, noise, t_plane], dim=1)
+
+    def pipeline_loss_fn(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        C = self.cfg.model.in_channels
+        x0, x_t, noise, t = target[:, :C], target[:, C:2 * C], target[:, 2 * C:3 * C], target[:, 3 * C, 0, 0]
+        if self.cfg.diffusion.objective != "flow":
+            t = t.round().long()  # a diffusion timestep, exact in fp32 below 2^24
+        return self.objective.loss(out.float(), x0, x_t, t, noise)["loss"].mean()
 
     def micro_batch_loss(self, model, batch) -> torch.Tensor:
         terms = self._loss_terms(model, batch)
@@ -120,9 +153,7 @@ class DiffusionTask:
 
     def eval_loss(self, model, batch, index: int) -> torch.Tensor:
         # The same timesteps and noise at every evaluation: comparable across steps and runs.
-        seed = (self.cfg.train.seed * 1_000_003 + index * 1009 + self.mesh.dp_rank) % 2**31
-        g = torch.Generator(device=batch[0].device).manual_seed(seed)
-        return self._loss_terms(model, batch, generator=g)["loss"].mean()
+        return self._loss_terms(model, batch, eval_index=index)["loss"].mean()
 
     def pop_metrics(self) -> dict[str, float]:
         out = {f"diffusion/{k}": v / self._count for k, v in self._sums.items() if k != "loss"} if self._count else {}
@@ -168,8 +199,11 @@ class DiffusionTask:
         model = trainer.unwrapped_model
         model.eval()
         progress = mesh.is_main and self.cfg.logging.progress_bar
+        # Under pipeline parallelism every rank of the pipeline runs the sampler in lockstep (same
+        # noise: seeded by dp rank) and each model call goes through the stages.
+        model_fn = trainer.pipeline.forward if trainer.pipeline is not None else model
         with trainer.ema.applied():
-            samples, labels, nfe = self.draw_samples(model, d.num_samples, d.sampler, d.sample_steps,
+            samples, labels, nfe = self.draw_samples(model_fn, d.num_samples, d.sampler, d.sample_steps,
                                                      seed=self.cfg.train.seed, progress=progress)
         model.train()
         samples, labels = self.gather(samples), self.gather(labels)

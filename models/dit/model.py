@@ -239,8 +239,11 @@ class DiTStage(nn.Module):
             h_BTD, c_BD = _embed(self, *inputs)
         else:
             h_BTD, c_BD = inputs
-            # A new autograd node: the stage never returns one of its inputs as an output.
-            c_BD = c_BD.view_as(c_BD)
+            # A new tensor (not a view: zero-bubble schedules detach stage outputs in place): the
+            # stage never returns one of its inputs as an output. [mb, D], a negligible copy.
+            c_BD = c_BD.clone()
         for block in self.layers.values():
             h_BTD = block(h_BTD, c_BD)
-        return _decode(self, h_BTD, c_BD) if self.last else (h_BTD, c_BD)
+        if self.last:
+            return _decode(self, h_BTD, c_BD)
+        return h_BTD.contiguous(), c_BD.contiguous()  # sent to the next stage as they are
