@@ -10,7 +10,7 @@ Cases:
     model level (one step): every schedule at pp=2; gradients of every parameter, rtol 1e-5
     trainer level (20 steps, real data, AdamW, clipping, aux + z losses on):
         pp=2 with gpipe, 1f1b, interleaved_1f1b, zbv and dualpipev on 2 ranks, and
-        pp=2 x dp=2 with ep=2 (1f1b and zbv) on 4 ranks,
+        pp=2 x dp=2 with ep=2 (every schedule, combinable EP overlap) on 4 ranks,
         against one process accumulating the same microbatches: per-step loss rtol 1e-4,
         gradient norm rtol 1e-3 (AdamW amplifies rounding over the steps, as in the EP test)
     resume across pp: pp=2 stopped at step 3 resumes on 1 process (pp=1), and a pp=1 run stopped
@@ -163,7 +163,7 @@ def _run_schedules(rank, world_size, out):
 
 
 def _run_pp_dp_ep(rank, world_size, out):
-    for schedule in ("1f1b", "zbv"):
+    for schedule in SCHEDULES:
         _train(_pp_cfg(schedule, "parallel.ep=2", "parallel.ep_overlap=combinable"),
                os.path.join(out, f"ep_{schedule}"))
 
@@ -193,9 +193,12 @@ def test_pipelined_training_matches_one_process(tmp_path):
 def test_pp_dp_ep_composition_matches_one_process(tmp_path):
     out = str(tmp_path)
     run_distributed(_run_pp_dp_ep, 4, out)
-    reference = _run_reference(out, "ref", _reference_cfg(2, dp=2))
-    for schedule in ("1f1b", "zbv"):
-        _assert_same_history(_history(os.path.join(out, f"ep_{schedule}")), reference, range(1, STEPS + 1),
+    references = {}
+    for schedule in SCHEDULES:
+        m = 4 if schedule == "dualpipev" else 2
+        if m not in references:
+            references[m] = _run_reference(out, f"ref_m{m}", _reference_cfg(m, dp=2))
+        _assert_same_history(_history(os.path.join(out, f"ep_{schedule}")), references[m], range(1, STEPS + 1),
                              f"pp2 x dp2 ep2 {schedule}")
 
 
