@@ -192,7 +192,17 @@ class DiffusionTask:
         classifier = load_or_train_classifier(self.data)
         real, _ = self.data.train_images()
         result = evaluate_samples(samples.cpu(), labels.cpu(), classifier, real)
-        return {"acc": float(result["acc"]), "fd": float(result["fd"])}
+        scores = {"acc": float(result["acc"]), "fd": float(result["fd"])}
+        # FID with Inception features only when its weights are on this machine (never downloaded).
+        from trainer.image_eval import find_inception_weights, inception_fid
+
+        package, _, message = find_inception_weights()
+        if package is not None:
+            scores["fid"] = float(inception_fid(samples.cpu(), real))
+        elif not getattr(self, "_told_no_inception", False):
+            print(message, flush=True)  # once per run: what to install for FID
+            self._told_no_inception = True
+        return scores
 
     def evaluate_extra(self, trainer, log) -> dict:
         d, mesh = self.cfg.diffusion, self.mesh
@@ -222,7 +232,8 @@ class DiffusionTask:
         log.log_image("samples", path, trainer.step)
         log.print(f"step {trainer.step}: {len(samples)} samples ({d.sampler}, {nfe} NFE, cfg {d.cfg_scale}): "
                   f"class accuracy {scores['acc']:.3f}, FD {scores['fd']:.3f} ({path})")
-        return {"eval/acc": scores["acc"], "eval/fd": scores["fd"], "eval/nfe": nfe}
+        return {"eval/acc": scores["acc"], "eval/fd": scores["fd"], "eval/nfe": nfe,
+                **({"eval/fid": scores["fid"]} if "fid" in scores else {})}
 
     def final_line(self, step: int, val_loss: float, extra: dict) -> str:
         tail = ""
