@@ -13,10 +13,14 @@ evaluation, then
     acc   share of samples the classifier assigns to the label they were drawn for;
     nfe   model calls per sample as the sampler reports it (a guided call of 2B rows is one);
     seconds  wall time of the sampling alone (scoring excluded).
+    fid   Inception FID as well, only where trainer/image_eval.py finds its weights on disk.
 FD is biased by the sample count (fewer samples, larger FD), so every row uses the same N: compare
 rows with each other, not with FDs at another N. With --seeds 0 1 ..., each row is drawn once per
 seed and fd/acc are the means (fd_per_seed, acc_per_seed list them): the spread between seeds is
-the noise level against which "within 10%" should be read.
+the noise level against which "within 10%" should be read. It is not small: on the 3000-step
+pretrain_digits_moe run, at N=1000, ddpm-250's FD was 10.8, 13.3 and 15.3 for seeds 0, 1, 2 (the
+deterministic samplers' spread was under 1), so one seed can put a sampler on either side of the
+10% line; use several seeds before concluding.
 
 Sweeps. DDPM-objective run (--run-dir): ddpm 250 (the reference) and 50 steps; ddim 10, 20, 50;
 dpm_solver_pp (DPM-Solver++(2M), logSNR-uniform steps) 5, 10, 15, 20. Flow-matching run
@@ -187,7 +191,7 @@ def sweep_run(trainer, sweep: list[tuple[str, int]], num_samples: int, seeds: li
     rows = []
     with trainer.ema.applied():
         for sampler, steps in sweep:
-            fds, accs, secs, nfes = [], [], [], set()
+            fds, accs, fids, secs, nfes = [], [], [], [], set()
             for seed in seeds:
                 if trainer.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -200,10 +204,14 @@ def sweep_run(trainer, sweep: list[tuple[str, int]], num_samples: int, seeds: li
                 scores = task.score(samples, labels)
                 fds.append(scores["fd"])
                 accs.append(scores["acc"])
+                if "fid" in scores:  # Inception FID, only where its weights are on this machine
+                    fids.append(scores["fid"])
                 nfes.add(nfe)
             row = {"objective": objective, "sampler": sampler, "steps": steps, "nfe": nfes.pop(),
                    "fd": statistics.fmean(fds), "acc": statistics.fmean(accs),
                    "seconds": round(statistics.fmean(secs), 2)}
+            if fids:
+                row["fid"] = round(statistics.fmean(fids), 4)
             if len(seeds) > 1:
                 row["fd_per_seed"] = [round(x, 4) for x in fds]
                 row["acc_per_seed"] = [round(x, 4) for x in accs]
