@@ -18,9 +18,10 @@ FD is biased by the sample count (fewer samples, larger FD), so every row uses t
 rows with each other, not with FDs at another N. With --seeds 0 1 ..., each row is drawn once per
 seed and fd/acc are the means (fd_per_seed, acc_per_seed list them): the spread between seeds is
 the noise level against which "within 10%" should be read. It is not small: on the 3000-step
-pretrain_digits_moe run, at N=1000, ddpm-250's FD was 10.8, 13.3 and 15.3 for seeds 0, 1, 2 (the
-deterministic samplers' spread was under 1), so one seed can put a sampler on either side of the
-10% line; use several seeds before concluding.
+pretrain_digits_moe run, at N=1000, ddpm-250's FD was 10.8, 13.3, 15.3, 14.5, 11.7 for seeds 0-4
+and dpm_solver_pp-20's 11.3, 11.6, 12.2, 10.5, 14.1 (a standard deviation of ~1.5-2 FD per draw,
+~15% of the value), so one seed can put a sampler on either side of the 10% line (seed 3 passes
+by far, seed 4 fails); average several seeds, or raise N, before concluding.
 
 Sweeps. DDPM-objective run (--run-dir): ddpm 250 (the reference) and 50 steps; ddim 10, 20, 50;
 dpm_solver_pp (DPM-Solver++(2M), logSNR-uniform steps) 5, 10, 15, 20. Flow-matching run
