@@ -2,7 +2,9 @@
 
 Flow on every rank (each rank builds the same thing independently; nothing is downloaded):
 
-    load_corpus        a `datasets.Dataset` with one document per row
+    load_corpus        a `datasets.Dataset` with one document per row, from one of the offline
+                       sources "stdlib" (Python source code), "pydoc" (English prose), or a local
+                       path / hub dataset
     split_documents    whole documents held out for validation (fixed seed: same split for any train.seed)
     pack_documents     tokens of each document + eos, one 1-D tensor per split
     TextData           non-overlapping windows of seq_len + 1 tokens, visited in a seeded order per
@@ -30,7 +32,7 @@ from trainer.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer, check
 
 __all__ = [
     "ByteTokenizer", "HFTokenizer", "build_tokenizer", "CorpusSource", "resolve_source",
-    "preflight_data", "load_corpus", "split_documents", "pack_documents", "make_windows",
+    "pydoc_topics", "preflight_data", "load_corpus", "split_documents", "pack_documents", "make_windows",
     "unigram_entropy_nats", "TextData", "build_text_data",
 ]
 
@@ -46,6 +48,13 @@ _GLOB_CHARS = "*?["
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 SPLIT_SEED = 0  # the train/val document split never depends on train.seed
 _SUPPORTED = ", ".join(sorted(BUILDERS))
+# The second embedded corpus, for fine-tuning on something clearly unlike the pretraining code:
+# the documentation topics that ship inside the standard library for pydoc's `help("if")`
+# (pydoc_data.topics.topics: ~80 topics, ~465 KB of English prose with grammar snippets, sorted
+# by topic name; the text follows the running Python's version). It is a dict inside one .py
+# file under pydoc_data/, so the stdlib source corpus (top-level files first) never reads it
+# at the default caps, and it would be one giant document if it did.
+PYDOC_MODULE = "pydoc_data.topics"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +63,7 @@ _SUPPORTED = ", ".join(sorted(BUILDERS))
 
 @dataclass(frozen=True)
 class CorpusSource:
-    kind: str  # "local" (stdlib included) | "hub"
+    kind: str  # "local" (stdlib included) | "pydoc" | "hub"
     builder: str = ""  # datasets builder for local files: text | json | parquet
     files: tuple[str, ...] = ()
     name: str = ""  # hub dataset name
@@ -106,6 +115,32 @@ def stdlib_files(max_bytes: int) -> list[str]:
     return _cap_files(files, max_bytes)
 
 
+def check_pydoc_topics() -> None:
+    """The pydoc topics module exists (found, not imported: preflight stays cheap); some
+    distributions strip pydoc_data from a minimal Python."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(PYDOC_MODULE) is not None
+    except ImportError:  # pydoc_data itself missing
+        found = False
+    if not found:
+        raise ConfigError(f"data.source: pydoc: this Python has no {PYDOC_MODULE} (its distribution stripped "
+                          "the pydoc documentation topics); use another source")
+
+
+def pydoc_topics() -> tuple[list[str], list[str]]:
+    """(topic names, texts) of the pydoc corpus, sorted by name: one topic = one document."""
+    check_pydoc_topics()
+    import importlib
+
+    topics = importlib.import_module(PYDOC_MODULE).topics
+    names = sorted(name for name, text in topics.items() if text.strip())
+    if len(names) < 2:
+        raise ConfigError(f"data.source: pydoc: {PYDOC_MODULE} holds {len(names)} non-empty topic(s)")
+    return names, [topics[name] for name in names]
+
+
 def _one_builder(files: list[str], source: str) -> str:
     builders = sorted({BUILDERS[os.path.splitext(p)[1].lower()] for p in files})
     if len(builders) > 1:
@@ -139,9 +174,12 @@ def resolve_source(data_cfg: DataConfig) -> CorpusSource:
     """Decide stdlib / local / hub and list the local files (capped for text files)."""
     source = data_cfg.source.strip()
     if not source:
-        raise ConfigError('data.source: empty (use "stdlib", a local path, or a hub dataset name)')
+        raise ConfigError('data.source: empty (use "stdlib", "pydoc", a local path, or a hub dataset name)')
     if source == "stdlib":
         return CorpusSource("local", "text", tuple(stdlib_files(data_cfg.max_bytes)))
+    if source == "pydoc":
+        check_pydoc_topics()
+        return CorpusSource("pydoc")
     if os.path.exists(os.path.expanduser(source)) or looks_like_local_path(source):
         files = _local_files(source)
         builder = _one_builder(files, source)
@@ -219,6 +257,10 @@ def load_corpus(data_cfg: DataConfig):
     field = data_cfg.text_field
     if src.kind == "hub":
         ds = _load_hub(src.name, data_cfg.split)
+    elif src.kind == "pydoc":
+        import datasets
+
+        ds = datasets.Dataset.from_dict({field: pydoc_topics()[1]})  # in memory: nothing cached
     else:
         ds = _load_local(src, data_cfg.source)
         if src.builder == "text" and field != "text":

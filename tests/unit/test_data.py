@@ -13,7 +13,7 @@ import torch
 from trainer.config import ConfigError, DataConfig
 from trainer.data import (
     ByteTokenizer, TextData, build_text_data, build_tokenizer, load_corpus, make_windows,
-    pack_documents, preflight_data, resolve_source, split_documents, unigram_entropy_nats,
+    pack_documents, preflight_data, pydoc_topics, resolve_source, split_documents, unigram_entropy_nats,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,6 +86,53 @@ def test_stdlib_corpus_offline_deterministic_and_capped():
     assert 0 < sum(len(t.encode("utf-8")) for t in texts) <= 200_000
     bigger = resolve_source(DataConfig(max_bytes=400_000)).files  # whole files, in order, until the cap
     assert bigger[: len(src.files)] == src.files and len(bigger) > len(src.files)
+
+
+def test_pydoc_corpus_is_prose_one_topic_per_document():
+    import pydoc_data.topics
+
+    names, texts = pydoc_topics()
+    assert names == sorted(pydoc_data.topics.topics) and len(names) > 50
+    cfg = DataConfig(source="pydoc", text_field="body", seq_len=64, val_fraction=0.1)
+    preflight_data(cfg)
+    assert resolve_source(cfg).kind == "pydoc"
+    ds = load_corpus(cfg)
+    assert ds.column_names == ["body"] and list(ds["body"]) == texts == [pydoc_data.topics.topics[n] for n in names]
+    assert 200_000 < sum(len(t.encode("utf-8")) for t in texts) < 2_000_000
+    # English prose, not the code of the stdlib corpus: words and sentences, few code lines.
+    assert 'The "if" statement' in texts[names.index("if")]
+    code = load_corpus(DataConfig(max_bytes=500_000))["text"]
+    share = lambda docs, s: sum(t.count(s) for t in docs) / sum(len(t) for t in docs)
+    assert share(texts, ". ") > 3 * share(code, ". ") and share(texts, "def ") < share(code, "def ") / 3
+    capped = load_corpus(DataConfig(source="pydoc", max_bytes=50_000))["text"]  # leading whole topics
+    assert list(capped) == texts[: len(capped)] and 1 <= len(capped) < len(texts)
+
+
+def test_pydoc_split_holds_out_whole_topics_deterministically():
+    names, texts = pydoc_topics()
+    cfg = DataConfig(source="pydoc", seq_len=64, val_fraction=0.1)
+    a, b = build_text_data(cfg, 2, seed=0), build_text_data(cfg, 2, seed=7)
+    train_idx, val_idx = split_documents(len(names), 0.1)
+    assert (a.num_train_docs, a.num_val_docs) == (len(train_idx), len(val_idx)) and len(val_idx) == 8
+    decoded_val, decoded_train = a.tokenizer.decode(a.val_tokens), a.tokenizer.decode(a.train_tokens)
+    assert decoded_val == "".join(texts[i] for i in val_idx)  # whole topics, in topic order
+    assert decoded_train == "".join(texts[i] for i in train_idx)
+    assert (a.val_tokens == a.tokenizer.eos_id).sum() == len(val_idx)  # one eos per topic
+    assert torch.equal(a.train_tokens, b.train_tokens) and torch.equal(a.val_tokens, b.val_tokens)
+    x, y = next(a.train_batches())
+    assert x.shape == y.shape == (2, 64)
+
+
+def test_pydoc_missing_is_one_line_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pydoc_data.topics" else real(name, *a))
+    for call in (preflight_data, load_corpus):
+        with pytest.raises(ConfigError, match=r"^data\.source: pydoc: this Python has no pydoc_data\.topics") as err:
+            call(DataConfig(source="pydoc"))
+        assert "\n" not in str(err.value)
 
 
 def _write_txt_dir(root, docs):
