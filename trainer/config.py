@@ -83,6 +83,12 @@ class MoEConfig:
     drop_policy: str = "probability"  # over capacity keep: probability (highest gate) | position
     pad_to_capacity: bool = False  # pad every expert's rows to C (static shapes, as Megatron)
     backend: str = "auto"  # expert compute backend
+    # Pruned models (models/pruning): experts of each MoE layer, in order; empty: every MoE layer
+    # has num_experts (then the widest layer's count). A layer routes to min(top_k, its count).
+    layer_num_experts: list[int] = field(default_factory=list)
+    # Dynamic skipping (NAEE), eval mode only: per MoE layer β; a token drops its 2nd (and later)
+    # expert when that expert's gate weight is below β times its 1st's. Empty or 0: off.
+    skip_beta: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -471,6 +477,32 @@ def _validate_dit(cfg: Config) -> None:
     _require(d.flow_logit_std > 0, f"diffusion.flow_logit_std: must be > 0, got {d.flow_logit_std}")
 
 
+def num_moe_layers(cfg: Config) -> int:
+    """MoE layers of the model (the layers `models.llm.is_moe_layer` makes MoE)."""
+    moe = cfg.moe
+    return len(range(moe.first_k_dense, cfg.model.num_layers, moe.moe_every)) if moe.num_experts > 0 else 0
+
+
+def _validate_pruned_layers(cfg: Config) -> None:
+    """moe.layer_num_experts and moe.skip_beta: one entry per MoE layer."""
+    moe, ep, n = cfg.moe, cfg.parallel.ep, num_moe_layers(cfg)
+    counts = moe.layer_num_experts
+    if counts:
+        _require(len(counts) == n, f"moe.layer_num_experts has {len(counts)} entries for {n} MoE layers")
+        _require(all(E >= 1 for E in counts), f"moe.layer_num_experts={counts}: every layer needs >= 1 expert")
+        _require(all(E % ep == 0 for E in counts),
+                 f"moe.layer_num_experts={counts}: every count must be divisible by parallel.ep={ep}")
+        _require(moe.num_experts == max(counts),
+                 f"moe.num_experts={moe.num_experts} must equal max(moe.layer_num_experts)={max(counts)}")
+        _require(moe.num_groups == 0, "moe.layer_num_experts: per-layer counts do not support group-limited "
+                                      "routing (moe.num_groups > 0)")
+    if moe.skip_beta:
+        _require(len(moe.skip_beta) == n, f"moe.skip_beta has {len(moe.skip_beta)} entries for {n} MoE layers")
+        _require(all(0.0 <= b <= 1.0 for b in moe.skip_beta), f"moe.skip_beta={moe.skip_beta}: each must be in [0, 1]")
+        _require(moe.routing == "token_choice", "moe.skip_beta: dynamic skipping needs moe.routing=token_choice")
+        _require(moe.top_k >= 2, f"moe.skip_beta: skips a token's 2nd expert; needs moe.top_k >= 2, got {moe.top_k}")
+
+
 def _validate_routing(moe: MoEConfig) -> None:
     """Routing, balancing and capacity fields of an MoE model (num_experts > 0)."""
     E, tc = moe.num_experts, moe.routing == "token_choice"
@@ -554,6 +586,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(moe.first_k_dense < m.num_layers,
                  f"moe.first_k_dense={moe.first_k_dense} leaves no MoE layer in model.num_layers={m.num_layers}")
         _validate_routing(moe)
+    _require(moe.num_experts > 0 or not (moe.layer_num_experts or moe.skip_beta),
+             "moe.layer_num_experts, moe.skip_beta: need an MoE model (moe.num_experts > 0)")
+    _validate_pruned_layers(cfg)
     G = m.upcycle_granularity
     _require(G >= 1, f"model.upcycle_granularity: must be >= 1, got {G}")
     if m.upcycle_from:
