@@ -7,6 +7,7 @@ huge presets can be counted without memory; `model.to_empty(device=...)` followe
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -20,6 +21,24 @@ from models.moe import MoE
 def is_moe_layer(layer_id: int, moe_cfg) -> bool:
     return (moe_cfg.num_experts > 0 and layer_id >= moe_cfg.first_k_dense
             and (layer_id - moe_cfg.first_k_dense) % moe_cfg.moe_every == 0)
+
+
+def moe_layer_config(layer_id: int, moe_cfg):
+    """The MoE config of MoE layer `layer_id`: its own expert count from moe.layer_num_experts
+    (a pruned model; empty: moe.num_experts) and top_k clipped to that count."""
+    if not moe_cfg.layer_num_experts:
+        return moe_cfg
+    E = moe_cfg.layer_num_experts[(layer_id - moe_cfg.first_k_dense) // moe_cfg.moe_every]
+    return dataclasses.replace(moe_cfg, num_experts=E, top_k=min(moe_cfg.top_k, E))
+
+
+def configure_moe_layers(moe_ffns: list, moe_cfg) -> None:
+    """Per-layer settings the layers cannot know from their own config: their index among the
+    model's MoE layers, and their dynamic-skipping β (moe.skip_beta)."""
+    for k, layer in enumerate(moe_ffns):
+        layer.moe_index = k
+        if moe_cfg.skip_beta:
+            layer.router.skip_beta = moe_cfg.skip_beta[k]
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +90,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if is_moe_layer(layer_id, moe_cfg):
-            self.ffn: nn.Module = MoE(cfg.d_model, moe_cfg)
+            self.ffn: nn.Module = MoE(cfg.d_model, moe_layer_config(layer_id, moe_cfg))
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim)
 
@@ -102,9 +121,7 @@ class MoETransformer(nn.Module):
         # A dict keyed by the layer index ("0", "1", ...): the same state-dict keys as a list, and
         # a pipeline stage can hold any subset of the layers under their original names.
         self.layers = nn.ModuleDict({str(i): Block(i, cfg, moe_cfg) for i in range(cfg.num_layers)})
-        moe_ffns = [block.ffn for block in self.layers.values() if isinstance(block.ffn, MoE)]
-        for k, layer in enumerate(moe_ffns):
-            layer.moe_index = k
+        configure_moe_layers([block.ffn for block in self.layers.values() if isinstance(block.ffn, MoE)], moe_cfg)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # Tied: the head reads tok_embeddings.weight in forward instead of sharing a Parameter
         # object, because to_empty()/_apply re-create parameters per module and would untie them.

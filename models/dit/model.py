@@ -28,7 +28,7 @@ from torch import nn
 from models.dit.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_pos_embed,
                               unpatchify)
 from models.ffn import FeedForward
-from models.llm import is_moe_layer
+from models.llm import configure_moe_layers, is_moe_layer, moe_layer_config
 from models.moe import MoE
 
 
@@ -81,7 +81,10 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=cfg.norm_eps)
         self.attn = SelfAttention(D, cfg.num_heads, cfg.head_dim or D // cfg.num_heads)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=cfg.norm_eps)
-        self.ffn: nn.Module = MoE(D, moe_cfg) if is_moe_layer(layer_id, moe_cfg) else FeedForward(D, cfg.ffn_dim)
+        if is_moe_layer(layer_id, moe_cfg):
+            self.ffn: nn.Module = MoE(D, moe_layer_config(layer_id, moe_cfg))
+        else:
+            self.ffn = FeedForward(D, cfg.ffn_dim)
         self.adaLN_modulation = _ada_ln(D, 6)
 
     def forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor) -> torch.Tensor:
@@ -155,9 +158,7 @@ class DiT(nn.Module):
         # Keyed by the layer index, as MoETransformer: the same state-dict keys as a list, and a
         # pipeline stage holds any subset of the layers under their original names.
         self.layers = nn.ModuleDict({str(i): DiTBlock(i, cfg, moe_cfg) for i in range(cfg.num_layers)})
-        moe_ffns = [block.ffn for block in self.layers.values() if isinstance(block.ffn, MoE)]
-        for k, layer in enumerate(moe_ffns):
-            layer.moe_index = k
+        configure_moe_layers([block.ffn for block in self.layers.values() if isinstance(block.ffn, MoE)], moe_cfg)
         self.final_layer = FinalLayer(D, cfg.patch_size ** 2 * self.out_channels, cfg.norm_eps)
         # Fixed positions: derived from the config, never saved, recomputed by init_weights.
         num_tokens = self.x_embedder.grid_size ** 2

@@ -4,7 +4,8 @@ Helpers over a model (any nn.Module containing `MoE` layers):
     moe_layers(model)              the MoE layers, in module order
     set_aux_loss_scale(model, s)   gradient given to every layer's aux loss (1/grad_accum_steps)
     pop_router_stats(model)        scalar router statistics since the last pop, then reset
-    pop_step_loads(model)          tokens per expert per layer since the last call ([L, E])
+    pop_step_loads(model)          tokens per expert per layer since the last call ([L, E];
+                                   rows zero-padded to the widest layer in a pruned model)
     update_aux_free_bias(model, loads_LE)   aux-loss-free balancing step (after optimizer.step)
     expert_parameters(model)       (name, param) of routed experts (sharded by expert parallel)
 """
@@ -123,11 +124,15 @@ def pop_step_loads(model: nn.Module) -> torch.Tensor:
     Returns float [L, E] on the model's device (L = len(moe_layers(model)); a layer without a
     forward gives a row of zeros), ready for a data-parallel all-reduce(SUM) before
     `update_aux_free_bias`. Independent of `pop_router_stats`. Empty [0, 0] without MoE layers.
+    When the layers have different expert counts (a pruned model), E is the largest and a
+    layer's row is zero past its own count.
     """
     layers = moe_layers(model)
     if not layers:
         return torch.zeros(0, 0)
-    return torch.stack([layer.pop_step_loads() for layer in layers])
+    rows = [layer.pop_step_loads() for layer in layers]
+    width = max(r.numel() for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - r.numel())) for r in rows])
 
 
 @torch.no_grad()
@@ -141,4 +146,4 @@ def update_aux_free_bias(model: nn.Module, loads_LE: torch.Tensor) -> None:
         raise ValueError(f"loads_LE has {loads_LE.shape[0]} rows for {len(layers)} MoE layers")
     for layer, load_E in zip(layers, loads_LE):
         if isinstance(layer.router, TopKRouter):
-            layer.router.update_expert_bias(load_E)
+            layer.router.update_expert_bias(load_E[:layer.router.num_experts])  # drop the row's padding

@@ -96,13 +96,16 @@ class TopKRouter(nn.Module):
             moves it after every optimizer step.
         aux_free_update_rate: u of that update.
         capacity_factor, drop_policy, pad_to_capacity: see models/moe/capacity.py; 0 = dropless.
+        skip_beta: dynamic skipping (NAEE), eval mode only; 0 = off. A token drops its 2nd (and
+            any later) expert whose gate weight is below skip_beta × its 1st expert's. The model
+            sets it per layer from moe.skip_beta (models/pruning calibrates it).
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True,
                  score_func: str = "softmax", *, num_groups: int = 0, topk_group: int = 0,
                  routed_scaling_factor: float = 1.0, jitter: float = 0.0, aux_free: bool = False,
                  aux_free_update_rate: float = 1e-3, capacity_factor: float = 0.0,
-                 drop_policy: str = "probability", pad_to_capacity: bool = False):
+                 drop_policy: str = "probability", pad_to_capacity: bool = False, skip_beta: float = 0.0):
         super().__init__()
         E = num_experts
         if not 1 <= top_k <= E:
@@ -121,6 +124,7 @@ class TopKRouter(nn.Module):
         self.aux_free, self.aux_free_update_rate = aux_free, aux_free_update_rate
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.pad_to_capacity = pad_to_capacity
+        self.skip_beta = skip_beta
         self.gate = nn.Linear(d_model, E, bias=False)
         # A None buffer stays out of the state_dict, so checkpoints without aux_free are unchanged.
         self.register_buffer("expert_bias_E", torch.zeros(E) if aux_free else None)
@@ -165,15 +169,30 @@ class TopKRouter(nn.Module):
         routing = Routing(token_TK.reshape(-1), topk_idx_TK.reshape(-1), topk_weight_TK.reshape(-1), T,
                           pad_to=capacity if self.pad_to_capacity else 0)
         num_dropped = torch.zeros((), dtype=torch.int64, device=topk_idx_TK.device)
+        keep_TK = self._skip_mask(topk_weight_TK)
         if self.can_drop:
-            keep_TK = keep_within_capacity(topk_idx_TK, topk_weight_TK, capacity, self.drop_policy)
+            # Skipped assignments (eval only) still count against capacity: skipping only ever
+            # removes work the plain routing would do.
+            in_capacity_TK = keep_within_capacity(topk_idx_TK, topk_weight_TK, capacity, self.drop_policy)
+            num_dropped = (~in_capacity_TK).sum()
+            keep_TK = in_capacity_TK if keep_TK is None else keep_TK & in_capacity_TK
+        if keep_TK is not None:
             keep_N = keep_TK.reshape(-1)
             routing.token_idx_N, routing.expert_idx_N = routing.token_idx_N[keep_N], routing.expert_idx_N[keep_N]
             routing.weight_N = routing.weight_N[keep_N]
-            num_dropped = (~keep_N).sum()
         loads_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
         return RouterOutput(routing, probs_TE, logits_TE, loads_E, num_dropped, T * K,
                             topk_idx_TK, topk_weight_TK)
+
+    def _skip_mask(self, topk_weight_TK: torch.Tensor) -> torch.Tensor | None:
+        """Dynamic skipping in eval mode: keep_TK, False where w_k < skip_beta·w_1 (k ≥ 2); None
+        when off. The ratio w_k/w_1 is the same before and after renormalisation and scaling, so
+        the β calibrated on these weights holds whatever the router's settings."""
+        if self.skip_beta <= 0 or self.training or topk_weight_TK.shape[1] < 2:
+            return None
+        keep_TK = topk_weight_TK >= self.skip_beta * topk_weight_TK[:, :1]
+        keep_TK[:, 0] = True  # the best expert always runs
+        return keep_TK
 
     @torch.no_grad()
     def update_expert_bias(self, load_E: torch.Tensor) -> None:
@@ -187,6 +206,7 @@ class TopKRouter(nn.Module):
     def extra_repr(self) -> str:
         extra = f", groups={self.num_groups}/{self.topk_group}" if self.num_groups else ""
         extra += f", capacity_factor={self.capacity_factor}" if self.can_drop else ""
+        extra += f", skip_beta={self.skip_beta:.4g}" if self.skip_beta > 0 else ""
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
                 f"score_func={self.score_func!r}, aux_free={self.aux_free}{extra}")
 
