@@ -1,5 +1,5 @@
-"""Decoder-only MoE transformer: pre-norm blocks of RoPE GQA attention and a SwiGLU FFN that is
-an MoE layer or dense depending on the layer index.
+"""Decoder-only MoE transformer: pre-norm blocks of RoPE attention (GQA or MLA, models/attention.py)
+and a SwiGLU FFN that is an MoE layer or dense depending on the layer index.
 
 Builds on the meta device (nothing data-dependent runs in a way that needs real storage), so
 huge presets can be counted without memory; `model.to_empty(device=...)` followed by
@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Attention, apply_rope and rope_tables are re-exported: they lived here first.
+from models.attention import Attention, apply_rope, build_attention, rope_dim, rope_tables  # noqa: F401
 from models.ffn import FeedForward
 from models.moe import MoE
 
@@ -41,53 +43,11 @@ def configure_moe_layers(moe_ffns: list, moe_cfg) -> None:
             layer.router.skip_beta = moe_cfg.skip_beta[k]
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each [max_seq_len, head_dim // 2], fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x_BSHd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Hugging Face Llama/Mixtral layout, so their weights load as-is)."""
-    x1, x2 = x_BSHd.float().chunk(2, dim=-1)
-    cos, sin = cos_Sh[:, None, :], sin_Sh[:, None, :]  # broadcast over heads
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x_BSHd.dtype)
-
-
-class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads (num_kv_heads divides num_heads)."""
-
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.wq = nn.Linear(d_model, num_heads * head_dim, bias=False)
-        self.wk = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
-        self.wo = nn.Linear(num_heads * head_dim, d_model, bias=False)
-
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, S, _ = x_BSD.shape
-        q = apply_rope(self.wq(x_BSD).view(B, S, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x_BSD).view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=True)
-        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        for w in (self.wq, self.wk, self.wv):
-            nn.init.normal_(w.weight, std=std)
-        nn.init.normal_(self.wo.weight, std=out_std)
-
-
 class Block(nn.Module):
     def __init__(self, layer_id: int, cfg, moe_cfg):
         super().__init__()
-        head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim)
+        self.attn = build_attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if is_moe_layer(layer_id, moe_cfg):
             self.ffn: nn.Module = MoE(cfg.d_model, moe_layer_config(layer_id, moe_cfg))
@@ -116,7 +76,7 @@ class MoETransformer(nn.Module):
     def __init__(self, cfg, moe_cfg):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
-        self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+        self.rope_dim = rope_dim(cfg)  # channels per head that RoPE rotates
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # A dict keyed by the layer index ("0", "1", ...): the same state-dict keys as a list, and
         # a pipeline stage can hold any subset of the layers under their original names.
@@ -127,8 +87,8 @@ class MoETransformer(nn.Module):
         # object, because to_empty()/_apply re-create parameters per module and would untie them.
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Derived from the config, never saved; recomputed by init_weights after to_empty().
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.head_dim // 2), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.head_dim // 2), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.rope_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.rope_dim // 2), persistent=False)
         self.init_weights()
 
     @property
@@ -143,7 +103,7 @@ class MoETransformer(nn.Module):
         # Each block adds two residual branches; scaling their output projections by
         # 1/sqrt(2·num_layers) keeps the residual stream's variance from growing with depth.
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
+        cos, sin = rope_tables(self.rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         nn.init.normal_(self.tok_embeddings.weight, std=std)

@@ -36,6 +36,21 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Attention (models/attention.py): gqa (grouped-query) | mla (DeepSeek multi-head latent).
+    attention: str = "gqa"
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2-MoE); mla: on q_a and kv_a
+    attn_out_bias: bool = False  # bias on the attention output projection
+    qk_norm: bool = False  # gqa: RMSNorm over the whole q and k projections before RoPE (OLMoE)
+    clip_qkv: float = 0.0  # gqa: clamp q, k, v to [-c, c] (OLMoE); 0: off
+    mla_q_lora_rank: int = 0  # rank of the q bottleneck; 0: a full-rank q projection
+    mla_kv_lora_rank: int = 512  # the compressed kv latent per token
+    mla_qk_nope_head_dim: int = 128  # q/k channels per head without RoPE
+    mla_qk_rope_head_dim: int = 64  # q/k channels per head with RoPE (the key's shared by all heads)
+    mla_v_head_dim: int = 128
+    # A fresh run starts from these weights: "hf:DIR" (a Hugging Face checkpoint of a supported
+    # family) or a checkpoint directory of ours; the architecture keys come from the source
+    # (trainer/hf_checkpoint.py).
+    init_from: str = ""
     # Sparse upcycling: a checkpoint directory (step_XXXXXXXX) of a dense run of ours whose
     # weights initialise this MoE model when the run does not resume (models/moe/upcycle.py).
     upcycle_from: str = ""
@@ -531,6 +546,21 @@ def _validate_routing(moe: MoEConfig) -> None:
              "moe.shared_expert_gate: needs moe.num_shared_experts > 0")
 
 
+def _validate_attention(m: ModelConfig) -> None:
+    """model.attention and its options; model.init_from against other weight sources."""
+    _choice("model.attention", m.attention, ("gqa", "mla"))
+    _require(m.clip_qkv >= 0, f"model.clip_qkv: must be >= 0, got {m.clip_qkv}")
+    if m.attention == "mla":
+        dims = {"model.mla_kv_lora_rank": m.mla_kv_lora_rank, "model.mla_qk_nope_head_dim": m.mla_qk_nope_head_dim,
+                "model.mla_qk_rope_head_dim": m.mla_qk_rope_head_dim, "model.mla_v_head_dim": m.mla_v_head_dim}
+        for key, value in dims.items():
+            _require(value > 0, f"{key}: must be > 0 with model.attention=mla, got {value}")
+        _require(m.mla_q_lora_rank >= 0, f"model.mla_q_lora_rank: must be >= 0, got {m.mla_q_lora_rank}")
+        _require(m.mla_qk_rope_head_dim % 2 == 0, f"model.mla_qk_rope_head_dim={m.mla_qk_rope_head_dim} must be even for RoPE")
+        _require(not m.qk_norm and m.clip_qkv == 0, "model.qk_norm, model.clip_qkv: gqa options, not for model.attention=mla")
+    _require(not (m.init_from and m.upcycle_from), "model.init_from and model.upcycle_from: choose one source of weights")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     m, moe, par, data, opt, tr = cfg.model, cfg.moe, cfg.parallel, cfg.data, cfg.optim, cfg.train
     positive = {
@@ -569,10 +599,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _choice("prune.method", cfg.prune.method, ("none",))
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
-    if m.head_dim == 0:
+    _validate_attention(m)
+    if m.head_dim == 0 and m.attention == "gqa":
         _require(m.d_model % m.num_heads == 0,
                  f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} (or set model.head_dim)")
-    _require((m.head_dim or m.d_model // m.num_heads) % 2 == 0, "model head_dim must be even for RoPE")
+    _require(m.attention != "gqa" or (m.head_dim or m.d_model // m.num_heads) % 2 == 0,
+             "model head_dim must be even for RoPE")
     _require(m.family != "llm" or data.seq_len <= m.max_seq_len,
              f"data.seq_len={data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _require(0.0 < data.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {data.val_fraction}")

@@ -1,0 +1,158 @@
+"""Causal self-attention of the decoder LLM, chosen by `model.attention`:
+
+    gqa  grouped-query attention (Llama/Mixtral), with the options of the families we import:
+         q/k/v biases (`qkv_bias`, Qwen2-MoE), an output bias (`attn_out_bias`), RMSNorm over the
+         whole q and k projections before RoPE (`qk_norm`, OLMoE) and clamping of q/k/v
+         (`clip_qkv`, OLMoE)
+    mla  multi-head latent attention (DeepSeek-V2/V3): q through an optional low-rank bottleneck,
+         keys and values from one compressed latent per token, RoPE only on a separate slice of
+         qk_rope_head_dim channels whose key is shared by all heads
+
+Shape legend (suffixes on tensor names):
+    B sequences   S tokens per sequence   D model dim   H heads   K kv heads   d head dim
+    L kv latent (mla_kv_lora_rank)   N / R / V the no-RoPE, RoPE and value dims of an MLA head
+
+RoPE is rotate-half (the Hugging Face Llama layout): channel i pairs with channel i + dim/2.
+DeepSeek checkpoints that pair neighbours (rope_interleave) are permuted on import instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTIONS = ("gqa", "mla")
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each [max_seq_len, head_dim // 2], fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BSHd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face Llama/Mixtral layout, so their weights load as-is)."""
+    x1, x2 = x_BSHd.float().chunk(2, dim=-1)
+    cos, sin = cos_Sh[:, None, :], sin_Sh[:, None, :]  # broadcast over heads
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x_BSHd.dtype)
+
+
+def rope_dim(cfg) -> int:
+    """Channels per head that RoPE rotates: the head dim, or MLA's qk_rope_head_dim."""
+    if cfg.attention == "mla":
+        return cfg.mla_qk_rope_head_dim
+    return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+def build_attention(cfg) -> nn.Module:
+    """The attention a `trainer.config.ModelConfig` asks for."""
+    if cfg.attention == "mla":
+        return MLAttention(cfg)
+    if cfg.attention != "gqa":
+        raise ValueError(f"model.attention={cfg.attention!r} is not one of {', '.join(ATTENTIONS)}")
+    return Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or cfg.d_model // cfg.num_heads,
+                     qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, qk_norm=cfg.qk_norm,
+                     clip_qkv=cfg.clip_qkv, norm_eps=cfg.norm_eps)
+
+
+def _init_linear(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (num_kv_heads divides num_heads)."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
+                 clip_qkv: float = 0.0, norm_eps: float = 1e-5):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.clip_qkv = clip_qkv
+        self.wq = nn.Linear(d_model, num_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(num_heads * head_dim, d_model, bias=out_bias)
+        # OLMoE: one RMSNorm over all heads' channels at once (not per head), before RoPE.
+        self.q_norm = nn.RMSNorm(num_heads * head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(num_kv_heads * head_dim, eps=norm_eps) if qk_norm else None
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv > 0:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = apply_rope(q.view(B, S, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=True)
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for w in (self.wq, self.wk, self.wv):
+            _init_linear(w, std)
+        _init_linear(self.wo, out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3), causal, without a KV cache.
+
+    q = W_qb · RMSNorm(W_qa · x) (or W_q · x when mla_q_lora_rank is 0), split per head into a
+    no-RoPE part [N] and a RoPE part [R]. W_kva · x gives the latent c [L] and one RoPE key [R]
+    shared by every head; W_kvb · RMSNorm(c) gives each head's no-RoPE key [N] and value [V].
+    Scores are scaled by 1/sqrt(N + R). The latent norms use eps 1e-6, as DeepSeek's code.
+    `qkv_bias` puts biases on W_qa and W_kva (DeepSeek's attention_bias), `attn_out_bias` on W_o.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, H = cfg.d_model, cfg.num_heads
+        self.num_heads = H
+        self.q_lora_rank, self.kv_lora_rank = cfg.mla_q_lora_rank, cfg.mla_kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.mla_qk_nope_head_dim, cfg.mla_qk_rope_head_dim, cfg.mla_v_head_dim
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank > 0:
+            self.wq_a = nn.Linear(D, self.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_norm = nn.RMSNorm(self.q_lora_rank, eps=1e-6)
+            self.wq_b = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
+        else:  # DeepSeek's full-rank q projection has no bias even with attention_bias
+            self.wq = nn.Linear(D, H * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=cfg.qkv_bias)
+        self.kv_a_norm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_dim, D, bias=cfg.attn_out_bias)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H, N, R, V = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
+        q = self.wq_b(self.q_a_norm(self.wq_a(x_BSD))) if self.q_lora_rank > 0 else self.wq(x_BSD)
+        q_nope_BSHN, q_rope_BSHR = q.view(B, S, H, N + R).split([N, R], dim=-1)
+        c_BSL, k_rope_BSR = self.wkv_a(x_BSD).split([self.kv_lora_rank, R], dim=-1)
+        kv = self.wkv_b(self.kv_a_norm(c_BSL)).view(B, S, H, N + V)
+        k_nope_BSHN, v_BSHV = kv.split([N, V], dim=-1)
+        k_rope_BS1R = apply_rope(k_rope_BSR.view(B, S, 1, R), cos, sin)
+        q_BSHd = torch.cat([q_nope_BSHN, apply_rope(q_rope_BSHR, cos, sin)], dim=-1)
+        k_BSHd = torch.cat([k_nope_BSHN, k_rope_BS1R.expand(B, S, H, R)], dim=-1)
+        # The value dim may differ from the q/k dim; SDPA's default scale is 1/sqrt(N + R).
+        o = F.scaled_dot_product_attention(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), v_BSHV.transpose(1, 2),
+                                           is_causal=True)
+        return self.wo(o.transpose(1, 2).reshape(B, S, H * V))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        projections = [self.wkv_a, self.wkv_b]
+        projections += [self.wq_a, self.wq_b] if self.q_lora_rank > 0 else [self.wq]
+        for w in projections:
+            _init_linear(w, std)
+        _init_linear(self.wo, out_std)
+        self.kv_a_norm.reset_parameters()
+        if self.q_lora_rank > 0:
+            self.q_a_norm.reset_parameters()
