@@ -10,6 +10,8 @@ Expert parameters: every parameter of a `GroupedExperts` has the expert index as
 expert parallelism shards them along dim 0, and their gradients must not be all-reduced across
 the expert-parallel group. `parallel/` finds them with `is_expert_param(name)` (the MoE layer
 always names its routed experts `experts`) or by `getattr(module, "is_expert_module", False)`.
+That includes an expert LoRA (`models/peft`), held as the child `experts.lora` with the expert
+index as dim 0 of its parameters too.
 """
 from __future__ import annotations
 
@@ -48,11 +50,17 @@ class GroupedExperts(nn.Module):
         self.w1_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))  # gate
         self.w3_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))  # up
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim))  # down
+        # Expert LoRA (models/peft.ExpertLoRA), set from outside: maps the three weights to
+        # effective ones W + ΔW, so every backend runs unchanged.
+        self.lora: nn.Module | None = None
 
     def forward(self, x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Args: rows sorted by expert id; counts per expert (sum = N). Returns y_ND."""
         fn = BACKENDS[self.active_backend(x_sorted_ND)]
-        return fn(x_sorted_ND, num_tokens_per_expert_E, self.w1_EFD, self.w3_EFD, self.w2_EDF)
+        w1_EFD, w3_EFD, w2_EDF = self.w1_EFD, self.w3_EFD, self.w2_EDF
+        if self.lora is not None:
+            w1_EFD, w3_EFD, w2_EDF = self.lora(w1_EFD, w3_EFD, w2_EDF)
+        return fn(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
 
     def active_backend(self, x_sorted_ND: torch.Tensor) -> str:
         """The backend that runs for inputs like `x_sorted_ND` (device, dtype, autocast)."""

@@ -53,6 +53,8 @@ class MoE(nn.Module):
     Attributes set from outside:
         dispatcher: a `Dispatcher`; `LocalDispatcher()` unless parallel/ swaps it.
         aux_loss_scale: gradient given to the aux loss (1/grad_accum_steps in training).
+        peft_adapter: None, or PERFT adapters (`models.peft.PerftAdapters`): a module called as
+            `peft_adapter(x_TD, route)` whose [T, D] output is added to the layer's output.
 
     Aux losses (training forwards only): those of LOSS_NAMES whose coefficient is > 0. The
     balance losses (all but z_loss) only apply to token choice; expert choice is balanced by
@@ -84,6 +86,7 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if use_gate else None
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.aux_loss_scale = 1.0
+        self.peft_adapter: nn.Module | None = None
         # Index among the MoE layers of the whole model (set by the model; None for a lone layer):
         # names this layer's statistics, also when a pipeline stage holds only some layers.
         self.moe_index: int | None = None
@@ -98,6 +101,8 @@ class MoE(nn.Module):
         # dispatcher can compute them while routed tokens are in flight.
         shared_fn = (lambda: self._shared(x_TD)) if self.shared_experts is not None else None
         y_TD = self.dispatcher(x_TD, route.routing, self.experts, overlap_fn=shared_fn)
+        if self.peft_adapter is not None:  # replicated: under ep each rank adapts its own tokens
+            y_TD = y_TD + self.peft_adapter(x_TD, route).to(y_TD.dtype)
         if self.training and x_TD.shape[0] > 0:
             num_seqs = x_TD.shape[0] // x.shape[-2] if x.dim() >= 3 else 1
             aux = self._aux_loss(route, num_seqs)
