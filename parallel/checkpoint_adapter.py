@@ -59,6 +59,8 @@ def to_checkpoint(model: nn.Module, model_sd: dict, optim_sd: dict, mesh: Parall
         return
     device_mesh = DeviceMesh.from_group(mesh.ep_group, mesh.device.type, mesh_dim_names=("ep",))
     for fqn, (offset, num_global) in shards.items():
+        if fqn not in model_sd:  # frozen (a PEFT run's base experts) or not in this extra state
+            continue
         local = model_sd[fqn].shape[0]
         # DTensor places shard r at rows [r·E/ep, (r+1)·E/ep): that must be what shard_experts kept.
         if offset != device_mesh.get_local_rank() * local or num_global != local * mesh.ep:

@@ -26,8 +26,11 @@ def wrap_data_parallel(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
     """DDP over the dp group, or the model itself when there is nothing to reduce over."""
     if mesh.dp_group is None:
         return model
-    if mesh.ep > 1:  # sharded experts: reduced by sync_expert_grads, never broadcast from rank 0
-        ignored = [name for name, _ in expert_parameters(model)]
+    # Sharded experts (ep > 1) are reduced by sync_expert_grads, never broadcast from rank 0.
+    ignored = [name for name, _ in expert_parameters(model)] if mesh.ep > 1 else []
+    if not any(p.requires_grad for name, p in model.named_parameters() if name not in ignored):
+        return model  # nothing for DDP to reduce (ESFT under ep trains expert rows only)
+    if ignored:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [mesh.device.index] if mesh.device.type == "cuda" else None
     # Every parameter takes part in every step (the MoE loop backend touches idle experts with

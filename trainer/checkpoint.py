@@ -7,7 +7,10 @@ Layout of one checkpoint:
                                   tensors [E, ...] are stored as row chunks, each expert once
                                   (parallel/checkpoint_adapter.py), and load onto any ep size
         extra_rank{R}.pt          per-rank state DCP does not hold: RNG, data position, scheduler
+                                  (and `run_state`, e.g. the ESFT expert selection)
         config.yaml               the resolved config that produced it
+Frozen parameters are never saved: they come from elsewhere (peft.base), so a PEFT checkpoint holds
+only what is trained (adapters, their optimizer state) and is a small fraction of its base.
 A checkpoint is written under `step_XXXXXXXX.tmp` and renamed once every rank has finished, so a
 directory with the final name is always complete; a `.tmp` left by a crash is never loaded.
 """
@@ -17,11 +20,14 @@ import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from parallel import ParallelMesh, barrier, unwrap
@@ -29,20 +35,34 @@ from parallel.checkpoint_adapter import from_checkpoint, to_checkpoint
 from trainer.config import Config, save_config
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Optimizer state flattened to one key per (parameter FQN, field), param-group settings included:
-# a pipeline stage holds other parameters than its neighbours, and the nested format's list of
-# param groups would be one object that every stage writes differently. Flat keys load onto any
-# pp (and ep) layout, as torchtitan does.
-_SD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _sd_options(model) -> StateDictOptions:
+    """How `get_state_dict` / `set_state_dict` see a model and its optimizer.
+
+    Optimizer state is flattened to one key per (parameter FQN, field), param-group settings
+    included: a pipeline stage holds other parameters than its neighbours, and the nested format's
+    list of param groups would be one object that every stage writes differently. Flat keys load
+    onto any pp (and ep) layout, as torchtitan does. Frozen parameters are left out (a PEFT run's
+    base, loaded from peft.base rather than from the run's own checkpoints) and loading then does
+    not ask for them; a no-op for ordinary runs, where every parameter is trained.
+    """
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=frozen, strict=not frozen)
 
 
 def checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def is_step_dir(path: str) -> bool:
+    """Named like a checkpoint directory: step_XXXXXXXX."""
+    return _STEP_DIR.match(os.path.basename(path.rstrip("/"))) is not None
+
+
 def is_complete(path: str) -> bool:
     """Final name, DCP metadata and at least rank 0's extra state present."""
-    return (_STEP_DIR.match(os.path.basename(path.rstrip("/"))) is not None
+    return (is_step_dir(path)
             and os.path.isfile(os.path.join(path, ".metadata"))
             and os.path.isfile(os.path.join(path, "extra_rank0.pt")))
 
@@ -88,11 +108,12 @@ def _wrapped_extra(target, extra_state: dict | None, mesh: ParallelMesh) -> dict
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, cfg: Config,
-                    mesh: ParallelMesh, extra_state: dict | None = None) -> str:
+                    mesh: ParallelMesh, extra_state: dict | None = None, run_state: dict | None = None) -> str:
     """Write step `step` atomically on every rank; returns the final directory.
 
     `extra_state`: more {parameter name: tensor} dicts saved beside the model under their own
     name (the DiT's EMA weights), sharded and resharded like the parameters.
+    `run_state`: small picklable values saved in extra_rank{R}.pt (`read_run_state` reads them).
     """
     final = os.path.join(checkpoint_root(run_dir), f"step_{step:08d}")
     tmp = final + ".tmp"
@@ -104,12 +125,12 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
     # 2. every rank writes its DCP shards (collective: DCP plans the write across ranks).
     #    Expert shards go in as DTensors over the ep group: each expert is stored once.
     target = unwrap(model)
-    model_sd, optim_sd = get_state_dict(target, optimizer, options=_SD_OPTIONS)
+    model_sd, optim_sd = get_state_dict(target, optimizer, options=_sd_options(target))
     to_checkpoint(target, model_sd, optim_sd, mesh)
     dcp.save({"model": model_sd, "optim": optim_sd, **_wrapped_extra(target, extra_state, mesh)}, checkpoint_id=tmp)
     # 3. every rank writes the state that is its own.
     extra = {"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(),
-             "rng": _rng_state(), "world_size": mesh.world_size}
+             "rng": _rng_state(), "world_size": mesh.world_size, "run_state": run_state or {}}
     torch.save(extra, os.path.join(tmp, f"extra_rank{mesh.rank}.pt"))
     if mesh.is_main:
         save_config(cfg, os.path.join(tmp, "config.yaml"))
@@ -147,7 +168,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
     if not is_complete(path):
         raise FileNotFoundError(f"not a complete checkpoint directory: {path}")
     target = unwrap(model)
-    model_sd, optim_sd = get_state_dict(target, optimizer, options=_SD_OPTIONS)
+    options = _sd_options(target)
+    model_sd, optim_sd = get_state_dict(target, optimizer, options=options)
     # Expert shards are read as the rows of the experts this rank holds now, whatever the ep size
     # of the run that saved them.
     to_checkpoint(target, model_sd, optim_sd, mesh)
@@ -162,7 +184,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
                 tensor.copy_(loaded)
     from_checkpoint(state["model"], state["optim"])
     set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_SD_OPTIONS)
+                   options=options)
     own = os.path.join(path, f"extra_rank{mesh.rank}.pt")
     same_layout = os.path.isfile(own)
     extra = torch.load(own if same_layout else os.path.join(path, "extra_rank0.pt"), weights_only=False)
@@ -173,3 +195,38 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
     if dist.is_initialized():
         dist.barrier()
     return int(extra["step"])
+
+
+def read_run_state(path: str) -> dict:
+    """The `run_state` saved with checkpoint `path` (rank 0's copy; {} for older checkpoints)."""
+    extra = torch.load(os.path.join(path, "extra_rank0.pt"), weights_only=False)
+    return extra.get("run_state") or {}
+
+
+def _model_metadata(reader: FileSystemReader) -> dict[str, TensorStorageMetadata]:
+    # save_checkpoint stores {"model": ..., "optim": ...}; DCP flattens it to dotted keys.
+    return {fqn[len("model."):]: meta for fqn, meta in reader.read_metadata().state_dict_metadata.items()
+            if fqn.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+
+
+def model_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> global shape of every model tensor of checkpoint `path`, from its DCP metadata
+    (no tensor is read; expert tensors have their unsharded [E, ...] shape)."""
+    return {name: tuple(meta.size) for name, meta in _model_metadata(FileSystemReader(path)).items()}
+
+
+def read_model_state(path: str, names=None) -> dict[str, torch.Tensor]:
+    """The model tensors of checkpoint `path` (those in `names`, default all) on the CPU, whole
+    (expert tensors unsharded, whatever the ep size that saved them), without a process group.
+
+    The tensors are allocated from the DCP metadata (stored shapes and dtypes), so no model is
+    built; the optimizer state is not read. Every rank may call it on its own (no collectives).
+    """
+    reader = FileSystemReader(path)
+    model_sd = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
+                for name, meta in _model_metadata(reader).items() if names is None or name in names}
+    if model_sd:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
+            dcp.load({"model": model_sd}, storage_reader=reader, no_dist=True)
+    return model_sd

@@ -213,7 +213,27 @@ class LoggingConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = "none"
+    """Parameter-efficient fine-tuning of a base checkpoint of ours (models/peft, trainer/peft.py).
+
+    The base weights are loaded, frozen, and only what the method adds or selects is trained and
+    checkpointed (`full`: every weight, from the base)."""
+    method: str = "none"  # none | full | lora | perft | esft
+    base: str = ""  # a checkpoint directory step_XXXXXXXX of ours; required when method != none
+    train_router: bool = False  # also train the MoE routers (lora, perft, esft)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the update is scaled by alpha / rank
+    lora_dropout: float = 0.0  # on the input of the LoRA path of nn.Linear (none on experts)
+    # fnmatch patterns on module names (named_modules FQN): a matching nn.Linear gets LoRA, a
+    # matching GroupedExperts gets per-expert LoRA ("layers.*.attn.*", "layers.*.ffn.experts",
+    # "layers.*.adaLN_modulation.*").
+    lora_targets: list[str] = field(default_factory=list)
+    perft_variant: str = "R"  # S shared | D dense (N always on) | R routed (own top-k) | E per expert
+    perft_num_adapters: int = 4  # D and R (S: 1, E: the number of experts)
+    perft_top_k: int = 2  # R
+    perft_rank: int = 16  # adapter bottleneck width
+    esft_score: str = "gate_mass"  # gate_mass | token_share
+    esft_top_p: float = 0.2  # per layer, the smallest expert set with this share of the score
+    esft_calib_batches: int = 8  # training micro batches per rank scored before training
 
 
 @dataclass
@@ -546,6 +566,55 @@ def _validate_routing(moe: MoEConfig) -> None:
              "moe.shared_expert_gate: needs moe.num_shared_experts > 0")
 
 
+PEFT_METHODS = ("none", "full", "lora", "perft", "esft")
+PERFT_VARIANTS = ("S", "D", "R", "E")
+
+
+def _validate_peft(cfg: Config) -> None:
+    """The peft section: the base checkpoint (which must exist: a recipe without one fails here,
+    before anything starts) and the ranges of the chosen method's fields."""
+    p, moe = cfg.peft, cfg.moe
+    _choice("peft.method", p.method, PEFT_METHODS)
+    if p.method == "none":
+        return
+    method = f"peft.method {p.method}"
+    _require(p.base != "", f"peft.base: required with {method} (the checkpoint directory step_XXXXXXXX "
+                           f"of the model to fine-tune)")
+    _require(not p.base.startswith("hf:"),
+             f"peft.base: {p.base}: Hugging Face bases need `sparseforge import-hf` first (issue 9); "
+             f"name a checkpoint directory of ours")
+    _require(os.path.isdir(p.base), f"peft.base: checkpoint directory not found: {p.base}")
+    from trainer.checkpoint import is_complete  # heavy imports only for PEFT recipes
+
+    _require(is_complete(p.base), f"peft.base: {p.base} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
+    for key in ("upcycle_from", "init_from"):
+        _require(not getattr(cfg.model, key), f"model.{key}: not with {method}: the weights come from peft.base")
+    _require(not p.train_router or moe.num_experts > 0, "peft.train_router: needs an MoE model (moe.num_experts > 0)")
+    if p.method == "lora":
+        _require(len(p.lora_targets) > 0, "peft.lora_targets: required with peft.method lora (fnmatch patterns "
+                                          "on module names, e.g. layers.*.attn.*)")
+        _require(p.lora_rank >= 1, f"peft.lora_rank: must be >= 1, got {p.lora_rank}")
+        _require(p.lora_alpha > 0, f"peft.lora_alpha: must be > 0, got {p.lora_alpha}")
+        _require(0.0 <= p.lora_dropout < 1.0, f"peft.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
+    elif p.method == "perft":
+        _choice("peft.perft_variant", p.perft_variant, PERFT_VARIANTS)
+        _require(moe.num_experts > 0, f"peft.perft_variant={p.perft_variant}: PERFT adapters sit in the MoE "
+                                      f"layers; needs an MoE model (moe.num_experts > 0)")
+        _require(p.perft_rank >= 1, f"peft.perft_rank: must be >= 1, got {p.perft_rank}")
+        if p.perft_variant in ("D", "R"):
+            _require(p.perft_num_adapters >= 1, f"peft.perft_num_adapters: must be >= 1, got {p.perft_num_adapters}")
+        if p.perft_variant == "R":
+            _require(1 <= p.perft_top_k <= p.perft_num_adapters,
+                     f"peft.perft_top_k={p.perft_top_k} must be between 1 and "
+                     f"peft.perft_num_adapters={p.perft_num_adapters}")
+    elif p.method == "esft":
+        _require(moe.num_experts > 0, "peft.method esft: trains selected experts; needs an MoE model "
+                                      "(moe.num_experts > 0)")
+        _choice("peft.esft_score", p.esft_score, ("gate_mass", "token_share"))
+        _require(0.0 < p.esft_top_p <= 1.0, f"peft.esft_top_p: must be in (0, 1], got {p.esft_top_p}")
+        _require(p.esft_calib_batches >= 1, f"peft.esft_calib_batches: must be >= 1, got {p.esft_calib_batches}")
+
+
 def _validate_attention(m: ModelConfig) -> None:
     """model.attention and its options; model.init_from against other weight sources."""
     _choice("model.attention", m.attention, ("gqa", "mla"))
@@ -595,7 +664,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _choice("optim.schedule", opt.schedule, ("cosine", "wsd", "constant"))
     _choice("train.dtype", tr.dtype, ("fp32", "bf16"))
     _choice("train.device", tr.device, ("auto", "cpu", "cuda"))
-    _choice("peft.method", cfg.peft.method, ("none",))
     _choice("prune.method", cfg.prune.method, ("none",))
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
@@ -635,6 +703,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(par.pp_stages_per_rank >= 0, f"parallel.pp_stages_per_rank: must be >= 0, got {par.pp_stages_per_rank}")
     if par.pp > 1:
         _validate_pipeline(cfg)
+    _validate_peft(cfg)
     if world_size is not None:
         _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
         _require(world_size % par.pp == 0,

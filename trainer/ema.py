@@ -1,8 +1,10 @@
 """Exponential moving average of the weights (DiT sampling uses the EMA model, as DiT does).
 
-Kept per rank for the parameters this rank holds (its expert shard under expert parallelism, its
-stages under pipeline parallelism), under the model's parameter names, so it is checkpointed and
-resharded exactly like the parameters (trainer/checkpoint.py `extra_state`).
+Kept per rank for the trainable parameters this rank holds (its expert shard under expert
+parallelism, its stages under pipeline parallelism), under the model's parameter names, so it is
+checkpointed and resharded exactly like the parameters (trainer/checkpoint.py `extra_state`).
+Frozen parameters (a PEFT run's base) never change, so their average is themselves: a PEFT run
+keeps and checkpoints the EMA of its adapters only.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.params = dict(model.named_parameters())
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
         self.num_updates = torch.zeros((), dtype=torch.long)  # a tensor: checkpointed with the shadow
 

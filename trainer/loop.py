@@ -12,6 +12,7 @@ import torch
 import models
 from models.moe import (moe_layer_indices, moe_layers, pop_router_stats, pop_step_loads, set_aux_loss_scale,
                         update_aux_free_bias)
+from models.peft import partially_frozen_parameters, zero_frozen_expert_grads
 from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, build_mesh, clip_grad_norm, parallelize,
                       parallelize_pipeline, pick_device, sync_context, sync_expert_grads, sync_replicated_grads,
                       unwrap)
@@ -19,6 +20,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from trainer.config import Config, pp_microbatches
 from trainer.ema import EMA
 from trainer.metrics import MetricsLogger
+from trainer.peft import PeftState, prepare_peft
 from trainer.tasks import build_task
 from trainer.upcycle import upcycle_into
 from trainer.optim import build_optimizer, build_scheduler
@@ -56,6 +58,13 @@ class Trainer:
             # or stages split, so every layout starts from the same weights and router init.
             upcycled = upcycle_into(model, cfg.model.upcycle_from, granularity=cfg.model.upcycle_granularity,
                                     seed=cfg.train.seed)
+        # PEFT: base weights, (ESFT) expert selection and adapters on the whole model, before
+        # experts are sharded or stages split: adapters are then sharded and split like the rest.
+        self.peft: PeftState | None = None
+        if cfg.peft.method != "none":
+            self.peft, base_line = prepare_peft(model, cfg, self.task, self.mesh, resume_path)
+            if self.mesh.is_main:
+                print(f"{base_line}\n{self.peft.summary}", flush=True)
         self.pipeline = None
         if self.mesh.pp > 1:  # this rank keeps its stages only; self.model holds their parameters
             self.pipeline = parallelize_pipeline(model, self.mesh, cfg, self.task.pipeline_loss_fn)
@@ -65,11 +74,14 @@ class Trainer:
         layers = moe_layers(model)
         self.num_moe_layers = len(layers)
         # Aux-free balancing needs the loads summed over dp every step; without it, no collective.
-        self.aux_free = any(layer.expert_bias_E is not None for layer in layers)
+        # A PEFT run that freezes the routers keeps the base's routing, selection bias included.
+        routing_frozen = cfg.peft.method in ("lora", "perft", "esft") and not cfg.peft.train_router
+        self.aux_free = any(layer.expert_bias_E is not None for layer in layers) and not routing_frozen
         # From the whole model, not this rank's layers: under pp every rank joins the heatmap's gather.
         self.heatmap_every = max(cfg.logging.heatmap_every, 0) if cfg.moe.num_experts > 0 else 0
         self.heatmap_loads_LE: torch.Tensor | None = None  # routed since the previous heatmap
-        self.optimizer = build_optimizer(model, cfg.optim)
+        # ESFT's expert tensors hold frozen rows: no weight decay, so those rows never move.
+        self.optimizer = build_optimizer(model, cfg.optim, no_decay_params=partially_frozen_parameters(model))
         # DiT: an EMA of this rank's parameters, for sampling (checkpointed with them).
         self.ema = EMA(model, cfg.diffusion.ema_decay) if cfg.model.family == "dit" else None
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
@@ -88,6 +100,12 @@ class Trainer:
     def _extra_state(self) -> dict:
         return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
+    def _run_state(self) -> dict:
+        """Saved with each checkpoint and read before the model is built on resume."""
+        if self.peft is not None and self.peft.esft_selection is not None:
+            return {"esft_selection": self.peft.esft_selection}
+        return {}
+
     def _resume(self, path: str | None) -> int:
         if path is None:
             return 0
@@ -103,6 +121,8 @@ class Trainer:
         total, active = self.param_counts
         log.print(f"params: {total:,} total, {active:,} active per token; world size {mesh.world_size}; "
                   f"{self.task.describe_data()}")
+        if self.peft is not None and self.step == 0:  # once per run (a resume keeps the line)
+            log.log({"step": 0, **self.peft.metrics()})
         batches = self.data.train_batches()
         tokens_per_step = self.task.tokens_per_micro_batch * cfg.train.grad_accum_steps * mesh.dp
         final_eval = None
@@ -134,7 +154,8 @@ class Trainer:
                 if cfg.checkpoint.enabled and (self.step % cfg.checkpoint.every == 0
                                                or self.step == cfg.train.steps or stopping):
                     save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                    self.data, cfg, mesh, extra_state=self._extra_state())
+                                    self.data, cfg, mesh, extra_state=self._extra_state(),
+                                    run_state=self._run_state())
                 if stopping:
                     log.print(f"stopping at step {self.step} (train.stop_at_step); rerun to resume")
                     break
@@ -159,6 +180,7 @@ class Trainer:
                     loss = self.task.micro_batch_loss(model, batch) / num_micro
                 loss.backward()  # MoE aux losses ride along inside the graph (scaled 1/num_micro)
             loss_sum += loss.detach()
+        zero_frozen_expert_grads(unwrap(model))  # ESFT: the rows of unselected experts stay put
         sync_expert_grads(model, self.mesh)  # expert grads over their expert-data-parallel group
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(model, self.mesh, clip)  # norm of the whole (sharded) model
@@ -181,6 +203,7 @@ class Trainer:
                 loss = pipe.step(inputs, target)  # scaled: sums to the mean over the step
             if loss is not None:
                 loss_sum += loss
+        zero_frozen_expert_grads(self.model)
         sync_replicated_grads(self.model, mesh)  # no DDP around stages: one all-reduce over dp
         sync_expert_grads(self.model, mesh)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")

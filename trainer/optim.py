@@ -9,15 +9,19 @@ import torch.nn as nn
 from trainer.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norm gains, biases) do not, as in nanoGPT/Megatron.
+def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay_params=()) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, vectors (norm gains, biases) do not,
+    as in nanoGPT/Megatron.
 
-    Embeddings and expert weights are matrices and decay like any other weight.
+    Embeddings and expert weights are matrices and decay like any other weight. `no_decay_params`
+    never decay either: ESFT's expert tensors, whose frozen rows get zero gradients and must not
+    move (zero gradient and zero moments make a zero AdamW update only without decay).
     """
+    forced = {id(p) for p in no_decay_params}
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if param.ndim >= 2 and id(param) not in forced else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

@@ -11,18 +11,14 @@ same seeded generator, so all ranks end with identical weights without a broadca
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from models.llm import is_moe_layer
 from models.moe.upcycle import UpcycleError, upcycle_state_dict
 from parallel import unwrap
-from trainer.checkpoint import is_complete
+from trainer.checkpoint import is_complete, read_model_state
 from trainer.config import Config, ConfigError, load_config
 
 _KEY = "model.upcycle_from"
@@ -86,22 +82,12 @@ def check_upcycle_source(path: str, cfg: Config | None = None) -> Config:
 def load_dense_checkpoint(path: str) -> tuple[Config, dict[str, torch.Tensor]]:
     """(dense Config, model state dict on the CPU) of a dense checkpoint, without a process group.
 
-    The tensors are allocated from the DCP metadata (stored shapes and dtypes), so no model is
-    built; the optimizer state is not read.
+    No model is built; the optimizer state is not read (`trainer.checkpoint.read_model_state`).
     """
     dense = _read_dense_config(path)
-    reader = FileSystemReader(path)
-    model_sd = {}
-    for fqn, meta in reader.read_metadata().state_dict_metadata.items():
-        # save_checkpoint stores {"model": ..., "optim": ...}; DCP flattens it to dotted keys.
-        if fqn.startswith("model.") and isinstance(meta, TensorStorageMetadata):
-            model_sd[fqn[len("model."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    model_sd = read_model_state(path)
     if not model_sd:
         raise ConfigError(f"{_KEY}: {path} holds no model weights")
-    # no_dist: each rank reads on its own, so this is safe whether or not a group exists.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
-        dcp.load({"model": model_sd}, storage_reader=reader, no_dist=True)
     return dense, model_sd
 
 

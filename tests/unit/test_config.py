@@ -96,3 +96,92 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, path)
     again = load_config(path)
     assert again == cfg and isinstance(again, Config)
+
+
+# -- peft: the base checkpoint and the method's fields ------------------------------------------
+
+LORA = ["peft.method=lora", "peft.lora_targets=[layers.*.attn.*]"]
+
+
+def _fake_base(tmp_path, *overrides, method="none"):
+    """A directory that passes the completeness check (DCP marker files, empty) with a config.yaml:
+    enough for validation and the config half of the base preflight, which read no tensors."""
+    ckpt = tmp_path / "base" / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / ".metadata").write_bytes(b"")
+    (ckpt / "extra_rank0.pt").write_bytes(b"")
+    cfg = load_config(RECIPE, list(overrides))
+    cfg.peft.method = method
+    save_config(cfg, str(ckpt / "config.yaml"))
+    return str(ckpt)
+
+
+def _one_line_error(overrides, message, loader=None):
+    with pytest.raises(ConfigError, match=message) as e:
+        (loader or (lambda: load_config(RECIPE, overrides)))()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["peft.method=lora"], r"^peft\.base: required with peft\.method lora"),
+    (["peft.method=full", "peft.base=/nonexistent/step_00000001"],
+     r"^peft\.base: checkpoint directory not found: /nonexistent/step_00000001$"),
+    (["peft.method=esft", "peft.base=hf:mistralai/Mixtral-8x7B-v0.1"],
+     r"^peft\.base: hf:mistralai/Mixtral-8x7B-v0\.1: Hugging Face bases need `sparseforge import-hf` first"),
+    (["peft.method=prefix"], r"^peft\.method: 'prefix' is not one of none, full, lora, perft, esft$"),
+])
+def test_peft_base_is_required_and_must_be_ours(override, message):
+    _one_line_error(override, message)
+
+
+def test_peft_base_must_be_a_complete_checkpoint(tmp_path):
+    (tmp_path / "step_00000002").mkdir()
+    _one_line_error(LORA + [f"peft.base={tmp_path / 'step_00000002'}"],
+                    r"^peft\.base: .*step_00000002 is not a complete checkpoint")
+
+
+@pytest.mark.parametrize("override, message", [
+    (["peft.method=lora"], r"^peft\.lora_targets: required with peft\.method lora"),
+    (LORA + ["peft.lora_rank=0"], r"^peft\.lora_rank: must be >= 1, got 0$"),
+    (LORA + ["peft.lora_alpha=0"], r"^peft\.lora_alpha: must be > 0, got 0\.0$"),
+    (LORA + ["peft.lora_dropout=1"], r"^peft\.lora_dropout: must be in \[0, 1\), got 1\.0$"),
+    (["peft.method=perft", "peft.perft_variant=X"], r"^peft\.perft_variant: 'X' is not one of S, D, R, E$"),
+    (["peft.method=perft", "peft.perft_top_k=5"], r"^peft\.perft_top_k=5 must be between 1 and peft\.perft_num_adapters=4$"),
+    (["peft.method=perft", "peft.perft_variant=D", "peft.perft_num_adapters=0"], r"^peft\.perft_num_adapters: must be >= 1"),
+    (["peft.method=perft", "peft.perft_rank=0"], r"^peft\.perft_rank: must be >= 1, got 0$"),
+    (["peft.method=esft", "peft.esft_top_p=0"], r"^peft\.esft_top_p: must be in \(0, 1\], got 0\.0$"),
+    (["peft.method=esft", "peft.esft_top_p=1.5"], r"^peft\.esft_top_p: must be in \(0, 1\], got 1\.5$"),
+    (["peft.method=esft", "peft.esft_calib_batches=0"], r"^peft\.esft_calib_batches: must be >= 1, got 0$"),
+    (["peft.method=esft", "peft.esft_score=entropy"], r"^peft\.esft_score: 'entropy' is not one of gate_mass, token_share$"),
+    (["peft.method=perft", "peft.perft_variant=E", "model.preset=tiny_dense"],
+     r"^peft\.perft_variant=E: PERFT adapters sit in the MoE layers; needs an MoE model"),
+    (["peft.method=esft", "model.preset=tiny_dense"], r"^peft\.method esft: trains selected experts; needs an MoE model"),
+    (LORA + ["peft.train_router=true", "model.preset=tiny_dense"], r"^peft\.train_router: needs an MoE model"),
+    (LORA + ["model.upcycle_from=/some/dense/step_00000001"], r"^model\.upcycle_from: not with peft\.method lora"),
+])
+def test_peft_method_fields_are_checked(tmp_path, override, message):
+    _one_line_error(override + [f"peft.base={_fake_base(tmp_path)}"], message)
+
+
+def test_peft_recipe_with_a_base_loads(tmp_path):
+    cfg = load_config(RECIPE, LORA + [f"peft.base={_fake_base(tmp_path)}"])
+    assert cfg.peft.method == "lora" and cfg.peft.lora_targets == ["layers.*.attn.*"] and cfg.peft.lora_rank == 8
+
+
+def test_peft_base_with_other_shapes_names_the_key(tmp_path):
+    from trainer.peft import check_peft_base
+
+    base = _fake_base(tmp_path, "model.d_model=64")
+    cfg = load_config(RECIPE, LORA + [f"peft.base={base}"])
+    _one_line_error(None, r"^peft\.base: model\.d_model is 64 in the base checkpoint, 128 in this run",
+                    loader=lambda: check_peft_base(base, cfg))
+
+
+def test_peft_base_must_not_be_an_adapter_checkpoint(tmp_path):
+    from trainer.peft import check_peft_base
+
+    base = _fake_base(tmp_path, method="lora")
+    cfg = load_config(RECIPE, LORA + [f"peft.base={base}"])
+    _one_line_error(None, r"^peft\.base: .* is a PEFT checkpoint \(peft\.method lora\) holding only its adapters; "
+                          r"merge it first: sparseforge merge-peft",
+                    loader=lambda: check_peft_base(base, cfg))

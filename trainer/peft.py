@@ -1,0 +1,283 @@
+"""PEFT runs in the trainer: the base checkpoint, ESFT's expert selection, loading and merging
+PEFT checkpoints (the methods themselves are models/peft).
+
+    check_peft_base(path, cfg)          launcher preflight: config.yaml and DCP metadata only
+    prepare_peft(model, cfg, task, mesh, resume_path)
+                                        base weights -> (ESFT) expert selection -> adapters, on
+                                        the whole model before expert/pipeline/data parallelism
+    load_peft_model(ckpt_dir)           (cfg, model): base + adapters + trained weights, no
+                                        process group
+    merge_peft(ckpt_dir, out)           an ordinary full checkpoint of the merged model
+
+A PEFT checkpoint holds only the trainable parameters, their optimizer state (and the DiT's EMA
+of them): trainer/checkpoint.py leaves frozen parameters out. Its config.yaml names the base, so
+the base is read again on resume and by `load_peft_model`. Every rank reads the base itself (no
+collectives) and seeds the adapter init alike, so all ranks start from identical weights.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch import nn
+
+import models
+from models.peft import (adapter_parameter_names, apply_peft, count_parameters, expert_scores, merge_adapters,
+                         select_experts)
+from parallel import all_reduce_sum
+from trainer.checkpoint import (checkpoint_root, is_complete, is_step_dir, model_tensor_shapes, read_model_state,
+                                read_run_state)
+from trainer.config import Config, ConfigError, PeftConfig, load_config, save_config
+
+_KEY = "peft.base"
+
+
+@dataclass
+class PeftState:
+    """What the trainer keeps of the PEFT setup."""
+
+    summary: str  # models.peft.apply_peft's one-line summary
+    trainable: int  # parameters, on the whole (unsharded) model, adapters included
+    total: int
+    esft_selection: list[list[int]] | None  # saved with every checkpoint, reused on resume
+
+    @property
+    def count_line(self) -> str:
+        return (f"trainable {self.trainable:,} of {self.total:,} parameters "
+                f"({100.0 * self.trainable / max(self.total, 1):.2f}%)")
+
+    def metrics(self) -> dict:
+        return {"peft/trainable_params": self.trainable, "peft/total_params": self.total,
+                "peft/trainable_frac": self.trainable / max(self.total, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The base checkpoint
+
+
+def _read_base_config(path: str) -> Config:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{_KEY}: checkpoint directory not found: {path}")
+    if not is_complete(path):
+        raise ConfigError(f"{_KEY}: {path} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
+    config_path = os.path.join(path, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{_KEY}: {path} has no config.yaml")
+    with open(config_path) as f:
+        method = ((yaml.safe_load(f) or {}).get("peft") or {}).get("method", "none")
+    if method not in ("none", "full"):  # full fine-tuning saves every weight: a complete model
+        raise ConfigError(f"{_KEY}: {path} is a PEFT checkpoint (peft.method {method}) holding only its "
+                          f"adapters; merge it first: sparseforge merge-peft {path} --out DIR")
+    try:  # its own base is not needed to describe it
+        return load_config(config_path, ["peft.method=none", "peft.base=", "model.upcycle_from="])
+    except ConfigError as e:
+        raise ConfigError(f"{_KEY}: {config_path}: {e}") from None
+
+
+def _shape_fields(cfg: Config) -> dict[str, object]:
+    """The config values that decide the weights' names and shapes, by config key."""
+    m, moe = cfg.model, cfg.moe
+    fields: dict[str, object] = {"model.family": m.family, "model.d_model": m.d_model,
+                                 "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+                                 "model.head_dim": m.head_dim or m.d_model // m.num_heads,
+                                 "moe.num_experts": moe.num_experts}
+    if m.family == "llm":
+        fields.update({"model.vocab_size": m.vocab_size, "model.num_kv_heads": m.num_kv_heads,
+                       "model.tie_embeddings": m.tie_embeddings, "model.attention": m.attention,
+                       "model.qkv_bias": m.qkv_bias, "model.attn_out_bias": m.attn_out_bias,
+                       "model.qk_norm": m.qk_norm})
+        if m.attention == "mla":
+            fields.update({f"model.{k}": getattr(m, k) for k in (
+                "mla_q_lora_rank", "mla_kv_lora_rank", "mla_qk_nope_head_dim", "mla_qk_rope_head_dim",
+                "mla_v_head_dim")})
+    else:
+        fields.update({"model.image_size": m.image_size, "model.patch_size": m.patch_size,
+                       "model.in_channels": m.in_channels, "model.num_classes": m.num_classes,
+                       "model.learn_sigma": m.learn_sigma})
+    if moe.num_experts > 0:
+        shared = moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
+        fields.update({"moe.expert_ffn_dim": moe.expert_ffn_dim, "moe.moe_every": moe.moe_every,
+                       "moe.first_k_dense": moe.first_k_dense, "moe.num_shared_experts": moe.num_shared_experts,
+                       "moe.shared_expert_ffn_dim": shared, "moe.shared_expert_gate": moe.shared_expert_gate,
+                       "moe.aux_free": moe.aux_free, "moe.layer_num_experts": moe.layer_num_experts})
+    from models.llm import is_moe_layer
+
+    if not all(is_moe_layer(i, moe) for i in range(m.num_layers)):
+        fields["model.ffn_dim"] = m.ffn_dim  # only dense FFN layers have it
+    return fields
+
+
+def _compare(base: Config, cfg: Config, path: str) -> None:
+    """Raise on the first config key, then the first tensor, the base cannot fill in this model."""
+    theirs, ours = _shape_fields(base), _shape_fields(cfg)
+    for key, value in ours.items():
+        if theirs.get(key) != value:
+            raise ConfigError(f"{_KEY}: {key} is {theirs.get(key)} in the base checkpoint, {value} in this "
+                              f"run; a base must have this model's shapes")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in models.build_model(cfg.model, cfg.moe).state_dict().items()}
+    stored = model_tensor_shapes(path)
+    for name, shape in expected.items():
+        if name not in stored:
+            raise ConfigError(f"{_KEY}: {path} has no tensor {name}, which this model needs")
+        if stored[name] != shape:
+            raise ConfigError(f"{_KEY}: {name} is {list(stored[name])} in the base checkpoint, {list(shape)} "
+                              f"in this model")
+    if extra := sorted(set(stored) - set(expected)):
+        raise ConfigError(f"{_KEY}: {path} holds {extra[0]}, which this model does not have")
+
+
+def check_peft_base(path: str, cfg: Config) -> Config:
+    """Cheap preflight of `peft.base` (config.yaml and the DCP metadata, no tensor is read).
+
+    Returns:
+        The base run's config. Raises `ConfigError` (one line naming the key) on any problem.
+    """
+    base = _read_base_config(path)
+    _compare(base, cfg, path)
+    return base
+
+
+@torch.no_grad()
+def load_base(model: nn.Module, path: str, cfg: Config) -> str:
+    """Fill the whole (not yet adapted, sharded or split) `model` with the base weights."""
+    check_peft_base(path, cfg)
+    model.load_state_dict(read_model_state(path), strict=True)
+    step = torch.load(os.path.join(path, "extra_rank0.pt"), weights_only=False)["step"]
+    return f"peft: base weights from {path} (step {step})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Setting a run up
+
+
+def calibrate_esft(model: nn.Module, cfg: Config, task, mesh) -> list[list[int]]:
+    """ESFT's expert selection from the base model on the run's own training data.
+
+    Each rank scores `peft.esft_calib_batches` of its training micro batches (the first ones of
+    the data order; the data position is restored afterwards, so training still starts at batch
+    0), the scores are summed over dp and rank 0's sum is broadcast, so every rank selects the
+    same experts.
+    """
+    p, data = cfg.peft, task.data
+    saved = data.state_dict()
+    batches = data.train_batches()
+
+    def run_forward(i: int) -> None:
+        # eval_loss: the DiT noises at fixed evaluation keys (no training RNG is consumed).
+        task.eval_loss(model, task.to_device(next(batches)), i)
+
+    scores_LE = expert_scores(model, run_forward, p.esft_calib_batches, p.esft_score)
+    data.load_state_dict(saved)
+    scores_LE = all_reduce_sum(scores_LE, mesh.dp_group)
+    if dist.is_initialized() and mesh.world_size > 1:
+        dist.broadcast(scores_LE, src=0)  # bit-identical on every rank, whatever the reduction order
+    return select_experts(scores_LE, p.esft_top_p)
+
+
+def prepare_peft(model: nn.Module, cfg: Config, task, mesh, resume_path: str | None) -> tuple[PeftState, str]:
+    """Base weights, then the ESFT selection (the resumed checkpoint's, else calibrated), then the
+    adapters, on the whole model (call before expert parallelism, pipeline split and DDP).
+
+    Returns:
+        (PeftState, the base's log line).
+    """
+    base_line = load_base(model, cfg.peft.base, cfg)
+    selection = None
+    if cfg.peft.method == "esft":
+        if resume_path is not None:
+            selection = read_run_state(resume_path).get("esft_selection")
+        if selection is None:
+            selection = calibrate_esft(model, cfg, task, mesh)
+    # Adapter init from the run's seed: the same on every rank and whatever ran before.
+    torch.manual_seed(cfg.train.seed)
+    summary = apply_peft(model, cfg.peft, selection)
+    trainable, total = count_parameters(model)
+    return PeftState(summary, trainable, total, selection), base_line
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT checkpoints outside training
+
+
+def load_peft_model(ckpt_dir: str) -> tuple[Config, nn.Module]:
+    """A PEFT checkpoint as a model on the CPU, in eval mode: built from its config.yaml, filled
+    with its base (peft.base), adapted, then given the checkpoint's trained weights. No process
+    group is needed; the checkpoint may come from any ep/pp layout.
+
+    Returns:
+        (the run's config, the model). Raises `ConfigError` (one line) on any problem.
+    """
+    if not is_complete(ckpt_dir):
+        raise ConfigError(f"{ckpt_dir}: not a complete checkpoint (step_XXXXXXXX with .metadata)")
+    cfg = load_config(os.path.join(ckpt_dir, "config.yaml"))
+    if cfg.peft.method == "none":
+        raise ConfigError(f"{ckpt_dir}: not a PEFT checkpoint (peft.method none)")
+    with torch.device("cpu"):
+        model = models.build_model(cfg.model, cfg.moe)
+    load_base(model, cfg.peft.base, cfg)
+    selection = read_run_state(ckpt_dir).get("esft_selection") if cfg.peft.method == "esft" else None
+    if cfg.peft.method == "esft" and selection is None:
+        raise ConfigError(f"{ckpt_dir}: an ESFT checkpoint without its expert selection")
+    apply_peft(model, cfg.peft, selection)
+    # Trainable parameters, and buffers the run may have changed (aux-free biases).
+    trained = read_model_state(ckpt_dir)
+    if missing := [n for n in adapter_parameter_names(model) if n not in trained]:
+        raise ConfigError(f"{ckpt_dir}: the checkpoint has no {missing[0]} for peft.method {cfg.peft.method}")
+    unexpected = model.load_state_dict(trained, strict=False).unexpected_keys
+    if unexpected:
+        raise ConfigError(f"{ckpt_dir}: the checkpoint holds {unexpected[0]}, which the adapted model does not have")
+    return cfg, model.eval()
+
+
+def _merged_dir(out: str, step: int) -> str:
+    """OUT itself when it is named step_XXXXXXXX, else OUT as a run directory."""
+    out = os.path.abspath(out)
+    return out if is_step_dir(out) else os.path.join(checkpoint_root(out), f"step_{step:08d}")
+
+
+def merge_peft(ckpt_dir: str, out: str) -> tuple[str, str]:
+    """Fold a PEFT checkpoint's adapters into its base and write the result as an ordinary full
+    checkpoint of ours (model weights only, config with peft.method none): a `peft.base` or
+    `model.upcycle_from` for another run. Not resumable: it has no optimizer or data state.
+
+    Args:
+        ckpt_dir: a checkpoint directory of a PEFT run (lora, esft, full; PERFT adapters are
+            modules, not weight deltas, and cannot be merged).
+        out: the checkpoint directory to write (named step_XXXXXXXX), or a run directory whose
+            checkpoints/step_XXXXXXXX (the PEFT checkpoint's step) it becomes.
+
+    Returns:
+        (the written checkpoint directory, a one-line summary).
+    """
+    cfg, model = load_peft_model(ckpt_dir)
+    try:
+        num_merged = merge_adapters(model)
+    except ValueError as e:
+        raise ConfigError(f"{ckpt_dir}: {e}") from None
+    step = int(torch.load(os.path.join(ckpt_dir, "extra_rank0.pt"), weights_only=False)["step"])
+    final = _merged_dir(out, step)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
+        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp, no_dist=True)
+    torch.save({"step": step, "world_size": 1, "run_state": {"merged_from": os.path.abspath(ckpt_dir)}},
+               os.path.join(tmp, "extra_rank0.pt"))
+    merged_cfg = copy.deepcopy(cfg)
+    merged_cfg.peft = PeftConfig()
+    save_config(merged_cfg, os.path.join(tmp, "config.yaml"))
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    what = {"lora": f"{num_merged} LoRA modules merged", "esft": "ESFT experts (trained in place)",
+            "full": "fully fine-tuned weights"}[cfg.peft.method]
+    return final, f"merged {ckpt_dir} ({what}) into {final}"
