@@ -394,6 +394,11 @@ def load_config(
             raw = _deep_merge(preset_overrides(preset), raw)
         except KeyError as e:
             raise ConfigError(f"model.preset: {e.args[0]}") from None
+    init_from = (raw.get("model") or {}).get("init_from") if isinstance(raw.get("model"), dict) else None
+    if init_from and isinstance(init_from, str):
+        from trainer.hf_checkpoint import source_architecture  # the source's architecture keys win
+
+        raw = _deep_merge(raw, source_architecture(init_from))
     cfg = _build(Config, raw, "")
     validate(cfg, world_size)
     return cfg

@@ -1,0 +1,229 @@
+"""State-dict conversion between Hugging Face checkpoints and our `MoETransformer`.
+
+    hf_to_ours(our_shapes, hf_names, read, spec)   our state dict (fp32) from HF tensors read by name
+    ours_to_hf(state, spec)                         (HF name, tensor) pairs, one at a time
+    detect_expert_layout(hf_names, where)           "fused" | "per_expert"
+
+Name map (HF prefix `model.layers.{i}.`, ours `layers.{i}.`):
+    embed_tokens / norm / lm_head            tok_embeddings / norm / output
+    input_layernorm, post_attention_layernorm   attn_norm, ffn_norm
+    self_attn.{q,k,v,o}_proj, q_norm, k_norm     attn.{wq,wk,wv,wo}, q_norm, k_norm
+    self_attn.q_a_proj, q_a_layernorm, q_b_proj, q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
+        kv_b_proj (MLA)                      attn.wq_a, q_a_norm, wq_b, wq, wkv_a, kv_a_norm, wkv_b
+    mlp.{gate,up,down}_proj (dense)          ffn.{w1,w3,w2}
+    mlp.gate (+ e_score_correction_bias)     ffn.router.gate (+ expert_bias_E)
+    mlp.shared_expert(s).{gate,up,down}_proj ffn.shared_experts.{w1,w3,w2};  mlp.shared_expert_gate
+    routed experts, fused layout (transformers 5 in memory):
+        mlp.experts.gate_up_proj [E, 2F, D] = [w1; w3],  mlp.experts.down_proj [E, D, F] = w2
+    routed experts, per-expert layout (what save_pretrained writes, and transformers 4.x):
+        mlp.experts.{e}.{gate,up,down}_proj.weight; Mixtral: block_sparse_moe.experts.{e}.{w1,w3,w2}.weight
+        and block_sparse_moe.gate
+DeepSeek's interleaved RoPE (rope_interleave, channel pairs (0,1), (2,3), ...) equals our
+rotate-half RoPE on channels reordered evens-then-odds, so the rows that make the RoPE part of q
+and of the shared key are permuted on import and back on export.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from models.hf.families import HFFormatError
+
+EXPERT_LAYOUTS = ("fused", "per_expert")
+_ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "q_norm": "q_norm", "k_norm": "k_norm",
+         "wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wkv_a": "kv_a_proj_with_mqa",
+         "kv_a_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj"}
+_FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MIXTRAL_EXPERT = {"w1": "w1", "w3": "w3", "w2": "w2"}
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+# HF tensors that carry nothing we need: RoPE tables of old checkpoints.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one checkpoint lays its tensors out.
+
+    model_type: the HF family. expert_layout: "fused" or "per_expert". rope_interleave: DeepSeek
+    MLA RoPE in neighbouring pairs. num_layers, mla_nope/mla_rope/kv_lora_rank: MLA shapes for the
+    RoPE row permutation (unused otherwise).
+    """
+
+    model_type: str
+    expert_layout: str
+    num_layers: int
+    rope_interleave: bool = False
+    mla_nope: int = 0
+    mla_rope: int = 0
+    kv_lora_rank: int = 0
+
+    @property
+    def moe_prefix(self) -> str:
+        legacy_mixtral = self.model_type == "mixtral" and self.expert_layout == "per_expert"
+        return "block_sparse_moe" if legacy_mixtral else "mlp"
+
+    @property
+    def shared_name(self) -> str:
+        return "shared_experts" if self.model_type == "deepseek_v3" else "shared_expert"
+
+
+def detect_expert_layout(hf_names, where: str) -> str:
+    """'fused' (mlp.experts.gate_up_proj) or 'per_expert' (experts.{e}.*), from the tensor names."""
+    names = list(hf_names)
+    fused = any(n.endswith(".experts.gate_up_proj") for n in names)
+    per_expert = any(re.search(r"\.experts\.\d+\.", n) for n in names)
+    if fused and per_expert:
+        raise HFFormatError(f"{where}: holds both fused (experts.gate_up_proj) and per-expert (experts.N.*) tensors")
+    if not (fused or per_expert):
+        raise HFFormatError(f"{where}: no routed-expert tensors (experts.gate_up_proj or experts.N.*)")
+    return "fused" if fused else "per_expert"
+
+
+def _simple_name(key: str, spec: Spec) -> str | None:
+    """The HF name of one of our tensors that maps 1:1 (None for routed experts)."""
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if key in top:
+        return top[key]
+    match = _LAYER_KEY.match(key)
+    if match is None:
+        raise HFFormatError(f"our tensor {key} has no Hugging Face name")
+    i, rest = match.groups()
+    p = f"model.layers.{i}."
+    parts = rest.split(".")
+    if rest in ("attn_norm.weight", "ffn_norm.weight"):
+        return p + ("input_layernorm.weight" if rest.startswith("attn") else "post_attention_layernorm.weight")
+    if parts[0] == "attn" and parts[1] in _ATTN:
+        return p + f"self_attn.{_ATTN[parts[1]]}.{parts[2]}"
+    moe = p + spec.moe_prefix
+    if rest == "ffn.router.gate.weight":
+        return moe + ".gate.weight"
+    if rest == "ffn.router.expert_bias_E":
+        return moe + ".gate.e_score_correction_bias"
+    if rest == "ffn.shared_expert_gate.weight":
+        return moe + ".shared_expert_gate.weight"
+    if parts[:2] == ["ffn", "shared_experts"]:
+        return p + f"mlp.{spec.shared_name}.{_FFN[parts[2]]}.weight"
+    if parts[0] == "ffn" and parts[1] in _FFN:  # a dense layer's FFN
+        return p + f"mlp.{_FFN[parts[1]]}.weight"
+    if parts[:2] == ["ffn", "experts"]:
+        return None
+    raise HFFormatError(f"our tensor {key} has no Hugging Face name")
+
+
+def _rope_perm(n: int) -> torch.Tensor:
+    """Neighbouring pairs -> rotate-half halves: new channel j holds old perm[j]."""
+    return torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
+
+
+def _rope_rows(key: str, spec: Spec, num_rows: int) -> torch.Tensor | None:
+    """Row order that turns an interleaved-RoPE HF tensor into ours, for the q and kv_a projections."""
+    if not spec.rope_interleave:
+        return None
+    rows = torch.arange(num_rows)
+    R = spec.mla_rope
+    if re.search(r"\.attn\.(wq|wq_b)\.weight$", key):
+        head = spec.mla_nope + R
+        view = rows.view(-1, head).clone()
+        view[:, spec.mla_nope:] = view[:, spec.mla_nope:][:, _rope_perm(R)]
+        return view.reshape(-1)
+    if re.search(r"\.attn\.wkv_a\.(weight|bias)$", key):
+        L = spec.kv_lora_rank
+        rows[L:] = rows[L:][_rope_perm(R)]
+        return rows
+    return None
+
+
+def _expert_names(layer: str, spec: Spec, num_experts: int) -> dict[str, list[str]]:
+    """{our expert key suffix: HF names} for per-expert layouts (one name per expert)."""
+    base = f"model.layers.{layer}.{spec.moe_prefix}.experts"
+    names = _MIXTRAL_EXPERT if spec.model_type == "mixtral" else _FFN
+    return {w: [f"{base}.{e}.{names[w]}.weight" for e in range(num_experts)] for w in ("w1", "w3", "w2")}
+
+
+def _read_experts(key: str, shape: tuple, read: Callable[[str], torch.Tensor], spec: Spec) -> tuple[torch.Tensor, list[str]]:
+    """One of our stacked expert tensors (w1_EFD, w3_EFD, w2_EDF) and the HF names it used."""
+    layer, leaf = _LAYER_KEY.match(key).group(1), key.rsplit(".", 1)[1]
+    w, E = leaf.split("_")[0], shape[0]
+    if spec.expert_layout == "per_expert":
+        names = _expert_names(layer, spec, E)[w]
+        return torch.stack([read(n) for n in names]), names
+    base = f"model.layers.{layer}.mlp.experts."
+    if w == "w2":
+        return read(base + "down_proj"), [base + "down_proj"]
+    gate_up = read(base + "gate_up_proj")  # [E, 2F, D]: gate rows first, then up
+    F_ = shape[1]
+    if tuple(gate_up.shape) != (E, 2 * F_, shape[2]):
+        raise HFFormatError(f"{base}gate_up_proj has shape {tuple(gate_up.shape)}, expected {(E, 2 * F_, shape[2])}")
+    return (gate_up[:, :F_] if w == "w1" else gate_up[:, F_:]), [base + "gate_up_proj"]
+
+
+def hf_to_ours(our_shapes: dict[str, tuple], hf_names, read: Callable[[str], torch.Tensor], spec: Spec,
+               where: str, tied: bool = False) -> dict[str, torch.Tensor]:
+    """Our state dict (fp32, contiguous) from a Hugging Face checkpoint.
+
+    Args:
+        our_shapes: name -> shape of every tensor of our model's state dict (the target).
+        hf_names: every tensor name in the checkpoint (unused ones are an error, except RoPE
+            tables, a tied lm_head and DeepSeek's multi-token-prediction layers).
+        read: HF name -> tensor.
+        spec: the checkpoint's layout. where: the directory, for messages. tied: tie_embeddings.
+    """
+    hf_names, used, out = set(hf_names), set(), {}
+    for key, shape in our_shapes.items():
+        name = _simple_name(key, spec)
+        if name is None:
+            tensor, names = _read_experts(key, tuple(shape), read, spec)
+        else:
+            if name not in hf_names:
+                raise HFFormatError(f"{where}: tensor {name} is missing (for our {key})")
+            tensor, names = read(name), [name]
+        used.update(names)
+        if tuple(tensor.shape) != tuple(shape):
+            what = f"{names[0]} has shape" if len(names) == 1 else \
+                f"{re.sub(r'experts[.]0[.]', 'experts.*.', names[0])} stacked over experts have shape"
+            raise HFFormatError(f"{where}: {what} {tuple(tensor.shape)}, our {key} needs {tuple(shape)}")
+        rows = _rope_rows(key, spec, tensor.shape[0])
+        if rows is not None:
+            tensor = tensor[rows]
+        out[key] = tensor.to(torch.float32).contiguous()
+    extra = sorted(n for n in hf_names - used if not _ignorable(n, spec, tied))
+    if extra:
+        raise HFFormatError(f"{where}: {len(extra)} tensors have no place in our model, e.g. {extra[0]}")
+    return out
+
+
+def _ignorable(name: str, spec: Spec, tied: bool) -> bool:
+    if _IGNORED.search(name) or (tied and name == "lm_head.weight"):
+        return True
+    match = re.match(r"^model\.layers\.(\d+)\.", name)  # DeepSeek's MTP modules follow the last layer
+    return spec.model_type == "deepseek_v3" and match is not None and int(match.group(1)) >= spec.num_layers
+
+
+def ours_to_hf(state: dict[str, torch.Tensor], spec: Spec) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor of our state dict, in the layout of `spec`; the inverse
+    of `hf_to_ours` (dtype unchanged)."""
+    for key, tensor in state.items():
+        name = _simple_name(key, spec)
+        if name is not None:
+            rows = _rope_rows(key, spec, tensor.shape[0])
+            yield name, tensor if rows is None else tensor[torch.argsort(rows)]
+            continue
+        leaf = key.rsplit(".", 1)[1]
+        if leaf == "w3_EFD":
+            continue  # written with w1 (fused) or below (per expert)
+        layer, w = _LAYER_KEY.match(key).group(1), leaf.split("_")[0]
+        if spec.expert_layout == "per_expert":
+            names = _expert_names(layer, spec, tensor.shape[0])
+            pairs = [(w, tensor)] + ([("w3", state[key.replace("w1_EFD", "w3_EFD")])] if w == "w1" else [])
+            for which, stacked in pairs:
+                yield from zip(names[which], stacked.unbind(0))
+            continue
+        base = f"model.layers.{layer}.mlp.experts."
+        if w == "w2":
+            yield base + "down_proj", tensor
+        else:
+            yield base + "gate_up_proj", torch.cat([tensor, state[key.replace("w1_EFD", "w3_EFD")]], dim=1)

@@ -1,0 +1,269 @@
+"""Hugging Face checkpoints in and out (trainer/hf_checkpoint.py, models/hf/).
+
+Tiny random models of every supported family are built from configs with transformers (nothing is
+downloaded), their weights perturbed so that no norm is all ones and no bias all zeros (a swapped
+or dropped tensor then shows), and saved:
+    per_expert   save_pretrained's own files (transformers 5 writes routed experts one by one)
+    fused        the model's in-memory state dict (experts.gate_up_proj [E, 2F, D], down_proj),
+                 written by us as shards with model.safetensors.index.json
+Imported, our model's logits match transformers' within 1e-4 (fp32); exported back (both expert
+layouts, sharded or not) transformers loads it and its logits equal the original's exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import models  # noqa: E402
+from trainer.config import ConfigError  # noqa: E402
+from trainer.hf_checkpoint import export_hf, hf_config, import_hf, init_model_from, write_checkpoint  # noqa: E402
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, max_position_embeddings=64,
+              initializer_range=0.1, tie_word_embeddings=False)
+CONFIGS = {
+    # Softmax top-2 with renormalisation; GQA.
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_key_value_heads=2, intermediate_size=24,
+                                                  num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
+    # q/k/v biases, top-k without renormalisation, a gated shared expert, layer 0 dense (mlp_only_layers).
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**COMMON, num_key_value_heads=2, intermediate_size=48,
+                                                     num_hidden_layers=3, moe_intermediate_size=16,
+                                                     shared_expert_intermediate_size=40, num_experts=6,
+                                                     num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0]),
+    # Renormalised variant, MoE every 2nd layer (decoder_sparse_step).
+    "qwen2_moe_step2": lambda: transformers.Qwen2MoeConfig(**COMMON, num_key_value_heads=4, intermediate_size=48,
+                                                           num_hidden_layers=4, moe_intermediate_size=16,
+                                                           shared_expert_intermediate_size=24, num_experts=4,
+                                                           num_experts_per_tok=2, norm_topk_prob=True,
+                                                           decoder_sparse_step=2),
+    # q/k RMSNorm over the whole projections, no renormalisation, clip_qkv, attention biases.
+    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, num_key_value_heads=2, intermediate_size=16,
+                                              num_hidden_layers=2, num_experts=6, num_experts_per_tok=2,
+                                              norm_topk_prob=False, clip_qkv=0.6, attention_bias=True,
+                                              pad_token_id=0, eos_token_id=1),
+    # Sigmoid scores + correction bias, 4 groups keep 2, routed scale, 2 shared experts, first layer
+    # dense, MLA with a q bottleneck and interleaved RoPE.
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=8,
+        n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, n_shared_experts=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=6, rope_interleave=True, bos_token_id=0, eos_token_id=1),
+    # Full-rank q, rotate-half RoPE, attention biases, no renormalisation.
+    "deepseek_v3_plain": lambda: transformers.DeepseekV3Config(
+        **COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, n_routed_experts=4,
+        n_group=1, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=0, n_shared_experts=1,
+        routed_scaling_factor=1.5, norm_topk_prob=False, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=4,
+        qk_rope_head_dim=8, v_head_dim=4, rope_interleave=False, attention_bias=True, bos_token_id=0,
+        eos_token_id=1),
+}
+TOKENS = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def hf_model(name: str, seed: int = 0):
+    """A random transformers model of CONFIGS[name] in eval mode, every tensor perturbed."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for pname, t in list(model.named_parameters()) + list(model.named_buffers()):
+        noise = torch.randn(t.shape, generator=gen)
+        if pname.endswith("inv_freq"):
+            continue
+        if "norm" in pname:
+            t.copy_(1.0 + 0.2 * noise)
+        elif pname.endswith(("bias", "e_score_correction_bias")):
+            t.copy_(0.1 * noise)
+        else:
+            t.copy_(0.15 * noise)
+    return model
+
+
+def save(model, path, layout: str) -> str:
+    """save_pretrained (per-expert files), or the in-memory fused state dict in 3 shards + index."""
+    model.save_pretrained(path)
+    if layout == "fused":
+        for f in os.listdir(path):
+            if f.endswith(".safetensors") or f.endswith(".index.json"):
+                os.remove(os.path.join(path, f))
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        names = sorted(state)
+        shards = [names[i::3] for i in range(3)]
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-00003.safetensors"
+            safetensors_torch.save_file({n: state[n] for n in shard}, os.path.join(path, file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in shard})
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return str(path)
+
+
+def ours_from(hf_dir: str):
+    cfg = hf_config(hf_dir)
+    model = models.build_model(cfg.model, cfg.moe).eval()
+    init_model_from(model, "hf:" + hf_dir)
+    return model
+
+
+@torch.no_grad()
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_imported_logits_match_transformers(tmp_path, name, layout):
+    hf = hf_model(name)
+    hf_dir = save(hf, tmp_path / "hf", layout)
+    names = os.listdir(hf_dir)
+    assert ("model.safetensors.index.json" in names) == (layout == "fused")
+    ours = ours_from(hf_dir)
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+        got = ours(TOKENS)
+    assert max_diff(got, expected) <= 1e-4, max_diff(got, expected)
+    assert expected.abs().max() > 1.0  # not a degenerate comparison of near-zero logits
+
+
+def test_architecture_mapping(tmp_path):
+    """What each family turns into (routing, layer pattern, attention options)."""
+    def arch(name, tmp):
+        hf = hf_model(name)
+        return hf_config(save(hf, tmp / name, "per_expert"))
+
+    tmp = tmp_path
+    q = arch("qwen2_moe", tmp)
+    assert (q.moe.first_k_dense, q.moe.moe_every, q.moe.renormalize, q.model.qkv_bias) == (1, 1, False, True)
+    assert (q.moe.num_shared_experts, q.moe.shared_expert_ffn_dim, q.moe.shared_expert_gate) == (1, 40, True)
+    q2 = arch("qwen2_moe_step2", tmp)
+    assert (q2.moe.first_k_dense, q2.moe.moe_every, q2.moe.renormalize) == (1, 2, True)
+    o = arch("olmoe", tmp)
+    assert (o.model.qk_norm, o.model.clip_qkv, o.moe.renormalize, o.model.attn_out_bias) == (True, 0.6, False, True)
+    d = arch("deepseek_v3", tmp)
+    assert d.model.attention == "mla" and d.model.mla_q_lora_rank == 16
+    assert (d.moe.score_func, d.moe.num_groups, d.moe.topk_group, d.moe.routed_scaling_factor) == ("sigmoid", 4, 2, 2.5)
+    assert (d.moe.first_k_dense, d.moe.num_shared_experts, d.moe.aux_free) == (1, 2, True)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v3_plain"])
+def test_round_trip_hf_ours_hf(tmp_path, name):
+    """HF -> our checkpoint -> HF, in both expert layouts (the fused one sharded): transformers
+    loads the export with the original's weights bit for bit, and gives exactly its logits.
+
+    Parameters are re-placed in fresh memory before the forward: tensors mapped from a file sit
+    at other alignments, and CPU kernels then take other vectorised paths (rounding differences
+    of ~1e-7 with identical weights). deepseek_v3_plain was saved with rotate-half RoPE and comes
+    back in DeepSeek's interleaved layout (permuted rows): the same function, computed in another
+    order, so its logits are compared within 1e-5.
+    """
+    hf = hf_model(name)
+    hf_dir = save(hf, tmp_path / "hf", "per_expert")
+    ckpt = import_hf(hf_dir, str(tmp_path / "ckpt"))
+    assert os.path.basename(ckpt) == "step_00000000"
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+    for layout, shard_bytes in [("per_expert", 5 * 2**30), ("fused", 40_000)]:
+        out = tmp_path / f"export_{layout}"
+        model_type, files = export_hf(ckpt, str(out), expert_layout=layout, max_shard_bytes=shard_bytes)
+        assert model_type == hf.config.model_type
+        assert ("model.safetensors.index.json" in files) == (layout == "fused")
+        back = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+        with torch.no_grad():
+            for p in back.parameters():
+                p.data = p.data.clone()
+            got = back(TOKENS).logits
+        if name == "deepseek_v3_plain":
+            assert max_diff(got, expected) <= 1e-5
+            continue
+        original, loaded = hf.state_dict(), back.state_dict()
+        assert sorted(original) == sorted(loaded)
+        assert all(torch.equal(original[k], loaded[k]) for k in original)
+        assert torch.equal(got, expected)
+    if name != "deepseek_v3_plain":
+        # per_expert is what save_pretrained writes: the same tensors under the same names.
+        from safetensors.torch import load_file
+
+        original, exported = load_file(os.path.join(hf_dir, "model.safetensors")), \
+            load_file(os.path.join(tmp_path, "export_per_expert", "model.safetensors"))
+        assert sorted(original) == sorted(exported)
+        assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+def test_ours_exports_and_loads_without_hf_origin(tmp_path):
+    """A model of ours (not imported) exports to the family that expresses it: our tiny preset
+    is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE."""
+    from trainer.config import load_config
+
+    for overrides, family in [([], "mixtral"),
+                              (["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "model.qkv_bias=true",
+                                "moe.renormalize=false", "moe.first_k_dense=1"], "qwen2_moe")]:
+        cfg = load_config(None, ["model.preset=tiny", "model.d_model=32", "model.num_layers=2",
+                                 "moe.expert_ffn_dim=16", "model.ffn_dim=32", "model.max_seq_len=64", "data.seq_len=32",
+                                 *overrides])
+        torch.manual_seed(0)
+        model = models.build_model(cfg.model, cfg.moe).eval()
+        for p in model.parameters():  # biases and norms away from their init
+            torch.nn.init.normal_(p, std=0.1 if p.dim() > 1 else 0.3)
+        ckpt = write_checkpoint(str(tmp_path / family), cfg, model.state_dict(), {})
+        model_type, _ = export_hf(ckpt, str(tmp_path / f"{family}_hf"))
+        assert model_type == family
+        back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / f"{family}_hf")).eval()
+        tokens = TOKENS % cfg.model.vocab_size
+        with torch.no_grad():
+            assert max_diff(back(tokens).logits, model(tokens)) <= 1e-4
+
+
+def zeros_state(cfg) -> dict:
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in models.build_model(cfg.model, cfg.moe).state_dict().items()}
+    return {k: torch.zeros(shape) for k, shape in shapes.items()}
+
+
+def test_one_line_errors(tmp_path):
+    # not a Hugging Face directory; another family; our own checkpoint given as hf:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is not a Hugging Face model directory: no config.json"):
+        hf_config(str(tmp_path / "empty"))
+    llama = tmp_path / "llama"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, intermediate_size=16, num_hidden_layers=1)) \
+        .save_pretrained(llama)
+    with pytest.raises(ConfigError, match=r"config.json: model_type 'llama' is not supported; supported: mixtral"):
+        hf_config(str(llama))
+    # a DiT checkpoint of ours does not export; a model no family expresses names what is missing
+    from trainer.config import load_config
+
+    dit = load_config(None, ["model.preset=dit_tiny_moe"])
+    state = zeros_state(dit)
+    dit_ckpt = write_checkpoint(str(tmp_path / "dit"), dit, state, {})
+    with pytest.raises(ConfigError, match="holds a dit model"):
+        export_hf(dit_ckpt, str(tmp_path / "dit_hf"))
+    with pytest.raises(ConfigError, match=r"hf:DIR"):
+        export_hf(str(llama), str(tmp_path / "x"))
+    cfg = load_config(None, ["model.preset=tiny", "moe.aux_free=true"])
+    state = zeros_state(cfg)
+    ckpt = write_checkpoint(str(tmp_path / "aux_free"), cfg, state, {})
+    with pytest.raises(ConfigError, match="no Hugging Face family fits this model: mixtral cannot express: the aux-free"):
+        export_hf(ckpt, str(tmp_path / "aux_free_hf"))
+    with pytest.raises(ConfigError, match="deepseek_v3 cannot express: model.attention=gqa"):
+        export_hf(ckpt, str(tmp_path / "aux_free_hf"), model_type="deepseek_v3")
+
+
+def test_import_refuses_wrong_shapes(tmp_path):
+    """A config.json that does not describe its weights is named, tensor and shapes."""
+    hf_dir = save(hf_model("mixtral"), tmp_path / "hf", "per_expert")
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["intermediate_size"] = 20
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    cfg = hf_config(hf_dir)
+    model = models.build_model(cfg.model, cfg.moe)
+    with pytest.raises(ConfigError, match=r"block_sparse_moe.experts.[*].w1.weight stacked over experts have "
+                                          r"shape \(4, 24, 32\), our layers.0.ffn.experts.w1_EFD needs \(4, 20, 32\)"):
+        init_model_from(model, "hf:" + hf_dir)
