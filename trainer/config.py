@@ -238,7 +238,26 @@ class PeftConfig:
 
 @dataclass
 class PruneConfig:
-    method: str = "none"
+    """Compression of a checkpoint of ours (models/pruning, trainer/prune.py): evaluated before and
+    after, written as an ordinary checkpoint (step 0 of the run), then trained for train.steps
+    (a recovery fine-tune; 0: compress and evaluate only)."""
+    method: str = "none"  # none | experts | merge | dare | darex | ties | magnitude
+    checkpoint: str = ""  # the checkpoint directory step_XXXXXXXX to compress; required
+    # router_norm: the checkpoint before fine-tuning; dare / darex / ties: the base of the deltas
+    reference: str = ""
+    criterion: str = "reap"  # experts: frequency | gate_mass | router_norm | reap | naee | random
+    sparsity: float = 0.25  # share of experts removed (experts, merge); of expert weights (magnitude)
+    budget: str = "per_layer"  # per_layer (each layer the same share) | global (lowest scores overall)
+    calib_batches: int = 8  # training micro batches per rank scored (summed over dp)
+    seed: int = 0  # the random criterion, DARE masks
+    dynamic_skip: bool = False  # also store moe.skip_beta (per-layer β of dynamic skipping, eval only)
+    drop_rate: float = 0.9  # dare / darex: p, the share of delta entries dropped
+    darex_q: float = 0.0  # darex: rescale by 1/q; 0: q tuned on one calibration batch
+    ties_checkpoints: list[str] = field(default_factory=list)  # ties: more fine-tunes of `reference`
+    ties_density: float = 0.2  # ties: share of each delta kept (largest magnitudes)
+    ties_lambda: float = 1.0  # ties: scale of the merged delta
+    nm: str = ""  # magnitude: "2:4" for N:M along the input dim; empty: unstructured `sparsity`
+
 
 
 @dataclass
@@ -620,6 +639,80 @@ def _validate_peft(cfg: Config) -> None:
         _require(p.esft_calib_batches >= 1, f"peft.esft_calib_batches: must be >= 1, got {p.esft_calib_batches}")
 
 
+PRUNE_METHODS = ("none", "experts", "merge", "dare", "darex", "ties", "magnitude")
+PRUNE_CRITERIA = ("frequency", "gate_mass", "router_norm", "reap", "naee", "random")  # models.pruning.CRITERIA
+
+
+def _require_checkpoint(key: str, path: str, why: str) -> None:
+    _require(path != "", f"{key}: required {why} (a checkpoint directory step_XXXXXXXX of ours)")
+    _require(os.path.isdir(path), f"{key}: checkpoint directory not found: {path}")
+    from trainer.checkpoint import is_complete  # heavy imports only for prune recipes
+
+    _require(is_complete(path), f"{key}: {path} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
+
+
+def _validate_prune(cfg: Config) -> None:
+    """The prune section: the checkpoints it reads (which must exist, so a recipe whose source
+    was never trained fails here), the method's ranges, what a method cannot be combined with."""
+    p, moe = cfg.prune, cfg.moe
+    _choice("prune.method", p.method, PRUNE_METHODS)
+    if p.method == "none":
+        return
+    method = f"prune.method {p.method}"
+    _require_checkpoint("prune.checkpoint", p.checkpoint, f"with {method}")
+    _require(cfg.peft.method == "none", f"peft.method {cfg.peft.method}: not with {method}; prune first, "
+                                        f"then fine-tune the pruned checkpoint")
+    for key in ("upcycle_from", "init_from"):
+        _require(not getattr(cfg.model, key), f"model.{key}: not with {method}: the weights come from prune.checkpoint")
+    _require(p.calib_batches >= 1, f"prune.calib_batches: must be >= 1, got {p.calib_batches}")
+    if p.method in ("experts", "merge", "magnitude"):
+        _require(moe.num_experts > 0, f"{method}: needs an MoE model (moe.num_experts > 0)")
+    if p.method in ("experts", "merge"):
+        _require(moe.num_groups == 0, f"{method}: group-limited routing (moe.num_groups > 0) would break "
+                                      f"the expert groups")
+        _require(0.0 < p.sparsity < 1.0, f"prune.sparsity: share of experts removed, must be in (0, 1), got {p.sparsity}")
+        _choice("prune.budget", p.budget, ("per_layer", "global"))
+        if p.method == "experts":
+            _choice("prune.criterion", p.criterion, PRUNE_CRITERIA)
+            _require(p.criterion != "naee" or p.budget == "per_layer",
+                     "prune.budget: criterion naee searches each layer's subset; needs budget per_layer")
+            if p.criterion == "router_norm":
+                _require_checkpoint("prune.reference", p.reference, "with criterion router_norm (the checkpoint "
+                                                                    "before fine-tuning)")
+        else:
+            _require(p.budget == "per_layer", "prune.budget: merge keeps the same share per layer; needs per_layer")
+    if p.dynamic_skip:
+        _require(p.method in ("experts", "merge"), f"prune.dynamic_skip: for methods experts and merge, not {p.method}")
+        _require(moe.routing == "token_choice" and moe.top_k >= 2,
+                 f"prune.dynamic_skip: skips a token's 2nd expert; needs token_choice routing with moe.top_k >= 2")
+    if p.method in ("dare", "darex", "ties"):
+        _require_checkpoint("prune.reference", p.reference, f"with {method} (the base of the fine-tuned deltas)")
+    if p.method in ("dare", "darex"):
+        _require(0.0 < p.drop_rate < 1.0, f"prune.drop_rate: must be in (0, 1), got {p.drop_rate}")
+    if p.method == "darex":
+        _require(p.darex_q == 0 or 0.0 < p.darex_q <= 1.0, f"prune.darex_q: 0 (tuned) or in (0, 1], got {p.darex_q}")
+    if p.method == "ties":
+        _require(0.0 < p.ties_density <= 1.0, f"prune.ties_density: must be in (0, 1], got {p.ties_density}")
+        _require(p.ties_lambda > 0, f"prune.ties_lambda: must be > 0, got {p.ties_lambda}")
+        for i, path in enumerate(p.ties_checkpoints):
+            _require_checkpoint(f"prune.ties_checkpoints[{i}]", path, "")
+    if p.method == "magnitude":
+        if p.nm:
+            parts = p.nm.split(":")
+            ok = len(parts) == 2 and all(x.strip().isdigit() for x in parts) and 0 < int(parts[0]) <= int(parts[1])
+            _require(ok, f"prune.nm: expected N:M with 0 < N <= M, e.g. 2:4, got {p.nm!r}")
+            _require(ok and moe.expert_ffn_dim % int(parts[1]) == 0 and cfg.model.d_model % int(parts[1]) == 0,
+                     f"prune.nm={p.nm}: M must divide model.d_model={cfg.model.d_model} and "
+                     f"moe.expert_ffn_dim={moe.expert_ffn_dim}")
+        else:
+            _require(0.0 < p.sparsity < 1.0, f"prune.sparsity: share of expert weights zeroed, must be in (0, 1), "
+                                             f"got {p.sparsity}")
+    # Nothing keeps the dropped entries at zero while training, so a fine-tune would undo them.
+    _require(cfg.train.steps == 0 or p.method not in ("dare", "darex", "magnitude"),
+             f"train.steps={cfg.train.steps}: {method} makes weights sparse and training would refill "
+             f"them; set train.steps=0 (fine-tune before compressing)")
+
+
 def _validate_attention(m: ModelConfig) -> None:
     """model.attention and its options; model.init_from against other weight sources."""
     _choice("model.attention", m.attention, ("gqa", "mla"))
@@ -643,12 +736,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "model.ffn_dim": m.ffn_dim, "model.max_seq_len": m.max_seq_len,
         "moe.moe_every": moe.moe_every, "moe.expert_ffn_dim": moe.expert_ffn_dim,
         "parallel.ep": par.ep, "parallel.pp": par.pp, "data.seq_len": data.seq_len,
-        "train.steps": tr.steps, "train.micro_batch_size": tr.micro_batch_size,
+        "train.micro_batch_size": tr.micro_batch_size,
         "train.grad_accum_steps": tr.grad_accum_steps, "train.log_every": tr.log_every,
         "eval.batches": cfg.eval.batches, "checkpoint.every": cfg.checkpoint.every,
     }
     for key, value in positive.items():
         _require(value > 0, f"{key}: must be > 0, got {value}")
+    # A prune run may only compress and evaluate (0 steps); every other run trains.
+    _require(tr.steps > 0 or (cfg.prune.method != "none" and tr.steps == 0),
+             f"train.steps: must be > 0, got {tr.steps}" + (" (>= 0 with prune.method)" if cfg.prune.method != "none" else ""))
     non_negative = {
         "model.head_dim": m.head_dim, "moe.num_experts": moe.num_experts,
         "moe.first_k_dense": moe.first_k_dense, "moe.num_shared_experts": moe.num_shared_experts,
@@ -669,7 +765,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _choice("optim.schedule", opt.schedule, ("cosine", "wsd", "constant"))
     _choice("train.dtype", tr.dtype, ("fp32", "bf16"))
     _choice("train.device", tr.device, ("auto", "cpu", "cuda"))
-    _choice("prune.method", cfg.prune.method, ("none",))
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
     _validate_attention(m)
@@ -709,6 +804,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if par.pp > 1:
         _validate_pipeline(cfg)
     _validate_peft(cfg)
+    _validate_prune(cfg)
     if world_size is not None:
         _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
         _require(world_size % par.pp == 0,
