@@ -97,8 +97,13 @@ def c10d_node(nodes: NodeArgs) -> tuple[bool | None, str | None]:
     return is_host, nodes.local_addr or address_towards(host, port)
 
 
-def rendezvous_args(nodes: NodeArgs) -> list[str]:
-    """torchrun's node and rendezvous flags for `nodes`."""
+def rendezvous_args(nodes: NodeArgs, probe: bool = True) -> list[str]:
+    """torchrun's node and rendezvous flags for `nodes`.
+
+    `probe`: decide here (from this machine's addresses) whether this node hosts the c10d store
+    and which address it shows the others. False for a command written into a script that runs
+    on other machines (the SLURM launcher): torchrun decides there, by hostname.
+    """
     if nodes.nnodes == 1 and nodes.master_addr is None and nodes.rdzv_endpoint is None:
         return ["--standalone"]  # a free local port each time: concurrent jobs do not collide
     if nodes.rdzv_backend == "static":
@@ -107,6 +112,8 @@ def rendezvous_args(nodes: NodeArgs) -> list[str]:
                 f"--master-port={nodes.master_port or DEFAULT_PORT}"]
     args = [f"--nnodes={nodes.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={c10d_endpoint(nodes)}",
             f"--rdzv-id={nodes.rdzv_id}"]
+    if not probe:
+        return args
     is_host, local_addr = c10d_node(nodes)
     if is_host is not None:
         args.append(f"--rdzv-conf=is_host={'true' if is_host else 'false'}")
@@ -115,9 +122,11 @@ def rendezvous_args(nodes: NodeArgs) -> list[str]:
     return args
 
 
-def torchrun_command(nodes: NodeArgs, config_path: str, run_dir: str, resume: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nodes.nproc_per_node}",
-           *rendezvous_args(nodes)]
+def torchrun_command(nodes: NodeArgs, config_path: str, run_dir: str, resume: str | None,
+                     python: str = sys.executable, probe: bool = True) -> list[str]:
+    """The torchrun command line of one node (`python`, `probe`: see `rendezvous_args`)."""
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nodes.nproc_per_node}",
+           *rendezvous_args(nodes, probe)]
     cmd += ["-m", "trainer.entry", "--config", config_path, "--run-dir", run_dir]
     if resume:
         cmd += ["--resume", resume]
