@@ -6,8 +6,12 @@ import os
 import re
 import sys
 
+from launch.slurm import add_slurm_args, check_launcher_args
 from launch.spawn import RDZV_BACKENDS, split_endpoint
 from trainer.config import ConfigError, load_config, save_config
+
+
+LAUNCHERS = ("torchrun", "slurm")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default=None, help="checkpoint directory to start from "
                      "(default: the latest one in the run directory, if any)")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, spawn nothing")
+    run.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
+                     help="torchrun: start the ranks here; slurm: write RUN_DIR/slurm/job.sbatch (see below)")
+    add_slurm_args(run)
     validate = sub.add_parser("validate", help="check a recipe against a world size and exit")
     _add_recipe_args(validate)
     return parser
@@ -68,7 +75,11 @@ def _check_node_args(args: argparse.Namespace) -> None:
     if not 0 <= (node_rank or 0) < args.nnodes:
         raise ConfigError(f"--node-rank {node_rank} is outside 0..{args.nnodes - 1}")
     endpoint = getattr(args, "rdzv_endpoint", None)
-    if args.nnodes > 1 and not getattr(args, "master_addr", None) and not endpoint:
+    check_launcher_args(args)
+    # Only a torchrun started from here needs node 0's address; a plan and an sbatch script do not.
+    spawns_here = getattr(args, "command", "run") == "run" and not getattr(args, "dry_run", False) \
+        and getattr(args, "launcher", "torchrun") == "torchrun"
+    if spawns_here and args.nnodes > 1 and not getattr(args, "master_addr", None) and not endpoint:
         raise ConfigError("--nnodes > 1 needs --master-addr (the address of node 0) "
                           "or --rdzv-endpoint HOST:PORT (c10d)")
     if endpoint and _rdzv_backend(args) == "static":
@@ -99,6 +110,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_plan(cfg, world_size, args.nproc_per_node))
         return 0
+    if args.launcher == "slurm":
+        from launch.slurm import run_slurm
+
+        return run_slurm(cfg, args, run_dir)
     preflight(cfg, run_dir, args.resume)
     config_path = os.path.join(run_dir, "config.yaml")
     save_config(cfg, config_path)  # every node may write it at once on a shared file system
