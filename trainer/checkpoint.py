@@ -203,10 +203,11 @@ def read_run_state(path: str) -> dict:
     return extra.get("run_state") or {}
 
 
-def _model_metadata(reader: FileSystemReader) -> dict[str, TensorStorageMetadata]:
-    # save_checkpoint stores {"model": ..., "optim": ...}; DCP flattens it to dotted keys.
-    return {fqn[len("model."):]: meta for fqn, meta in reader.read_metadata().state_dict_metadata.items()
-            if fqn.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+def _model_metadata(reader: FileSystemReader, section: str = "model") -> dict[str, TensorStorageMetadata]:
+    # save_checkpoint stores {"model": ..., "optim": ..., extra state...}; DCP flattens it to dotted keys.
+    prefix = section + "."
+    return {fqn[len(prefix):]: meta for fqn, meta in reader.read_metadata().state_dict_metadata.items()
+            if fqn.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
 
 
 def model_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -215,18 +216,19 @@ def model_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return {name: tuple(meta.size) for name, meta in _model_metadata(FileSystemReader(path)).items()}
 
 
-def read_model_state(path: str, names=None) -> dict[str, torch.Tensor]:
+def read_model_state(path: str, names=None, section: str = "model") -> dict[str, torch.Tensor]:
     """The model tensors of checkpoint `path` (those in `names`, default all) on the CPU, whole
     (expert tensors unsharded, whatever the ep size that saved them), without a process group.
+    `section`: another state saved beside the model (`extra_state` of save_checkpoint, e.g. "ema").
 
     The tensors are allocated from the DCP metadata (stored shapes and dtypes), so no model is
     built; the optimizer state is not read. Every rank may call it on its own (no collectives).
     """
     reader = FileSystemReader(path)
     model_sd = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
-                for name, meta in _model_metadata(reader).items() if names is None or name in names}
+                for name, meta in _model_metadata(reader, section).items() if names is None or name in names}
     if model_sd:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
-            dcp.load({"model": model_sd}, storage_reader=reader, no_dist=True)
+            dcp.load({section: model_sd}, storage_reader=reader, no_dist=True)
     return model_sd

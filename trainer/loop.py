@@ -21,6 +21,7 @@ from trainer.config import Config, pp_microbatches
 from trainer.ema import EMA
 from trainer.metrics import MetricsLogger
 from trainer.peft import PeftState, prepare_peft
+from trainer.prune import PruneResult, finish_prune, prune_model, resumed_prune_config
 from trainer.tasks import build_task
 from trainer.upcycle import upcycle_into
 from trainer.optim import build_optimizer, build_scheduler
@@ -40,6 +41,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str, resume_from: str | None = None):
         self.cfg, self.run_dir = cfg, run_dir
+        if cfg.prune.method != "none" and (resume_from or latest_checkpoint(run_dir)):
+            # A prune run that already compressed: train on from its checkpoints, with their shapes.
+            cfg = self.cfg = resumed_prune_config(cfg, resume_from or latest_checkpoint(run_dir))
         self.device = pick_device(cfg.train.device)
         self.mesh: ParallelMesh = build_mesh(cfg.parallel, self.device)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -50,6 +54,12 @@ class Trainer:
         # The aux-loss gradient of one forward: 1 / (forwards per optimizer step), as the LM loss.
         forwards = cfg.train.grad_accum_steps * (pp_microbatches(cfg.parallel) if self.mesh.pp > 1 else 1)
         set_aux_loss_scale(model, 1.0 / forwards)
+        # Pruning: the checkpoint compressed on the whole model, before experts are sharded,
+        # stages split or an optimizer holds the parameters (trainer/prune.py).
+        self.prune: PruneResult | None = None
+        if cfg.prune.method != "none":
+            self.prune = prune_model(model, cfg, self.task, self.mesh, run_dir)
+            cfg = self.cfg = self.prune.cfg
         self.param_counts = models.param_counts(model, cfg.moe)  # before ep shards the experts
         resume_path = resume_from or latest_checkpoint(run_dir)
         upcycled = None
@@ -129,6 +139,8 @@ class Trainer:
         # Throughput counts training steps only: eval, checkpoints and plots stay out of it.
         window_seconds, window_steps = 0.0, 0
         val_loss = None
+        if self.prune is not None:  # step 0: the compressed model's checkpoint and report
+            val_loss, final_eval = finish_prune(self, log)
         try:
             while self.step < cfg.train.steps:
                 step_start = time.perf_counter()
