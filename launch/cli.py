@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_slurm_args(run)
     validate = sub.add_parser("validate", help="check a recipe against a world size and exit")
     _add_recipe_args(validate)
+    merge = sub.add_parser("merge-peft", help="fold a PEFT checkpoint's adapters into its base weights: "
+                                              "an ordinary full checkpoint (a base for other runs)")
+    merge.add_argument("checkpoint", help="checkpoint directory step_XXXXXXXX of a PEFT run (lora, esft, full)")
+    merge.add_argument("--out", required=True, help="checkpoint directory to write (named step_XXXXXXXX), or a "
+                       "run directory whose checkpoints/step_XXXXXXXX (the same step) it becomes")
     return parser
 
 
@@ -107,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg.train.run_dir = run_dir
     if cfg.model.upcycle_from:  # the ranks may start in another working directory
         cfg.model.upcycle_from = os.path.abspath(cfg.model.upcycle_from)
+    if cfg.peft.base:  # also what the run's checkpoints name as their base
+        cfg.peft.base = os.path.abspath(cfg.peft.base)
     if args.dry_run:
         print(format_plan(cfg, world_size, args.nproc_per_node))
         return 0
@@ -140,10 +147,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_peft(args: argparse.Namespace) -> int:
+    from trainer.peft import merge_peft
+
+    _, summary = merge_peft(args.checkpoint, args.out)
+    print(summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "validate": cmd_validate}[args.command](args)
+        return {"run": cmd_run, "validate": cmd_validate, "merge-peft": cmd_merge_peft}[args.command](args)
     except ConfigError as e:
         return _fail(str(e))
 

@@ -257,6 +257,18 @@ def format_pipeline(cfg: Config, plan: PipelinePlan, dp: int) -> str:
     return out.getvalue()
 
 
+def peft_text(cfg: Config) -> str:
+    """What a PEFT run trains, counted on a meta-device model (ESFT's experts are chosen from
+    task data at start, so only the rule is known here)."""
+    p = cfg.peft
+    if p.method == "esft":
+        return (f"peft esft: per MoE layer the experts holding top_p {p.esft_top_p} of the {p.esft_score}, "
+                f"scored on {p.esft_calib_batches} training micro batches per rank at start; base {p.base}")
+    from models.peft import apply_peft
+
+    return f"{apply_peft(meta_model(cfg), p)}; base {p.base}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole plan
 
@@ -278,6 +290,8 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     out.write(f"model: {cfg.model.family}{' preset ' + cfg.model.preset if cfg.model.preset else ''}, "
               f"{cfg.model.num_layers} layers, d_model {cfg.model.d_model}, {experts}\n")
     out.write(f"parameters: {_human(total)} total, {_human(active)} active per token\n")
+    if cfg.peft.method != "none":
+        out.write(peft_text(cfg) + "\n")
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
     out.write(f"batch: {global_batch} sequences x {cfg.data.seq_len} tokens per step "
               f"({cfg.train.micro_batch_size} per rank x {cfg.train.grad_accum_steps} accumulation x dp {dp}); "

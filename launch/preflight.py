@@ -51,3 +51,7 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
 
         if latest_checkpoint(run_dir) is None:  # a resumed run no longer needs the dense source
             check_upcycle_source(cfg.model.upcycle_from, cfg)
+    if cfg.peft.method != "none":  # also on resume: a PEFT checkpoint holds no base weights
+        from trainer.peft import check_peft
+
+        check_peft(cfg)

@@ -22,8 +22,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay_params=()) -> t
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 and id(param) not in forced else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # Empty groups left out (LoRA has matrices only): checkpoint state dicts cannot hold them.
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 

@@ -1,7 +1,8 @@
 """PEFT runs in the trainer: the base checkpoint, ESFT's expert selection, loading and merging
 PEFT checkpoints (the methods themselves are models/peft).
 
-    check_peft_base(path, cfg)          launcher preflight: config.yaml and DCP metadata only
+    check_peft(cfg)                     launcher preflight: the base's config.yaml and DCP
+                                        metadata, the adapters on a meta-device model
     prepare_peft(model, cfg, task, mesh, resume_path)
                                         base weights -> (ESFT) expert selection -> adapters, on
                                         the whole model before expert/pipeline/data parallelism
@@ -143,6 +144,22 @@ def check_peft_base(path: str, cfg: Config) -> Config:
     base = _read_base_config(path)
     _compare(base, cfg, path)
     return base
+
+
+def check_peft(cfg: Config) -> None:
+    """Launcher preflight of a PEFT run: the base, then the adapters applied to a meta-device
+    model (a LoRA target that matches nothing is refused here, not on every rank). Raises
+    `ConfigError` (one line)."""
+    check_peft_base(cfg.peft.base, cfg)
+    if cfg.peft.method not in ("lora", "perft"):  # ESFT's experts are chosen from data at start
+        return
+    with torch.device("meta"):
+        model = models.build_model(cfg.model, cfg.moe)
+        try:
+            apply_peft(model, cfg.peft)
+        except ValueError as e:
+            key = "peft.lora_targets" if cfg.peft.method == "lora" else "peft.method"
+            raise ConfigError(f"{key}: {e}") from None
 
 
 @torch.no_grad()
