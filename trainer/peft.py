@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 
 import models
+from models.moe import moe_layers
 from models.peft import (adapter_parameter_names, apply_peft, count_parameters, expert_scores, merge_adapters,
                          select_experts)
 from parallel import all_reduce_sum
@@ -148,18 +149,33 @@ def check_peft_base(path: str, cfg: Config) -> Config:
 
 def check_peft(cfg: Config) -> None:
     """Launcher preflight of a PEFT run: the base, then the adapters applied to a meta-device
-    model (a LoRA target that matches nothing is refused here, not on every rank). Raises
-    `ConfigError` (one line)."""
+    model: a LoRA target that matches nothing, or a pipeline stage with nothing to train (its
+    optimizer would be empty), is refused here rather than on the ranks. Raises `ConfigError`
+    (one line)."""
     check_peft_base(cfg.peft.base, cfg)
-    if cfg.peft.method not in ("lora", "perft"):  # ESFT's experts are chosen from data at start
-        return
+    check_peft_model(cfg)
+
+
+def check_peft_model(cfg: Config) -> None:
+    """The model half of `check_peft` (no base is read)."""
     with torch.device("meta"):
         model = models.build_model(cfg.model, cfg.moe)
-        try:
-            apply_peft(model, cfg.peft)
-        except ValueError as e:
-            key = "peft.lora_targets" if cfg.peft.method == "lora" else "peft.method"
-            raise ConfigError(f"{key}: {e}") from None
+    # ESFT's experts are chosen from data at start; every MoE layer trains at least one.
+    selection = [[0] for _ in moe_layers(model)] if cfg.peft.method == "esft" else None
+    try:
+        apply_peft(model, cfg.peft, selection)
+    except ValueError as e:
+        raise ConfigError(f"peft.lora_targets: {e}" if cfg.peft.method == "lora" else f"peft.method: {e}") from None
+    if cfg.parallel.pp > 1:
+        from parallel.pipeline import stage_layer_counts, stage_layer_ids
+
+        stages = stage_layer_ids(stage_layer_counts(cfg, model))  # split as the trainer splits it
+        for s, ids in enumerate(stages):
+            stage = model.pipeline_stage(ids, first=s == 0, last=s == len(stages) - 1)
+            if not any(p.requires_grad for p in stage.parameters()):
+                where = f"layers {ids[0]}-{ids[-1]}" if len(ids) > 1 else f"layer {ids[0]}"
+                raise ConfigError(f"parallel.pp_layers: pipeline stage {s} ({where}) has nothing to train under "
+                                  f"peft.method {cfg.peft.method}; give every stage adapted layers")
 
 
 @torch.no_grad()

@@ -185,3 +185,20 @@ def test_peft_base_must_not_be_an_adapter_checkpoint(tmp_path):
     _one_line_error(None, r"^peft\.base: .* is a PEFT checkpoint \(peft\.method lora\) holding only its adapters; "
                           r"merge it first: sparseforge merge-peft",
                     loader=lambda: check_peft_base(base, cfg))
+
+
+@pytest.mark.parametrize("override, message", [
+    (["peft.method=lora", "peft.lora_targets=[layers.*.mlp.*]"],
+     r"^peft\.lora_targets: lora target 'layers\.\*\.mlp\.\*' matches no nn\.Linear or GroupedExperts"),
+    (["peft.method=perft", "moe.first_k_dense=2", "parallel.pp=2"],
+     r"^parallel\.pp_layers: pipeline stage 0 \(layers 0-1\) has nothing to train under peft\.method perft"),
+    (["peft.method=esft", "moe.first_k_dense=1", "parallel.pp=2", "parallel.pp_layers=[1, 3]"],
+     r"^parallel\.pp_layers: pipeline stage 0 \(layer 0\) has nothing to train under peft\.method esft"),
+])
+def test_peft_adapters_are_checked_on_a_meta_model(tmp_path, override, message):
+    from trainer.peft import check_peft_model
+
+    cfg = load_config(RECIPE, override + [f"peft.base={_fake_base(tmp_path)}"], world_size=2)
+    _one_line_error(None, message, loader=lambda: check_peft_model(cfg))
+    ok = load_config(RECIPE, ["peft.method=perft", "parallel.pp=2", f"peft.base={_fake_base(tmp_path / 'ok')}"])
+    check_peft_model(ok)  # every stage holds MoE layers
