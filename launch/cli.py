@@ -7,6 +7,7 @@ import re
 import sys
 
 from launch.slurm import add_slurm_args, check_launcher_args
+from launch.hf import COMMANDS as HF_COMMANDS, add_hf_commands
 from launch.spawn import RDZV_BACKENDS, split_endpoint
 from trainer.config import ConfigError, load_config, save_config
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_slurm_args(run)
     validate = sub.add_parser("validate", help="check a recipe against a world size and exit")
     _add_recipe_args(validate)
+    add_hf_commands(sub)
     merge = sub.add_parser("merge-peft", help="fold a PEFT checkpoint's adapters into its base weights: "
                                               "an ordinary full checkpoint (a base for other runs)")
     merge.add_argument("checkpoint", help="checkpoint directory step_XXXXXXXX of a PEFT run (lora, esft, full)")
@@ -112,9 +114,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg.train.run_dir = run_dir
     if cfg.model.upcycle_from:  # the ranks may start in another working directory
         cfg.model.upcycle_from = os.path.abspath(cfg.model.upcycle_from)
+    if cfg.model.init_from:
+        from trainer.hf_checkpoint import absolute_source, check_init_source
+
+        cfg.model.init_from = absolute_source(cfg.model.init_from)
     if cfg.peft.base:  # also what the run's checkpoints name as their base
         cfg.peft.base = os.path.abspath(cfg.peft.base)
     if args.dry_run:
+        if cfg.model.init_from:  # a plan is for a fresh run: its source must be there
+            check_init_source(cfg.model.init_from)
         print(format_plan(cfg, world_size, args.nproc_per_node))
         return 0
     if args.launcher == "slurm":
@@ -158,7 +166,7 @@ def cmd_merge_peft(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "validate": cmd_validate, "merge-peft": cmd_merge_peft}[args.command](args)
+        return {"run": cmd_run, "validate": cmd_validate, "merge-peft": cmd_merge_peft, **HF_COMMANDS}[args.command](args)
     except ConfigError as e:
         return _fail(str(e))
 

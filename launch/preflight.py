@@ -32,6 +32,11 @@ def check_resume(path: str | None) -> None:
         raise ConfigError(f"--resume: checkpoint directory not found: {path}")
     if not is_complete(path):
         raise ConfigError(f"--resume: {path} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
+    from trainer.hf_checkpoint import is_weights_only
+
+    if is_weights_only(path):
+        raise ConfigError(f"--resume: {path} holds model weights only (no optimizer state, e.g. from import-hf); "
+                          f"start a run from it with --set model.init_from={path}")
 
 
 def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
@@ -51,6 +56,12 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
 
         if latest_checkpoint(run_dir) is None:  # a resumed run no longer needs the dense source
             check_upcycle_source(cfg.model.upcycle_from, cfg)
+    if cfg.model.init_from and resume is None:
+        from trainer.checkpoint import latest_checkpoint
+        from trainer.hf_checkpoint import check_init_source
+
+        if latest_checkpoint(run_dir) is None:  # a resumed run no longer needs its source
+            check_init_source(cfg.model.init_from)
     if cfg.peft.method != "none":  # also on resume: a PEFT checkpoint holds no base weights
         from trainer.peft import check_peft
 

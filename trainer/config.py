@@ -713,8 +713,9 @@ def _validate_prune(cfg: Config) -> None:
              f"them; set train.steps=0 (fine-tune before compressing)")
 
 
-def _validate_attention(m: ModelConfig) -> None:
+def _validate_attention(cfg: Config) -> None:
     """model.attention and its options; model.init_from against other weight sources."""
+    m = cfg.model
     _choice("model.attention", m.attention, ("gqa", "mla"))
     _require(m.clip_qkv >= 0, f"model.clip_qkv: must be >= 0, got {m.clip_qkv}")
     if m.attention == "mla":
@@ -726,6 +727,9 @@ def _validate_attention(m: ModelConfig) -> None:
         _require(m.mla_qk_rope_head_dim % 2 == 0, f"model.mla_qk_rope_head_dim={m.mla_qk_rope_head_dim} must be even for RoPE")
         _require(not m.qk_norm and m.clip_qkv == 0, "model.qk_norm, model.clip_qkv: gqa options, not for model.attention=mla")
     _require(not (m.init_from and m.upcycle_from), "model.init_from and model.upcycle_from: choose one source of weights")
+    _require(not (m.init_from and (cfg.peft.method != "none" or cfg.prune.method != "none")),
+             "model.init_from: not with peft.method or prune.method (their weights come from peft.base or "
+             "prune.checkpoint; import-hf makes one of ours)")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -767,7 +771,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _choice("train.device", tr.device, ("auto", "cpu", "cuda"))
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
-    _validate_attention(m)
+    _validate_attention(cfg)
     if m.head_dim == 0 and m.attention == "gqa":
         _require(m.d_model % m.num_heads == 0,
                  f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} (or set model.head_dim)")

@@ -166,7 +166,9 @@ def resolve_checkpoint(path: str, key: str) -> str:
                                        if is_complete(os.path.join(path, n))]
     if found:
         return found[-1]
-    hint = " (a Hugging Face directory: write hf:DIR)" if os.path.isfile(os.path.join(path, "config.json")) else ""
+    hint = ""
+    if os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face directory
+        hint = f"; for a Hugging Face directory write hf:{path}" if key == _KEY else " (a Hugging Face directory)"
     raise ConfigError(f"{key}: {path} is not a complete checkpoint of ours (step_XXXXXXXX with .metadata){hint}")
 
 
@@ -190,6 +192,12 @@ def read_model_state(path: str) -> dict[str, torch.Tensor]:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
         dcp.load({"model": state}, storage_reader=reader, no_dist=True)
     return state
+
+
+def is_weights_only(path: str) -> bool:
+    """True for a checkpoint without optimizer state (import-hf writes those): it cannot resume."""
+    keys = FileSystemReader(path).read_metadata().state_dict_metadata
+    return not any(key.startswith("optim.") for key in keys)
 
 
 def write_checkpoint(out: str, cfg: Config, state: dict[str, torch.Tensor], provenance: dict) -> str:
@@ -262,8 +270,6 @@ def check_init_source(source: str) -> None:
         except HFFormatError as e:
             raise ConfigError(f"{_KEY}: {e}") from None
         return
-    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
-        raise ConfigError(f"{_KEY}: {path} looks like a Hugging Face directory: write hf:{path}")
     read_checkpoint_config(resolve_checkpoint(path, _KEY), _KEY)
 
 
@@ -332,6 +338,8 @@ def export_hf(ckpt: str, out: str, model_type: str | None = None, expert_layout:
         raise ConfigError(f"export-hf: {path} holds a {cfg.model.family} model (model.family); only LLMs export")
     if expert_layout not in EXPERT_LAYOUTS:
         raise ConfigError(f"export-hf: expert layout {expert_layout!r} is not one of {', '.join(EXPERT_LAYOUTS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"export-hf: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     try:
         if model_type is None:
             family = infer_family(cfg.model, cfg.moe)

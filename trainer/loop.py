@@ -23,6 +23,7 @@ from trainer.metrics import MetricsLogger
 from trainer.peft import PeftState, prepare_peft
 from trainer.prune import PruneResult, finish_prune, prune_model, resumed_prune_config
 from trainer.tasks import build_task
+from trainer.hf_checkpoint import init_model_from
 from trainer.upcycle import upcycle_into
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.plots import overload_factors
@@ -68,6 +69,10 @@ class Trainer:
             # or stages split, so every layout starts from the same weights and router init.
             upcycled = upcycle_into(model, cfg.model.upcycle_from, granularity=cfg.model.upcycle_granularity,
                                     seed=cfg.train.seed)
+        elif resume_path is None and cfg.model.init_from:
+            # A fresh run from a Hugging Face model or a checkpoint of ours, loaded whole before
+            # experts are sharded or stages split, as upcycling (trainer/hf_checkpoint.py).
+            upcycled = init_model_from(model, cfg.model.init_from)
         # PEFT: base weights, (ESFT) expert selection and adapters on the whole model, before
         # experts are sharded or stages split: adapters are then sharded and split like the rest.
         self.peft: PeftState | None = None

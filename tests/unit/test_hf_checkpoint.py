@@ -116,6 +116,22 @@ def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+# What each family turns into: (section, key) -> value, checked on import.
+EXPECTED = {
+    "mixtral": {("moe", "renormalize"): True, ("model", "rope_theta"): 5000.0, ("model", "num_kv_heads"): 2},
+    "qwen2_moe": {("moe", "first_k_dense"): 1, ("moe", "moe_every"): 1, ("moe", "renormalize"): False,
+                  ("model", "qkv_bias"): True, ("moe", "num_shared_experts"): 1, ("moe", "shared_expert_ffn_dim"): 40,
+                  ("moe", "shared_expert_gate"): True},
+    "qwen2_moe_step2": {("moe", "first_k_dense"): 1, ("moe", "moe_every"): 2, ("moe", "renormalize"): True},
+    "olmoe": {("model", "qk_norm"): True, ("model", "clip_qkv"): 0.6, ("moe", "renormalize"): False,
+              ("model", "qkv_bias"): True, ("model", "attn_out_bias"): True},
+    "deepseek_v3": {("model", "attention"): "mla", ("model", "mla_q_lora_rank"): 16, ("moe", "score_func"): "sigmoid",
+                    ("moe", "num_groups"): 4, ("moe", "topk_group"): 2, ("moe", "routed_scaling_factor"): 2.5,
+                    ("moe", "first_k_dense"): 1, ("moe", "num_shared_experts"): 2, ("moe", "aux_free"): True},
+    "deepseek_v3_plain": {("model", "mla_q_lora_rank"): 0, ("moe", "renormalize"): False, ("model", "qkv_bias"): True},
+}
+
+
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_imported_logits_match_transformers(tmp_path, name, layout):
@@ -123,32 +139,14 @@ def test_imported_logits_match_transformers(tmp_path, name, layout):
     hf_dir = save(hf, tmp_path / "hf", layout)
     names = os.listdir(hf_dir)
     assert ("model.safetensors.index.json" in names) == (layout == "fused")
+    cfg = hf_config(hf_dir)
+    assert {k: getattr(getattr(cfg, k[0]), k[1]) for k in EXPECTED[name]} == EXPECTED[name]
     ours = ours_from(hf_dir)
     with torch.no_grad():
         expected = hf(TOKENS).logits
         got = ours(TOKENS)
     assert max_diff(got, expected) <= 1e-4, max_diff(got, expected)
     assert expected.abs().max() > 1.0  # not a degenerate comparison of near-zero logits
-
-
-def test_architecture_mapping(tmp_path):
-    """What each family turns into (routing, layer pattern, attention options)."""
-    def arch(name, tmp):
-        hf = hf_model(name)
-        return hf_config(save(hf, tmp / name, "per_expert"))
-
-    tmp = tmp_path
-    q = arch("qwen2_moe", tmp)
-    assert (q.moe.first_k_dense, q.moe.moe_every, q.moe.renormalize, q.model.qkv_bias) == (1, 1, False, True)
-    assert (q.moe.num_shared_experts, q.moe.shared_expert_ffn_dim, q.moe.shared_expert_gate) == (1, 40, True)
-    q2 = arch("qwen2_moe_step2", tmp)
-    assert (q2.moe.first_k_dense, q2.moe.moe_every, q2.moe.renormalize) == (1, 2, True)
-    o = arch("olmoe", tmp)
-    assert (o.model.qk_norm, o.model.clip_qkv, o.moe.renormalize, o.model.attn_out_bias) == (True, 0.6, False, True)
-    d = arch("deepseek_v3", tmp)
-    assert d.model.attention == "mla" and d.model.mla_q_lora_rank == 16
-    assert (d.moe.score_func, d.moe.num_groups, d.moe.topk_group, d.moe.routed_scaling_factor) == ("sigmoid", 4, 2, 2.5)
-    assert (d.moe.first_k_dense, d.moe.num_shared_experts, d.moe.aux_free) == (1, 2, True)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v3_plain"])
@@ -243,7 +241,7 @@ def test_one_line_errors(tmp_path):
     dit_ckpt = write_checkpoint(str(tmp_path / "dit"), dit, state, {})
     with pytest.raises(ConfigError, match="holds a dit model"):
         export_hf(dit_ckpt, str(tmp_path / "dit_hf"))
-    with pytest.raises(ConfigError, match=r"hf:DIR"):
+    with pytest.raises(ConfigError, match=r"llama is not a complete checkpoint of ours .* \(a Hugging Face directory\)"):
         export_hf(str(llama), str(tmp_path / "x"))
     cfg = load_config(None, ["model.preset=tiny", "moe.aux_free=true"])
     state = zeros_state(cfg)
