@@ -120,6 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.model.init_from = absolute_source(cfg.model.init_from)
     if cfg.peft.base:  # also what the run's checkpoints name as their base
         cfg.peft.base = os.path.abspath(cfg.peft.base)
+    if cfg.prune.method != "none":  # the ranks, the checkpoints and the report name them absolute
+        p = cfg.prune
+        p.checkpoint, p.reference = os.path.abspath(p.checkpoint), p.reference and os.path.abspath(p.reference)
+        p.ties_checkpoints = [os.path.abspath(path) for path in p.ties_checkpoints]
     if args.dry_run:
         if cfg.model.init_from:  # a plan is for a fresh run: its source must be there
             check_init_source(cfg.model.init_from)

@@ -269,6 +269,26 @@ def peft_text(cfg: Config) -> str:
     return f"{apply_peft(meta_model(cfg), p)}; base {p.base}"
 
 
+def prune_text(cfg: Config) -> str:
+    """What a prune run does first (the model above is the checkpoint's, before compression)."""
+    p = cfg.prune
+    if p.method in ("experts", "merge"):
+        from models.pruning import keep_counts
+
+        what = f"criterion {p.criterion}" if p.method == "experts" else "router-logit similarity groups"
+        kept = (f"per layer {keep_counts([cfg.moe.num_experts], p.sparsity, 1, cfg.parallel.ep)[0]} of "
+                f"{cfg.moe.num_experts} experts" if p.budget == "per_layer" else f"{p.sparsity:.0%} of all experts")
+        return (f"prune {p.method} ({what}, {p.budget} budget): keeps {kept}, calibrated on {p.calib_batches} "
+                f"training micro batches per rank; then {cfg.train.steps} recovery steps; from {p.checkpoint}")
+    if p.method in ("dare", "darex"):
+        q = "1/(1-p)" if p.method == "dare" else (f"1/{p.darex_q}" if p.darex_q else "1/q, q tuned on one batch")
+        return f"prune {p.method}: delta of {p.checkpoint} to {p.reference}, drop p {p.drop_rate}, rescale {q}"
+    if p.method == "ties":
+        return (f"prune ties: {1 + len(p.ties_checkpoints)} fine-tunes of {p.reference}, density {p.ties_density}, "
+                f"lambda {p.ties_lambda}")
+    return f"prune magnitude: expert weights of {p.checkpoint}, {p.nm or f'{p.sparsity:.0%} unstructured'}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole plan
 
@@ -286,12 +306,16 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     out.write(f"world size {world_size} = pp {par.pp} x dp {dp} (ep {par.ep} folded into dp); "
               f"{world_size // nproc_per_node} node(s) x {nproc_per_node} process(es)\n")
     moe_ids = moe_layer_ids(cfg)
-    experts = f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} on layers {moe_ids}" if moe_ids else "dense"
+    counts = cfg.moe.layer_num_experts  # a pruned model: each MoE layer its own count
+    experts = (f"{counts if counts else cfg.moe.num_experts} experts top-{cfg.moe.top_k} on layers {moe_ids}"
+               if moe_ids else "dense")
     out.write(f"model: {cfg.model.family}{' preset ' + cfg.model.preset if cfg.model.preset else ''}, "
               f"{cfg.model.num_layers} layers, d_model {cfg.model.d_model}, {experts}\n")
     out.write(f"parameters: {_human(total)} total, {_human(active)} active per token\n")
     if cfg.peft.method != "none":
         out.write(peft_text(cfg) + "\n")
+    if cfg.prune.method != "none":
+        out.write(prune_text(cfg) + "\n")
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
     out.write(f"batch: {global_batch} sequences x {cfg.data.seq_len} tokens per step "
               f"({cfg.train.micro_batch_size} per rank x {cfg.train.grad_accum_steps} accumulation x dp {dp}); "
@@ -306,6 +330,8 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     per_rank = cfg.moe.num_experts // par.ep if cfg.moe.num_experts else 0
     for rank, (c, stages) in enumerate(zip(coords, stage_ids)):
         held = (f"{c['ep_rank'] * per_rank}-{(c['ep_rank'] + 1) * per_rank - 1}" if per_rank else "-")
+        if counts:  # per MoE layer
+            held = ",".join(f"{c['ep_rank'] * (E // par.ep)}-{(c['ep_rank'] + 1) * (E // par.ep) - 1}" for E in counts)
         out.write(f"{rank:<5d} {rank // nproc_per_node:<5d} {rank % nproc_per_node:<6d} {stages:<{width}} "
                   f"{c['dp_rank']:<8d} {c['ep_rank']:<8d} {held}\n")
     if par.ep > 1:

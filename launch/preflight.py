@@ -56,6 +56,12 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
 
         if latest_checkpoint(run_dir) is None:  # a resumed run no longer needs the dense source
             check_upcycle_source(cfg.model.upcycle_from, cfg)
+    if cfg.prune.method != "none" and resume is None:
+        from trainer.checkpoint import latest_checkpoint
+        from trainer.prune import check_prune
+
+        if latest_checkpoint(run_dir) is None:  # a rerun trains on from the compressed checkpoint
+            check_prune(cfg)
     if cfg.model.init_from and resume is None:
         from trainer.checkpoint import latest_checkpoint
         from trainer.hf_checkpoint import check_init_source

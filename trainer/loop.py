@@ -253,7 +253,7 @@ class Trainer:
         gathered: list = [None] * self.mesh.pp
         dist.all_gather_object(gathered, mine, group=self.mesh.pp_group)
         pairs = sorted((i, row) for ids, rows in gathered if rows is not None for i, row in zip(ids, rows))
-        return torch.stack([row for _, row in pairs]) if pairs else None
+        return _stack_rows([row for _, row in pairs]) if pairs else None
 
     def _expert_loads_step(self) -> None:
         """After each optimizer step: the aux-loss-free bias update, and the heatmap's loads."""
@@ -267,6 +267,8 @@ class Trainer:
             update_aux_free_bias(unwrap(self.model), loads_LE)
         if self.heatmap_every:
             loads_LE = loads_LE.double()
+            for row, layer in zip(loads_LE, moe_layers(unwrap(self.model))):
+                row[layer.router.num_experts:] = float("nan")  # experts a pruned layer does not have
             acc = self.heatmap_loads_LE
             self.heatmap_loads_LE = loads_LE if acc is None else acc + loads_LE
 
@@ -341,7 +343,7 @@ class Trainer:
         if rows:
             rows.sort(key=lambda pair: pair[0])
             all_keys = sorted(stats)
-            stats.update(_load_stats(torch.stack([r for _, r in rows]), all_keys, self.cfg.logging.expert_loads))
+            stats.update(_load_stats(_stack_rows([r for _, r in rows]), all_keys, self.cfg.logging.expert_loads))
         return stats
 
     @torch.no_grad()
@@ -386,8 +388,15 @@ def _load_stats(loads_LE: torch.Tensor, keys: list[str], with_loads: bool) -> di
     out = {"moe/load_max_over_mean": ratios_L.mean().item()}
     out.update({f"moe/layer{i}/load_max_over_mean": r for i, r in zip(layer_ids, ratios_L.tolist())})
     if with_loads:  # exact integers: counts of (token, slot) assignments
-        out["moe/tokens_per_expert"] = loads_LE.round().long().tolist()
+        # One list per layer, of its own experts (a pruned model's layers differ: NaN past the count).
+        out["moe/tokens_per_expert"] = [row[~row.isnan()].round().long().tolist() for row in loads_LE]
     return out
+
+
+def _stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-layer rows of expert values stacked [L, E], NaN-padded to the widest (pruned layers)."""
+    width = max(r.numel() for r in rows)
+    return torch.stack([torch.nn.functional.pad(r.double(), (0, width - r.numel()), value=float("nan")) for r in rows])
 
 
 def train(cfg: Config, run_dir: str, resume_from: str | None = None) -> TrainResult:

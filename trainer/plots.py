@@ -3,13 +3,15 @@
 Expert-load heatmap: one row per MoE layer, one column per routed expert; the colour is the
 expert's share of the (token, slot) assignments its layer routed over the plotted window, so
 every row sums to 1 and a balanced layer is a flat row at 1/E. Each row is labelled with its
-overload factor max/mean (1.0 = perfectly balanced; MaxVio = factor - 1).
+overload factor max/mean (1.0 = perfectly balanced; MaxVio = factor - 1). Layers of a pruned model
+may have fewer experts than the widest: their rows are NaN past their own count (left blank).
 
 matplotlib is imported lazily and drawn through its Agg canvas directly (`Figure`, no pyplot),
 so plotting never touches the global backend or needs a display.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -23,19 +25,22 @@ def heatmap_path(run_dir: str, step: int) -> str:
 
 
 def load_shares(loads_LE: torch.Tensor) -> torch.Tensor:
-    """Each layer's loads divided by the layer's total (rows sum to 1; an all-zero row stays 0)."""
+    """Each layer's loads divided by the layer's total (rows sum to 1; an all-zero row stays 0;
+    NaN entries, experts a layer does not have, stay NaN)."""
     loads_LE = loads_LE.double()
-    return loads_LE / loads_LE.sum(dim=1, keepdim=True).clamp_min(1e-20)
+    return loads_LE / loads_LE.nansum(dim=1, keepdim=True).clamp_min(1e-20)
 
 
 def overload_factors(loads_LE: torch.Tensor) -> torch.Tensor:
-    """max/mean load per layer [L] (1 = balanced)."""
+    """max/mean load per layer [L] (1 = balanced), over each layer's own experts (not NaN)."""
     loads_LE = loads_LE.double()
-    return loads_LE.max(dim=1).values / loads_LE.mean(dim=1).clamp_min(1e-20)
+    top_L = loads_LE.nan_to_num(nan=-math.inf).max(dim=1).values
+    return top_L / loads_LE.nanmean(dim=1).clamp_min(1e-20)
 
 
 def expert_load_figure(loads_LE: torch.Tensor, step: int, title: str = ""):
     """A matplotlib `Figure` of the heatmap of `loads_LE` [L, E] (tokens per expert per layer)."""
+    import numpy as np
     from matplotlib.figure import Figure
 
     shares_LE = load_shares(loads_LE.detach().cpu()).numpy()
@@ -46,7 +51,7 @@ def expert_load_figure(loads_LE: torch.Tensor, step: int, title: str = ""):
     ax = fig.add_subplot()
     # The colour scale starts at 0 and ends at the largest share (at least 2/E) so that a
     # balanced run looks uniform rather than amplifying noise around 1/E.
-    vmax = max(float(shares_LE.max(initial=0.0)), 2.0 / max(num_experts, 1))
+    vmax = max(float(np.nanmax(shares_LE, initial=0.0)), 2.0 / max(num_experts, 1))
     image = ax.imshow(shares_LE, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
                       interpolation="nearest")
     fig.colorbar(image, ax=ax, label="share of the layer's routed tokens")
@@ -57,6 +62,8 @@ def expert_load_figure(loads_LE: torch.Tensor, step: int, title: str = ""):
         ax.set_xticks(range(num_experts))
     if num_experts <= 16 and num_layers <= 32:  # the numbers stay legible
         for (i, j), share in _cells(shares_LE):
+            if math.isnan(share):  # an expert this layer does not have
+                continue
             ax.text(j, i, f"{share:.0%}", ha="center", va="center", fontsize=7,
                     color="black" if share > 0.6 * vmax else "white")
     ax.set_title(f"{title + ': ' if title else ''}expert load, step {step} "

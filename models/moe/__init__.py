@@ -83,7 +83,8 @@ def pop_router_stats(model: nn.Module, with_loads: bool = False):
     Loads count the router's choice before capacity drops. Layers without a training forward
     since the last pop are skipped; {} if none had one. With `with_loads=True`, returns
     `(scalars, loads_LE)`: tokens routed per expert summed over the forwards, float [L, E] on CPU,
-    for expert-load heatmaps (None when no layer had stats).
+    for expert-load heatmaps (None when no layer had stats). When the layers have different expert
+    counts (a pruned model), E is the largest and a layer's row is NaN past its own count.
     """
     layers = moe_layers(model)
     names = moe_layer_indices(model)
@@ -111,9 +112,9 @@ def pop_router_stats(model: nn.Module, with_loads: bool = False):
     flat = torch.stack([v.to(device=device, dtype=torch.float32) for v in values.values()]).tolist()
     scalars = dict(zip(values, flat))
     loads_LE = None
-    loads = [s["tokens_per_expert"] for _, s in per_layer]
-    if len({t.numel() for t in loads}) == 1:
-        loads_LE = torch.stack(loads).cpu()
+    loads = [s["tokens_per_expert"].float().cpu() for _, s in per_layer]
+    width = max(t.numel() for t in loads)
+    loads_LE = torch.stack([torch.nn.functional.pad(t, (0, width - t.numel()), value=float("nan")) for t in loads])
     return (scalars, loads_LE) if with_loads else scalars
 
 
