@@ -613,6 +613,8 @@ def _validate_peft(cfg: Config) -> None:
     _require(is_complete(p.base), f"peft.base: {p.base} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
     for key in ("upcycle_from", "init_from"):
         _require(not getattr(cfg.model, key), f"model.{key}: not with {method}: the weights come from peft.base")
+    _require(cfg.prune.method == "none", f"prune.method: not with {method}: prune first, then fine-tune the pruned "
+                                         f"checkpoint as peft.base")
     _require(not p.train_router or moe.num_experts > 0, "peft.train_router: needs an MoE model (moe.num_experts > 0)")
     if p.method == "lora":
         _require(len(p.lora_targets) > 0, "peft.lora_targets: required with peft.method lora (fnmatch patterns "

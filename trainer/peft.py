@@ -50,11 +50,6 @@ class PeftState:
     total: int
     esft_selection: list[list[int]] | None  # saved with every checkpoint, reused on resume
 
-    @property
-    def count_line(self) -> str:
-        return (f"trainable {self.trainable:,} of {self.total:,} parameters "
-                f"({100.0 * self.trainable / max(self.total, 1):.2f}%)")
-
     def metrics(self) -> dict:
         return {"peft/trainable_params": self.trainable, "peft/total_params": self.total,
                 "peft/trainable_frac": self.trainable / max(self.total, 1)}
@@ -77,8 +72,9 @@ def _read_base_config(path: str) -> Config:
     if method not in ("none", "full"):  # full fine-tuning saves every weight: a complete model
         raise ConfigError(f"{_KEY}: {path} is a PEFT checkpoint (peft.method {method}) holding only its "
                           f"adapters; merge it first: sparseforge merge-peft {path} --out DIR")
-    try:  # its own base is not needed to describe it
-        return load_config(config_path, ["peft.method=none", "peft.base=", "model.upcycle_from="])
+    try:  # where its own weights came from does not matter here, only its shapes
+        return load_config(config_path, ["peft.method=none", "peft.base=", "model.upcycle_from=",
+                                         "model.init_from=", "prune.method=none"])
     except ConfigError as e:
         raise ConfigError(f"{_KEY}: {config_path}: {e}") from None
 

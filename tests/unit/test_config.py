@@ -158,6 +158,8 @@ def test_peft_base_must_be_a_complete_checkpoint(tmp_path):
     (["peft.method=esft", "model.preset=tiny_dense"], r"^peft\.method esft: trains selected experts; needs an MoE model"),
     (LORA + ["peft.train_router=true", "model.preset=tiny_dense"], r"^peft\.train_router: needs an MoE model"),
     (LORA + ["model.upcycle_from=/some/dense/step_00000001"], r"^model\.upcycle_from: not with peft\.method lora"),
+    (LORA + ["prune.method=magnitude", "prune.checkpoint=/some/step_00000001"],
+     r"^prune\.method: not with peft\.method lora: prune first"),
 ])
 def test_peft_method_fields_are_checked(tmp_path, override, message):
     _one_line_error(override + [f"peft.base={_fake_base(tmp_path)}"], message)
