@@ -6,8 +6,8 @@ import os
 import re
 import sys
 
-from launch.slurm import add_slurm_args, check_launcher_args
 from launch.hf import COMMANDS as HF_COMMANDS, add_hf_commands
+from launch.slurm import add_slurm_args, check_launcher_args
 from launch.spawn import RDZV_BACKENDS, split_endpoint
 from trainer.config import ConfigError, load_config, save_config
 

@@ -67,7 +67,7 @@ def activation_bytes(cfg: Config, layer_ids: list[int] | None = None, head: bool
     """
     m, moe, tr = cfg.model, cfg.moe, cfg.train
     layer_ids = range(m.num_layers) if layer_ids is None else layer_ids
-    tokens = (tr.micro_batch_size if sequences is None else sequences) * cfg.data.seq_len
+    tokens = (tr.micro_batch_size if sequences is None else sequences) * tokens_per_sample(cfg)
     head_dim = m.head_dim or m.d_model // m.num_heads
     attention = 3 * m.d_model + (m.num_heads + 2 * m.num_kv_heads) * head_dim + m.num_heads * head_dim
     dense_ffn = m.d_model + 3 * m.ffn_dim
@@ -76,7 +76,9 @@ def activation_bytes(cfg: Config, layer_ids: list[int] | None = None, head: bool
     moe_ids = set(moe_layer_ids(cfg))
     per_token = sum(attention + (moe_ffn if i in moe_ids else dense_ffn) for i in layer_ids)
     elem = 2 if tr.dtype == "bf16" else 4
-    logits = tokens * m.vocab_size * 4 * 2 if head else 0
+    # A DiT's head outputs patch_size² x channels (x 2 with learned sigma) per token, not logits.
+    out_width = m.patch_size ** 2 * m.in_channels * (2 if m.learn_sigma else 1) if m.family == "dit" else m.vocab_size
+    logits = tokens * out_width * 4 * 2 if head else 0
     return tokens * per_token * elem + logits
 
 
@@ -290,6 +292,92 @@ def prune_text(cfg: Config) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Expert-parallel all-to-all volume
+
+
+def tokens_per_sample(cfg: Config) -> int:
+    """Tokens one training sample puts through the layers: data.seq_len for an LLM, the
+    (image_size / patch_size)² patches of an image for a DiT."""
+    m = cfg.model
+    return (m.image_size // m.patch_size) ** 2 if m.family == "dit" else cfg.data.seq_len
+
+
+def a2a_rows(cfg: Config, layer_id: int, tokens: int) -> int:
+    """Rows one rank puts into the dispatch all-to-all of MoE layer `layer_id` for `tokens` of its
+    tokens (rows for its own experts included), as `parallel.expert_parallel` builds them: one per
+    (token, expert) assignment, T·top_k when dropless; with a capacity factor at most E·C kept
+    (exactly E·C when padded to capacity, moe.pad_to_capacity); expert choice E·C."""
+    from models.llm import moe_layer_config
+    from models.moe.capacity import expert_capacity
+
+    moe = moe_layer_config(layer_id, cfg.moe)
+    E, K = moe.num_experts, moe.top_k
+    if moe.routing == "expert_choice":  # the layer uses top_k as the capacity factor when it is 0
+        return E * expert_capacity(tokens, E, moe.capacity_factor or K, max_rows=tokens)
+    rows = tokens * K
+    if moe.capacity_factor > 0:
+        capacity_rows = E * expert_capacity(rows, E, moe.capacity_factor, max_rows=tokens)
+        return capacity_rows if moe.pad_to_capacity else min(rows, capacity_rows)
+    return rows
+
+
+def a2a_bytes(cfg: Config, layer_ids, tokens: int) -> dict[str, int]:
+    """Bytes one rank sends through the expert-parallel all-to-alls of the MoE layers among
+    `layer_ids` for one (micro)batch of `tokens` tokens, forward and backward; under uniform
+    routing it receives as much.
+
+    Per MoE layer: R rows (`a2a_rows`, T·top_k dropless) of d_model values; a row stays on this
+    rank when its expert does (1/ep of them under uniform routing), so (ep-1)/ep of them cross.
+        dispatch  R·D·b_in·(ep-1)/ep forward (the tokens) + the same backward (their gradients)
+        combine   R·D·b_out·(ep-1)/ep forward (expert outputs) + the same backward
+    b_in = 4: the dispatched rows are the MoE input, which stays fp32 (the weights are fp32 and
+    bf16 autocast leaves norms and residual adds in fp32); b_out = 2 with train.dtype bf16 (the
+    experts' matmul output), else 4. The count exchange (E integers) is left out.
+    """
+    ep, D = cfg.parallel.ep, cfg.model.d_model
+    b_in, b_out = 4, (2 if cfg.train.dtype == "bf16" else 4)
+    moe_ids = set(moe_layer_ids(cfg))
+    rows = sum(a2a_rows(cfg, i, tokens) for i in layer_ids if i in moe_ids)
+    dispatch = 2 * rows * D * b_in * (ep - 1) // ep
+    combine = 2 * rows * D * b_out * (ep - 1) // ep
+    return {"dispatch": dispatch, "combine": combine, "total": dispatch + combine}
+
+
+def a2a_text(cfg: Config, plan: PipelinePlan | None) -> str:
+    """The all-to-all lines of the plan: per MoE layer and microbatch, and per step (per pipeline
+    rank with pp > 1: each holds its own MoE layers)."""
+    tr, ep = cfg.train, cfg.parallel.ep
+    sequences = plan.microbatch_size if plan else tr.micro_batch_size
+    microbatches = (plan.microbatches if plan else 1) * tr.grad_accum_steps
+    tokens = sequences * tokens_per_sample(cfg)
+    moe_ids = moe_layer_ids(cfg)
+    one = a2a_bytes(cfg, moe_ids[:1], tokens)
+    b_out = "bf16" if tr.dtype == "bf16" else "fp32"
+    same = len({a2a_rows(cfg, i, tokens) for i in moe_ids}) == 1
+    out = io.StringIO()
+    out.write("expert all-to-all, bytes each rank sends (= receives, uniform routing), forward + backward:\n")
+    if same:
+        out.write(f"  per MoE layer and microbatch: dispatch {_human(one['dispatch'], 'B')} (fp32) + combine "
+                  f"{_human(one['combine'], 'B')} ({b_out}) = {_human(one['total'], 'B')}; "
+                  f"2 x R x d_model {cfg.model.d_model} x (4 + {2 if b_out == 'bf16' else 4}) B x (ep-1)/ep "
+                  f"{ep - 1}/{ep}, R = {a2a_rows(cfg, moe_ids[0], tokens)} rows ({tokens} tokens x top_k "
+                  f"{cfg.moe.top_k}{'' if a2a_rows(cfg, moe_ids[0], tokens) == tokens * cfg.moe.top_k else ', capacity'})\n")
+    rows = []  # (first pp rank, last pp rank, MoE layers, bytes per step): equal neighbours merged
+    for r in range(plan.pp) if plan else [0]:
+        layer_ids = [i for s in plan.rank_stages(r) for i in s.layer_ids] if plan else range(cfg.model.num_layers)
+        num_moe = len(set(layer_ids) & set(moe_ids))
+        step = a2a_bytes(cfg, layer_ids, tokens)["total"] * microbatches
+        if rows and rows[-1][2:] == (num_moe, step):
+            rows[-1] = (rows[-1][0], r, num_moe, step)
+        else:
+            rows.append((r, r, num_moe, step))
+    for first, last, num_moe, step in rows:
+        who = "each rank" if not plan else f"pp rank {first}" if first == last else f"pp ranks {first}-{last}"
+        out.write(f"  per step, {who}: {_human(step, 'B')} ({_count(num_moe, 'MoE layer')} x {_count(microbatches, 'microbatch')})\n")
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole plan
 
 
@@ -317,7 +405,8 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     if cfg.prune.method != "none":
         out.write(prune_text(cfg) + "\n")
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
-    out.write(f"batch: {global_batch} sequences x {cfg.data.seq_len} tokens per step "
+    unit = "images" if cfg.model.family == "dit" else "sequences"
+    out.write(f"batch: {global_batch} {unit} x {tokens_per_sample(cfg)} tokens per step "
               f"({cfg.train.micro_batch_size} per rank x {cfg.train.grad_accum_steps} accumulation x dp {dp}); "
               f"{cfg.train.steps} steps\n")
     from parallel.mesh import layout  # the same arithmetic the trainer uses
@@ -341,6 +430,8 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
         chunks = f", {par.ep_chunks} chunks" if par.ep_overlap in ("chunked", "combinable") else ""
         out.write(f"expert parallel: all-to-all within {_groups(groups['ep'])}, expert grads reduced "
                   f"within {_groups(groups['edp'])}; overlap {par.ep_overlap}{chunks}\n")
+        if moe_layer_ids(cfg):
+            out.write(a2a_text(cfg, plan))
     if plan is not None:
         out.write(format_pipeline(cfg, plan, dp))
         return out.getvalue()
