@@ -748,9 +748,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     }
     for key, value in positive.items():
         _require(value > 0, f"{key}: must be > 0, got {value}")
-    # A prune run may only compress and evaluate (0 steps); every other run trains.
-    _require(tr.steps > 0 or (cfg.prune.method != "none" and tr.steps == 0),
-             f"train.steps: must be > 0, got {tr.steps}" + (" (>= 0 with prune.method)" if cfg.prune.method != "none" else ""))
     non_negative = {
         "model.head_dim": m.head_dim, "moe.num_experts": moe.num_experts,
         "moe.first_k_dense": moe.first_k_dense, "moe.num_shared_experts": moe.num_shared_experts,
@@ -759,6 +756,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "data.max_bytes": data.max_bytes, "optim.lr": opt.lr, "optim.weight_decay": opt.weight_decay,
         "optim.warmup_steps": opt.warmup_steps, "optim.grad_clip": opt.grad_clip,
         "train.stop_at_step": tr.stop_at_step, "eval.every": cfg.eval.every,
+        "train.steps": tr.steps,  # 0: nothing trained (a prune run compresses and evaluates only)
         "checkpoint.keep_last": cfg.checkpoint.keep_last, "parallel.timeout_s": par.timeout_s,
         "logging.heatmap_every": cfg.logging.heatmap_every,
     }

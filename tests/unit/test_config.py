@@ -60,7 +60,7 @@ def test_wrong_type_names_key_expected_and_given():
     (["model.num_kv_heads=3"], 1, r"num_heads=4 is not divisible by model\.num_kv_heads=3"),
     (["moe.top_k=9"], 1, r"moe\.top_k=9 must be between 1 and moe\.num_experts=8"),
     (["data.seq_len=4096"], 1, r"data\.seq_len=4096 exceeds model\.max_seq_len"),
-    (["train.steps=0"], 1, r"train\.steps: must be > 0, got 0"),
+    (["train.steps=-1"], 1, r"train\.steps: must be >= 0, got -1"),
     (["optim.lr=-1"], 1, r"optim\.lr: must be >= 0"),
     (["optim.schedule=linear"], 1, r"optim\.schedule: 'linear' is not one of cosine, wsd, constant"),
     (["model.preset=nope"], 1, r"model\.preset: unknown preset 'nope'"),
