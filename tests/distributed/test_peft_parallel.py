@@ -171,3 +171,17 @@ def test_lora_under_pipeline_parallelism_matches_one_process(runs):
     ranks = [_load(out, f"lora_pp2_rank{r}.pt") for r in range(2)]
     assert not set(ranks[0]["trainable"]) & set(ranks[1]["trainable"])  # each stage its own adapters
     _assert_same_weights(_gather(ranks, "trainable"), _load(out, "lora_pp_ref.pt")["trainable"], "lora pp=2")
+
+
+def test_expert_parallel_adapter_checkpoint_loads_whole(runs):
+    """The ep=2 LoRA checkpoint (expert adapters stored as shards of the unsharded tensors) read
+    back on one process, without a process group: exactly the adapters the two ranks held."""
+    from trainer.peft import load_peft_model
+
+    out, _ = runs
+    _, model = load_peft_model(os.path.join(out, "lora_ep2", "checkpoints", "step_00000004"))
+    held = _gather([_load(out, f"lora_ep2_rank{r}.pt") for r in range(2)], "trainable")
+    live = dict(model.named_parameters())
+    assert sorted(held) == sorted(n for n, p in live.items() if p.requires_grad)
+    for name, value in held.items():
+        assert torch.equal(live[name].detach(), value), name
