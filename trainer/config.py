@@ -702,7 +702,8 @@ def _validate_prune(cfg: Config) -> None:
         if p.nm:
             parts = p.nm.split(":")
             ok = len(parts) == 2 and all(x.strip().isdigit() for x in parts) and 0 < int(parts[0]) <= int(parts[1])
-            _require(ok, f"prune.nm: expected N:M with 0 < N <= M, e.g. 2:4, got {p.nm!r}")
+            _require(ok, f"prune.nm: expected N:M with 0 < N <= M, e.g. \"2:4\", got {p.nm!r}"
+                         + (" (YAML reads an unquoted N:M as a base-60 number: quote it)" if p.nm.isdigit() else ""))
             _require(ok and moe.expert_ffn_dim % int(parts[1]) == 0 and cfg.model.d_model % int(parts[1]) == 0,
                      f"prune.nm={p.nm}: M must divide model.d_model={cfg.model.d_model} and "
                      f"moe.expert_ffn_dim={moe.expert_ffn_dim}")
