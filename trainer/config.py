@@ -182,6 +182,15 @@ class TrainConfig:
     log_every: int = 10
     stop_at_step: int = 0  # leave early (after a checkpoint) at this step; 0: off
     run_dir: str = ""  # set by --run-dir; default runs/<recipe name>
+    # Reliability (README "Reliability"): torchrun restarts the whole job this many times when a
+    # rank fails; every start resumes from the run directory's latest checkpoint.
+    max_restarts: int = 0
+    # A non-finite loss or gradient norm skips the optimizer step; this many in a row, then stop.
+    max_nonfinite_steps: int = 3
+    # Warn when one expert takes more than collapse_share of a MoE layer's routed tokens for
+    # collapse_steps log intervals in a row (0: off).
+    collapse_share: float = 0.9
+    collapse_steps: int = 3
 
 
 @dataclass
@@ -257,7 +266,6 @@ class PruneConfig:
     ties_density: float = 0.2  # ties: share of each delta kept (largest magnitudes)
     ties_lambda: float = 1.0  # ties: scale of the merged delta
     nm: str = ""  # magnitude: "2:4" for N:M along the input dim; empty: unstructured `sparsity`
-
 
 
 @dataclass
@@ -745,6 +753,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "parallel.ep": par.ep, "parallel.pp": par.pp, "data.seq_len": data.seq_len,
         "train.micro_batch_size": tr.micro_batch_size,
         "train.grad_accum_steps": tr.grad_accum_steps, "train.log_every": tr.log_every,
+        "parallel.timeout_s": par.timeout_s,
         "eval.batches": cfg.eval.batches, "checkpoint.every": cfg.checkpoint.every,
     }
     for key, value in positive.items():
@@ -758,7 +767,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "optim.warmup_steps": opt.warmup_steps, "optim.grad_clip": opt.grad_clip,
         "train.stop_at_step": tr.stop_at_step, "eval.every": cfg.eval.every,
         "train.steps": tr.steps,  # 0: nothing trained (a prune run compresses and evaluates only)
-        "checkpoint.keep_last": cfg.checkpoint.keep_last, "parallel.timeout_s": par.timeout_s,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "train.max_restarts": tr.max_restarts,
+        "train.max_nonfinite_steps": tr.max_nonfinite_steps, "train.collapse_steps": tr.collapse_steps,
         "logging.heatmap_every": cfg.logging.heatmap_every,
     }
     for key, value in non_negative.items():
@@ -783,6 +793,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(0.0 < data.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {data.val_fraction}")
     _require(0.0 <= opt.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {opt.min_lr_ratio}")
     _require(0.0 < opt.decay_fraction <= 1.0, f"optim.decay_fraction: must be in (0, 1], got {opt.decay_fraction}")
+    _require(0.0 < tr.collapse_share <= 1.0, f"train.collapse_share: must be in (0, 1], got {tr.collapse_share}")
     if moe.num_experts > 0:
         _require(1 <= moe.top_k <= moe.num_experts,
                  f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
