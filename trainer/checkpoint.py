@@ -13,13 +13,18 @@ Frozen parameters are never saved: they come from elsewhere (peft.base), so a PE
 only what is trained (adapters, their optimizer state) and is a small fraction of its base.
 A checkpoint is written under `step_XXXXXXXX.tmp` and renamed once every rank has finished, so a
 directory with the final name is always complete; a `.tmp` left by a crash is never loaded.
+Before the rename rank 0 writes manifest.json (every file and its size, and the launch that wrote
+it): a final-named directory that lost or truncated a file later (a disk filling up, a copy cut
+short) is detected, skipped with a warning naming it, and the previous checkpoint is used.
 """
 from __future__ import annotations
 
 import os
 import random
+import json
 import re
 import shutil
+import sys
 import warnings
 
 import numpy as np
@@ -35,6 +40,10 @@ from parallel.checkpoint_adapter import from_checkpoint, to_checkpoint
 from trainer.config import Config, save_config
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+# Set by the launcher (launch/spawn.py) for one `sparseforge run`; torchrun's restarts inherit it.
+LAUNCH_ID_ENV = "SPARSEFORGE_LAUNCH_ID"
+_warned: set[str] = set()
 
 
 def _sd_options(model) -> StateDictOptions:
@@ -60,25 +69,107 @@ def is_step_dir(path: str) -> bool:
     return _STEP_DIR.match(os.path.basename(path.rstrip("/"))) is not None
 
 
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete checkpoint, in a few words; None when it is one.
+
+    Complete: final name, DCP metadata and rank 0's extra state present, and every file that
+    manifest.json lists present with its size (checkpoints without a manifest, written before
+    manifests or by import-hf, are checked by the first three only)."""
+    if not is_step_dir(path):
+        return "not named step_XXXXXXXX"
+    for name in (".metadata", "extra_rank0.pt"):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        return None
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} bytes, {MANIFEST} says {size}"
+    return None
+
+
 def is_complete(path: str) -> bool:
-    """Final name, DCP metadata and at least rank 0's extra state present."""
-    return (is_step_dir(path)
-            and os.path.isfile(os.path.join(path, ".metadata"))
-            and os.path.isfile(os.path.join(path, "extra_rank0.pt")))
+    """Final name, DCP metadata, rank 0's extra state, and every file of the manifest intact."""
+    return checkpoint_problem(path) is None
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints of a run directory, oldest first."""
+    """Complete checkpoints of a run directory, oldest first. A final-named directory that is not
+    complete (a file lost or truncated after it was published) is skipped with a warning."""
     root = checkpoint_root(run_dir)
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n))
-    return [os.path.join(root, n) for n in names if is_complete(os.path.join(root, n))]
+    found = []
+    for name in sorted(n for n in os.listdir(root) if _STEP_DIR.match(n)):
+        path = os.path.join(root, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            found.append(path)
+        elif path not in _warned:  # once per process: this is called at every save
+            _warned.add(path)
+            print(f"warning: checkpoint {path} is incomplete or corrupt ({problem}); skipped, an earlier one is used",
+                  file=sys.stderr, flush=True)
+    return found
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def _launch_of(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f).get("launch_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def choose_resume(run_dir: str, resume_from: str | None) -> str | None:
+    """The checkpoint a starting rank loads: `resume_from` (--resume), else the run directory's latest.
+
+    torchrun restarts a failed job by running the same command again, --resume included; a restart
+    must continue from what this launch saved since, not go back to where the launch began. So the
+    newest checkpoint written by this launch (LAUNCH_ID_ENV, in its manifest) wins over
+    --resume; older ones of the same run directory (say, a trajectory --resume rolled back from)
+    do not. Without a launch id (torchrun started by hand), a restart takes the latest checkpoint
+    when it is newer than --resume.
+    """
+    if resume_from is None:
+        return latest_checkpoint(run_dir)
+    launch = os.environ.get(LAUNCH_ID_ENV)
+    found = list_checkpoints(run_dir)
+    if launch:
+        own = [path for path in found if _launch_of(path) == launch]
+        return own[-1] if own else resume_from
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    newer = [path for path in found if checkpoint_step(path) > checkpoint_step(resume_from)]
+    return newer[-1] if restarted and newer else resume_from
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of a step_XXXXXXXX directory (-1 for another name)."""
+    match = _STEP_DIR.match(os.path.basename(path.rstrip("/")))
+    return int(match.group(1)) if match else -1
+
+
+def resume_point(run_dir: str, resume_from: str | None) -> str | None:
+    """`choose_resume` decided by rank 0 and broadcast: ranks on other nodes were started by
+    other launchers (other launch ids) and must load the same checkpoint."""
+    choice = choose_resume(run_dir, resume_from)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    return choice
 
 
 def _rng_state() -> dict:
@@ -135,8 +226,10 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
     if mesh.is_main:
         save_config(cfg, os.path.join(tmp, "config.yaml"))
     barrier()
-    # 4. rank 0 publishes it with one rename, then prunes the oldest beyond keep_last.
+    # 4. rank 0 lists what every rank wrote (the manifest: a file lost or cut short later is
+    #    detected), publishes it with one rename, then prunes the oldest beyond keep_last.
     if mesh.is_main:
+        _write_manifest(tmp, step)
         if os.path.isdir(final):  # re-saving the same step (a rerun): replace the old one
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -144,6 +237,18 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
         _prune(run_dir, cfg.checkpoint.keep_last)
     barrier()
     return final
+
+
+def _write_manifest(tmp: str, step: int) -> None:
+    """manifest.json of a checkpoint written to `tmp`: every file with its size (DCP shards of
+    every rank included: checkpoints live on a file system all ranks share), and the launch."""
+    files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))
+             if os.path.isfile(os.path.join(tmp, name))}
+    manifest = {"step": step, "launch_id": os.environ.get(LAUNCH_ID_ENV), "files": files}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:
@@ -165,8 +270,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
                     extra_state: dict | None = None) -> int:
     """Restore everything a checkpoint holds into live objects; returns its step. The tensors of
     `extra_state` (as given to `save_checkpoint`) are overwritten in place."""
-    if not is_complete(path):
-        raise FileNotFoundError(f"not a complete checkpoint directory: {path}")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"not a complete checkpoint directory: {path} ({problem})")
     target = unwrap(model)
     options = _sd_options(target)
     model_sd, optim_sd = get_state_dict(target, optimizer, options=options)

@@ -16,7 +16,7 @@ from models.peft import partially_frozen_parameters, zero_frozen_expert_grads
 from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, build_mesh, clip_grad_norm, parallelize,
                       parallelize_pipeline, pick_device, sync_context, sync_expert_grads, sync_replicated_grads,
                       unwrap)
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, resume_point, save_checkpoint
 from trainer.config import Config, pp_microbatches
 from trainer.ema import EMA
 from trainer.metrics import MetricsLogger
@@ -62,7 +62,7 @@ class Trainer:
             self.prune = prune_model(model, cfg, self.task, self.mesh, run_dir)
             cfg = self.cfg = self.prune.cfg
         self.param_counts = models.param_counts(model, cfg.moe)  # before ep shards the experts
-        resume_path = resume_from or latest_checkpoint(run_dir)
+        resume_path = resume_point(run_dir, resume_from)  # a torchrun restart: this launch's newest
         upcycled = None
         if resume_path is None and cfg.model.upcycle_from:
             # A fresh MoE run from a dense checkpoint: upcycled whole, before experts are sharded
