@@ -199,14 +199,18 @@ class _EvalLog:
 
     def __init__(self, enabled: bool, run_dir: str, tag: str):
         self.enabled, self.run_dir, self.tag = enabled, run_dir, tag
+        self.renamed: dict[str, str] = {}
 
     def print(self, message: str) -> None:
         if self.enabled:
+            for old, new in self.renamed.items():
+                message = message.replace(old, new)
             print(f"prune ({self.tag}): {message}", file=sys.stderr, flush=True)
 
     def log_image(self, key: str, path: str, step: int) -> None:
         if self.enabled and os.path.isfile(path):
-            os.replace(path, os.path.join(os.path.dirname(path), f"prune_{self.tag}_{key}.png"))
+            self.renamed[path] = os.path.join(os.path.dirname(path), f"prune_{self.tag}_{key}.png")
+            os.replace(path, self.renamed[path])
 
 
 @torch.no_grad()
