@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}", flush=True)
     nodes = NodeArgs(args.nproc_per_node, args.nnodes, args.node_rank or 0, args.master_addr, args.master_port,
                      _rdzv_backend(args), args.rdzv_endpoint, args.rdzv_id or _default_rdzv_id(run_dir),
-                     args.local_addr)
+                     args.local_addr, cfg.train.max_restarts)
     code = spawn_torchrun(nodes, config_path, run_dir, args.resume)
     if code != 0:
         print(f"sparseforge: training exited with code {code}; see the rank messages above", file=sys.stderr)

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +36,7 @@ class NodeArgs:
     rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous (default master addr:port)
     rdzv_id: str = "sparseforge"  # the same on every node of one job
     local_addr: str | None = None  # c10d: this node's address (default: the one facing the endpoint)
+    max_restarts: int = 0  # train.max_restarts: torchrun restarts every rank after a failure
 
 
 def split_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -127,6 +129,8 @@ def torchrun_command(nodes: NodeArgs, config_path: str, run_dir: str, resume: st
     """The torchrun command line of one node (`python`, `probe`: see `rendezvous_args`)."""
     cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nodes.nproc_per_node}",
            *rendezvous_args(nodes, probe)]
+    if nodes.max_restarts > 0:  # every start resumes from the run directory's latest checkpoint
+        cmd.append(f"--max-restarts={nodes.max_restarts}")
     cmd += ["-m", "trainer.entry", "--config", config_path, "--run-dir", run_dir]
     if resume:
         cmd += ["--resume", resume]
@@ -150,6 +154,10 @@ def spawn_torchrun(nodes: NodeArgs, config_path: str, run_dir: str, resume: str 
     env = dict(os.environ)
     # The ranks import this checkout even when it is not pip-installed.
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # One id for this launch, inherited by torchrun's restarts and written into each checkpoint's
+    # manifest: a restart resumes from this launch's own checkpoints, not --resume again
+    # (trainer.checkpoint.LAUNCH_ID_ENV; not imported here, it would import torch).
+    env["SPARSEFORGE_LAUNCH_ID"] = uuid.uuid4().hex
     if nodes.nproc_per_node > 1:
         # One intra-op thread per rank unless the user chose otherwise: ranks share the cores.
         cores = os.cpu_count() or 1
