@@ -191,6 +191,10 @@ class TrainConfig:
     # collapse_steps log intervals in a row (0: off).
     collapse_share: float = 0.9
     collapse_steps: int = 3
+    # native: DDP + AdamW. deepspeed: DeepSpeed's ZeRO over the non-expert parameters (routed
+    # experts stay sharded by parallel.ep), trainer/ds_engine.py; needs the `deepspeed` extra.
+    engine: str = "native"
+    zero_stage: int = 2  # train.engine=deepspeed: 1 (optimizer states) or 2 (+ gradients)
 
 
 @dataclass
@@ -724,6 +728,24 @@ def _validate_prune(cfg: Config) -> None:
              f"them; set train.steps=0 (fine-tune before compressing)")
 
 
+def _validate_engine(cfg: Config) -> None:
+    """train.engine and what DeepSpeed combines with (README "DeepSpeed engine")."""
+    tr = cfg.train
+    _choice("train.engine", tr.engine, ("native", "deepspeed"))
+    _require(tr.zero_stage in (1, 2, 3), f"train.zero_stage: must be 1 or 2, got {tr.zero_stage}")
+    if tr.engine != "deepspeed":
+        return
+    _require(tr.zero_stage != 3, "train.zero_stage=3: ZeRO-3 would partition the expert parameters that "
+                                 "parallel.ep shards; use 1 or 2")
+    _require(cfg.parallel.pp == 1, f"train.engine=deepspeed: not with parallel.pp={cfg.parallel.pp} (pipeline "
+                                   f"stages run on torch.distributed.pipelining; use train.engine=native)")
+    # ESFT zeroes unselected expert rows before the step, ZeRO-2 reduces gradients inside backward.
+    _require(cfg.peft.method != "esft", "train.engine=deepspeed: not with peft.method=esft (use train.engine=native)")
+    # A prune run writes its compressed model as a step-0 checkpoint without ZeRO state.
+    _require(cfg.prune.method == "none", "train.engine=deepspeed: not with prune.method (prune with "
+                                         "train.engine=native, then train from its checkpoint)")
+
+
 def _validate_attention(cfg: Config) -> None:
     """model.attention and its options; model.init_from against other weight sources."""
     m = cfg.model
@@ -821,6 +843,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _validate_pipeline(cfg)
     _validate_peft(cfg)
     _validate_prune(cfg)
+    _validate_engine(cfg)
     if world_size is not None:
         _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
         _require(world_size % par.pp == 0,
