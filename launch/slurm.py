@@ -119,8 +119,9 @@ cd "$RUN_DIR/slurm/code"
 export PYTHONPATH="$RUN_DIR/slurm/code${{PYTHONPATH:+:$PYTHONPATH}}"
 
 # c10d rendezvous on the allocation's first node; the job id names it, the same on every node
-# and again after a requeue.
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# and again after a requeue. (sed, not head: head closes the pipe early, and scontrol's SIGPIPE
+# would end the script under pipefail.)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 echo "job $SLURM_JOB_ID: {job.nnodes} nodes x {job.nproc_per_node} ranks, rendezvous $HEAD_NODE:{job.port}"
 
 # Time limit (USR1 {SIGNAL_SECONDS} s before it, --signal) or preemption: requeue. The job starts again
