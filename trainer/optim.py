@@ -9,17 +9,18 @@ import torch.nn as nn
 from trainer.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay_params=()) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay_params=(), params=None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; matrices decay, vectors (norm gains, biases) do not,
     as in nanoGPT/Megatron.
 
     Embeddings and expert weights are matrices and decay like any other weight. `no_decay_params`
     never decay either: ESFT's expert tensors, whose frozen rows get zero gradients and must not
     move (zero gradient and zero moments make a zero AdamW update only without decay).
+    `params`: some of the model's parameters only (default all; the DeepSpeed engine splits them).
     """
     forced = {id(p) for p in no_decay_params}
     decay, no_decay = [], []
-    for param in model.parameters():
+    for param in model.parameters() if params is None else params:
         if param.requires_grad:
             (decay if param.ndim >= 2 and id(param) not in forced else no_decay).append(param)
     # Empty groups left out (LoRA has matrices only): checkpoint state dicts cannot hold them.
