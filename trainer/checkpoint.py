@@ -199,12 +199,15 @@ def _wrapped_extra(target, extra_state: dict | None, mesh: ParallelMesh) -> dict
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, cfg: Config,
-                    mesh: ParallelMesh, extra_state: dict | None = None, run_state: dict | None = None) -> str:
+                    mesh: ParallelMesh, extra_state: dict | None = None, run_state: dict | None = None,
+                    engine=None) -> str:
     """Write step `step` atomically on every rank; returns the final directory.
 
     `extra_state`: more {parameter name: tensor} dicts saved beside the model under their own
     name (the DiT's EMA weights), sharded and resharded like the parameters.
     `run_state`: small picklable values saved in extra_rank{R}.pt (`read_run_state` reads them).
+    `engine`: train.engine=deepspeed's (trainer/ds_engine.py): `optimizer` is then the optimizer of
+    the parameters outside ZeRO (or ()), and ZeRO's partitioned state goes into a subdirectory.
     """
     final = os.path.join(checkpoint_root(run_dir), f"step_{step:08d}")
     tmp = final + ".tmp"
@@ -219,6 +222,8 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
     model_sd, optim_sd = get_state_dict(target, optimizer, options=_sd_options(target))
     to_checkpoint(target, model_sd, optim_sd, mesh)
     dcp.save({"model": model_sd, "optim": optim_sd, **_wrapped_extra(target, extra_state, mesh)}, checkpoint_id=tmp)
+    if engine is not None:  # collective: every rank writes its ZeRO partition
+        engine.save(tmp)
     # 3. every rank writes the state that is its own.
     extra = {"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(),
              "rng": _rng_state(), "world_size": mesh.world_size, "run_state": run_state or {}}
@@ -267,12 +272,15 @@ def _prune(run_dir: str, keep_last: int) -> None:
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: ParallelMesh,
-                    extra_state: dict | None = None) -> int:
+                    extra_state: dict | None = None, engine=None) -> int:
     """Restore everything a checkpoint holds into live objects; returns its step. The tensors of
-    `extra_state` (as given to `save_checkpoint`) are overwritten in place."""
+    `extra_state` (as given to `save_checkpoint`) are overwritten in place. `engine`: as saved."""
     problem = checkpoint_problem(path)
     if problem is not None:
         raise FileNotFoundError(f"not a complete checkpoint directory: {path} ({problem})")
+    if engine is None and os.path.isdir(os.path.join(path, "deepspeed")):
+        raise ValueError(f"{path}: written by train.engine=deepspeed (its optimizer state is ZeRO's); resume it "
+                         f"with train.engine=deepspeed")
     target = unwrap(model)
     options = _sd_options(target)
     model_sd, optim_sd = get_state_dict(target, optimizer, options=options)
@@ -291,6 +299,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
     from_checkpoint(state["model"], state["optim"])
     set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=options)
+    if engine is not None:  # after the weights: ZeRO's fp32 master weights and moments (collective)
+        engine.load(path)
     own = os.path.join(path, f"extra_rank{mesh.rank}.pt")
     same_layout = os.path.isfile(own)
     extra = torch.load(own if same_layout else os.path.join(path, "extra_rank0.pt"), weights_only=False)

@@ -13,9 +13,9 @@ import models
 from models.moe import (moe_layer_indices, moe_layers, pop_router_stats, pop_step_loads, set_aux_loss_scale,
                         update_aux_free_bias)
 from models.peft import partially_frozen_parameters, zero_frozen_expert_grads
-from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, build_mesh, clip_grad_norm, parallelize,
-                      parallelize_pipeline, pick_device, sync_context, sync_expert_grads, sync_replicated_grads,
-                      unwrap)
+from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, apply_expert_parallel, build_mesh, clip_grad_norm,
+                      parallelize, parallelize_pipeline, pick_device, sync_context, sync_expert_grads,
+                      sync_replicated_grads, unwrap)
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, resume_point, save_checkpoint
 from trainer.config import Config, pp_microbatches
 from trainer.ema import EMA
@@ -84,6 +84,8 @@ class Trainer:
         if self.mesh.pp > 1:  # this rank keeps its stages only; self.model holds their parameters
             self.pipeline = parallelize_pipeline(model, self.mesh, cfg, self.task.pipeline_loss_fn)
             model = self.model = self.pipeline.module
+        elif cfg.train.engine == "deepspeed":  # experts sharded here; DeepSpeed wraps it below, not DDP
+            self.model = apply_expert_parallel(model, self.mesh, cfg.parallel.ep_overlap, cfg.parallel.ep_chunks)
         else:
             self.model = parallelize(model, self.mesh, cfg)
         layers = moe_layers(model)
@@ -95,11 +97,19 @@ class Trainer:
         # From the whole model, not this rank's layers: under pp every rank joins the heatmap's gather.
         self.heatmap_every = max(cfg.logging.heatmap_every, 0) if cfg.moe.num_experts > 0 else 0
         self.heatmap_loads_LE: torch.Tensor | None = None  # routed since the previous heatmap
-        # ESFT's expert tensors hold frozen rows: no weight decay, so those rows never move.
-        self.optimizer = build_optimizer(model, cfg.optim, no_decay_params=partially_frozen_parameters(model))
+        self.engine = None  # train.engine=deepspeed: ZeRO's optimizer and our schedule (trainer/ds_engine.py)
+        if cfg.train.engine == "deepspeed":
+            from trainer.ds_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(model, cfg, self.mesh, no_decay_params=partially_frozen_parameters(model))
+            # What checkpoints save beside the model in DCP: the optimizer of the experts outside ZeRO.
+            self.optimizer, self.scheduler = self.engine.expert_optimizer or (), self.engine.scheduler
+        else:
+            # ESFT's expert tensors hold frozen rows: no weight decay, so those rows never move.
+            self.optimizer = build_optimizer(model, cfg.optim, no_decay_params=partially_frozen_parameters(model))
+            self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         # DiT: an EMA of this rank's parameters, for sampling (checkpointed with them).
         self.ema = EMA(model, cfg.diffusion.ema_decay) if cfg.model.family == "dit" else None
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         # Per-rank RNG stream from here on (dropout, jitter), reproducible and resumable.
         torch.manual_seed(cfg.train.seed + 1 + self.mesh.rank)
         if upcycled and self.mesh.is_main:
@@ -125,7 +135,7 @@ class Trainer:
         if path is None:
             return 0
         step = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.data, self.mesh,
-                               extra_state=self._extra_state())
+                               extra_state=self._extra_state(), engine=self.engine)
         if self.mesh.is_main:
             print(f"resumed from {path} at step {step}", flush=True)
         return step
@@ -172,7 +182,7 @@ class Trainer:
                                                or self.step == cfg.train.steps or stopping):
                     save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
                                     self.data, cfg, mesh, extra_state=self._extra_state(),
-                                    run_state=self._run_state())
+                                    run_state=self._run_state(), engine=self.engine)
                 if stopping:
                     log.print(f"stopping at step {self.step} (train.stop_at_step); rerun to resume")
                     break
@@ -190,6 +200,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:
             return self._pipeline_train_step(batches)
+        if self.engine is not None:
+            return self._deepspeed_train_step(batches)
         for micro in range(num_micro):
             batch = self.task.to_device(next(batches))
             with sync_context(model, micro == num_micro - 1):
@@ -209,6 +221,22 @@ class Trainer:
         self._expert_loads_step()
         mean_loss = all_reduce_mean(loss_sum, self.mesh.dp_group)
         return mean_loss.item(), grad_norm.item()
+
+    def _deepspeed_train_step(self, batches) -> tuple[float, float]:
+        """`_train_step` with train.engine=deepspeed (trainer/ds_engine.py explains the steps)."""
+        num_micro = self.cfg.train.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(num_micro):
+            batch = self.task.to_device(next(batches))
+            with self.autocast:
+                loss = self.task.micro_batch_loss(self.engine.engine, batch) / num_micro
+            self.engine.backward(loss)  # not rescaled by DeepSpeed: aux losses ride along as above
+            loss_sum += loss.detach()
+        grad_norm = self.engine.step()  # experts over edp, clip by the whole model's norm, step, lr
+        if self.ema is not None:
+            self.ema.update()
+        self._expert_loads_step()
+        return all_reduce_mean(loss_sum, self.mesh.dp_group).item(), grad_norm
 
     def _pipeline_train_step(self, batches) -> tuple[float, float]:
         """`_train_step` under pipeline parallelism (parallel/pipeline.py explains the steps)."""
