@@ -226,3 +226,12 @@ def test_bad_slurm_arguments_fail_fast(tmp_path, args, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (run_dir / "slurm").exists()
+
+
+def test_relative_data_paths_are_pinned(tmp_path, capsys, monkeypatch):
+    """The job runs inside the snapshot: a corpus given relative to here must still be found."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 2000)
+    _generate(capsys, tmp_path / "run", "--set", "data.source=corpus.txt")
+    with open(tmp_path / "run" / "slurm" / "config.yaml") as f:
+        assert f"source: {tmp_path / 'corpus.txt'}\n" in f.read()
