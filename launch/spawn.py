@@ -1,4 +1,5 @@
-"""Starting the rank processes: torchrun (torch.distributed.run), locally or across nodes.
+"""Starting the rank processes: torchrun (torch.distributed.run), locally or across nodes, or the
+deepspeed launcher (`deepspeed_command`: one node, or the hosts of an MPI-style hostfile over ssh).
 
 Rendezvous across nodes, chosen by `NodeArgs.rdzv_backend`:
     static  every node is told its node rank; node 0 hosts the store at master_addr:master_port.
@@ -149,8 +150,60 @@ def describe(nodes: NodeArgs) -> str | None:
             f"{local_addr or '(by hostname)'}{', hosting the store' if is_host else ''}")
 
 
-def spawn_torchrun(nodes: NodeArgs, config_path: str, run_dir: str, resume: str | None) -> int:
-    """Run torchrun in the foreground and return its exit code."""
+def deepspeed_command(nodes: NodeArgs, config_path: str, run_dir: str, resume: str | None,
+                      hostfile: str | None = None, python: str = sys.executable) -> list[str]:
+    """The deepspeed launcher's command line (what the `deepspeed` script runs).
+
+    One node: --num_gpus ranks here, on a free port unless --master-port is given. With a hostfile
+    (MPI style, a `host slots=N` line per node) the runner starts --num_nodes of its hosts over
+    pdsh/ssh, --num_gpus ranks on each; node 0's address is --master-addr or its `hostname -I`.
+    The ranks run `python -m trainer.entry` (--module) and read LOCAL_RANK from the environment
+    (--no_local_rank). On CPU DeepSpeed picks its cpu accelerator by itself and binds no cores
+    (--bind_cores_to_rank is off); the trainer joins gloo, deepspeed.comm wraps it.
+    """
+    port = nodes.master_port or (DEFAULT_PORT if hostfile else _free_port())
+    cmd = [python, "-m", "deepspeed.launcher.runner", f"--num_gpus={nodes.nproc_per_node}"]
+    if hostfile:
+        cmd += [f"--hostfile={hostfile}", f"--num_nodes={nodes.nnodes}"]
+    if nodes.master_addr:
+        cmd.append(f"--master_addr={nodes.master_addr}")
+    cmd += [f"--master_port={port}", "--no_local_rank", "--module", "trainer.entry",
+            "--config", config_path, "--run-dir", run_dir]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd
+
+
+def hostfile_problem(path: str, nnodes: int, nproc_per_node: int) -> str | None:
+    """Why a deepspeed hostfile cannot hold nnodes x nproc_per_node ranks (None: it can)."""
+    if not os.path.isfile(path):
+        return f"--hostfile {path}: no such file"
+    hosts = []
+    with open(path) as f:
+        for line in f:
+            words = line.split("#")[0].split()
+            if not words:
+                continue
+            slots = [w.split("=", 1)[1] for w in words[1:] if w.startswith("slots=")]
+            if len(words) != 2 or not slots or not slots[0].isdigit():
+                return f"--hostfile {path}: expected 'HOST slots=N' lines, got {line.strip()!r}"
+            hosts.append((words[0], int(slots[0])))
+    if len(hosts) < nnodes:
+        return f"--hostfile {path}: {len(hosts)} hosts for --nnodes {nnodes}"
+    short = [host for host, slots in hosts[:nnodes] if slots < nproc_per_node]
+    if short:
+        return f"--hostfile {path}: host {short[0]} has fewer slots than --nproc-per-node {nproc_per_node}"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(nodes: NodeArgs) -> dict[str, str]:
+    """The environment the launcher hands the ranks."""
     env = dict(os.environ)
     # The ranks import this checkout even when it is not pip-installed.
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -162,12 +215,30 @@ def spawn_torchrun(nodes: NodeArgs, config_path: str, run_dir: str, resume: str 
         # One intra-op thread per rank unless the user chose otherwise: ranks share the cores.
         cores = os.cpu_count() or 1
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nodes.nproc_per_node)))
+    return env
+
+
+def spawn_torchrun(nodes: NodeArgs, config_path: str, run_dir: str, resume: str | None) -> int:
+    """Run torchrun in the foreground and return its exit code."""
     line = describe(nodes)
     if line:
         print(line, flush=True)
-    proc = subprocess.Popen(torchrun_command(nodes, config_path, run_dir, resume), env=env)
+    return _run(torchrun_command(nodes, config_path, run_dir, resume), _rank_env(nodes))
+
+
+def spawn_deepspeed(nodes: NodeArgs, config_path: str, run_dir: str, resume: str | None,
+                    hostfile: str | None = None) -> int:
+    """Run the deepspeed launcher in the foreground and return its exit code."""
+    if hostfile:
+        print(f"{nodes.nnodes} nodes of {hostfile} x {nodes.nproc_per_node} ranks, started by the deepspeed runner",
+              flush=True)
+    return _run(deepspeed_command(nodes, config_path, run_dir, resume, hostfile), _rank_env(nodes))
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> int:
+    proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()  # torchrun forwards it to the ranks
+        proc.terminate()  # torchrun and the deepspeed launcher forward it to the ranks
         return proc.wait()
