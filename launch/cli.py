@@ -12,7 +12,7 @@ from launch.spawn import RDZV_BACKENDS, split_endpoint
 from trainer.config import ConfigError, load_config, save_config
 
 
-LAUNCHERS = ("torchrun", "slurm")
+LAUNCHERS = ("torchrun", "slurm", "deepspeed")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the latest one in the run directory, if any)")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, spawn nothing")
     run.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
-                     help="torchrun: start the ranks here; slurm: write RUN_DIR/slurm/job.sbatch (see below)")
+                     help="torchrun: start the ranks here; slurm: write RUN_DIR/slurm/job.sbatch (see below); "
+                          "deepspeed: the deepspeed launcher (here, or the nodes of --hostfile over ssh)")
+    run.add_argument("--hostfile", default=None, help="--launcher deepspeed: MPI-style hostfile ('HOST slots=N' "
+                     "lines); the first --nnodes hosts run --nproc-per-node ranks each")
     add_slurm_args(run)
     validate = sub.add_parser("validate", help="check a recipe against a world size and exit")
     _add_recipe_args(validate)
@@ -83,6 +86,7 @@ def _check_node_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--node-rank {node_rank} is outside 0..{args.nnodes - 1}")
     endpoint = getattr(args, "rdzv_endpoint", None)
     check_launcher_args(args)
+    _check_deepspeed_args(args)
     # Only a torchrun started from here needs node 0's address; a plan and an sbatch script do not.
     spawns_here = getattr(args, "command", "run") == "run" and not getattr(args, "dry_run", False) \
         and getattr(args, "launcher", "torchrun") == "torchrun"
@@ -100,15 +104,39 @@ def _check_node_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--rdzv-endpoint: expected HOST:PORT, got {endpoint!r}")
 
 
+def _check_deepspeed_args(args: argparse.Namespace) -> None:
+    """--hostfile only with --launcher deepspeed; with it, several nodes come from a hostfile."""
+    from launch.spawn import hostfile_problem
+
+    hostfile = getattr(args, "hostfile", None)
+    if getattr(args, "launcher", "torchrun") != "deepspeed":
+        if hostfile:
+            raise ConfigError("--hostfile is an option of --launcher deepspeed")
+        return
+    given = [name for name in ("node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "local_addr")
+             if getattr(args, name, None) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')}: not with --launcher deepspeed (its runner starts "
+                          f"every node of --hostfile; node 0 is --master-addr or the first host)")
+    if args.nnodes > 1 and not hostfile and not getattr(args, "dry_run", False):
+        raise ConfigError("--launcher deepspeed with --nnodes > 1 needs --hostfile (the nodes it starts over ssh)")
+    problem = hostfile and hostfile_problem(hostfile, args.nnodes, args.nproc_per_node)
+    if problem:
+        raise ConfigError(problem)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from launch.plan import format_plan
     from launch.preflight import preflight
-    from launch.spawn import NodeArgs, spawn_torchrun
+    from launch.spawn import NodeArgs, spawn_deepspeed, spawn_torchrun
 
     _check_node_args(args)
     world_size = args.nproc_per_node * args.nnodes
     overrides = [item for group in args.overrides for item in group]
     cfg = load_config(args.recipe, overrides, world_size=world_size)
+    if args.launcher == "deepspeed" and cfg.train.max_restarts:
+        raise ConfigError("train.max_restarts: restarts are torchrun's; the deepspeed launcher has none "
+                          "(use --launcher torchrun, or rerun: it resumes)")
     run_dir = os.path.abspath(args.run_dir or cfg.train.run_dir or
                               os.path.join("runs", os.path.splitext(os.path.basename(args.recipe))[0]))
     cfg.train.run_dir = run_dir
@@ -140,7 +168,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     nodes = NodeArgs(args.nproc_per_node, args.nnodes, args.node_rank or 0, args.master_addr, args.master_port,
                      _rdzv_backend(args), args.rdzv_endpoint, args.rdzv_id or _default_rdzv_id(run_dir),
                      args.local_addr, cfg.train.max_restarts)
-    code = spawn_torchrun(nodes, config_path, run_dir, args.resume)
+    if args.launcher == "deepspeed":
+        resume = args.resume and os.path.abspath(args.resume)
+        code = spawn_deepspeed(nodes, config_path, run_dir, resume, args.hostfile and os.path.abspath(args.hostfile))
+    else:
+        code = spawn_torchrun(nodes, config_path, run_dir, args.resume)
     if code != 0:
         print(f"sparseforge: training exited with code {code}; see the rank messages above", file=sys.stderr)
     return code
