@@ -54,8 +54,11 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     model_type, files = export_hf(args.checkpoint, args.out, args.model_type, args.expert_layout, args.dtype,
                                   parse_size(args.max_shard_size))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    weights = "model.safetensors" if len(shards) == 1 else f"{len(shards)} safetensors shards with an index"
+    extra = [f for f in files if not f.endswith((".safetensors", ".index.json"))]
     print(f"exported {args.checkpoint} -> {args.out} as {model_type} ({args.expert_layout} experts, {args.dtype}; "
-          f"{', '.join(files)})")
+          f"{weights}, {', '.join(extra)})")
     return 0
 
 

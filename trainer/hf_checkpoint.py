@@ -120,15 +120,15 @@ def _spec(family: Family, hf_cfg: dict, cfg: Config, expert_layout: str) -> Spec
                 mla_nope=m.mla_qk_nope_head_dim, mla_rope=m.mla_qk_rope_head_dim, kv_lora_rank=m.mla_kv_lora_rank)
 
 
-def hf_config(hf_dir: str, base: Config | None = None) -> Config:
-    """Our Config for the model in `hf_dir`: `base` (default: the defaults) with the family's
-    architecture keys replaced. Validated; raises ConfigError (one line)."""
+def hf_config(hf_dir: str) -> Config:
+    """Our Config for the model in `hf_dir`: the defaults with the family's architecture keys
+    (data.seq_len capped at its max_seq_len). Validated; raises ConfigError (one line)."""
     try:
         hf_cfg, family = read_hf_config(hf_dir)
         arch = family.to_ours(hf_cfg, os.path.join(hf_dir, "config.json"))
     except HFFormatError as e:
         raise ConfigError(str(e)) from None
-    cfg = dataclasses.replace(base) if base is not None else Config()
+    cfg = Config()
     cfg.model = dataclasses.replace(cfg.model, **arch["model"])
     cfg.moe = dataclasses.replace(cfg.moe, **arch["moe"])
     if cfg.data.seq_len > cfg.model.max_seq_len:
@@ -252,12 +252,15 @@ def source_architecture(source: str) -> dict:
     if is_hf:
         try:
             hf_cfg, family = read_hf_config(path)
-            return family.to_ours(hf_cfg, os.path.join(path, "config.json"))
+            arch = family.to_ours(hf_cfg, os.path.join(path, "config.json"))
         except HFFormatError as e:
             raise ConfigError(f"{_KEY}: {e}") from None
-    ours = read_checkpoint_config(resolve_checkpoint(path, _KEY), _KEY)
-    keys = {"model": ARCH_KEYS["model"] + (_DIT_KEYS if ours.model.family == "dit" else ()), "moe": ARCH_KEYS["moe"]}
-    return {section: {k: getattr(getattr(ours, section), k) for k in names} for section, names in keys.items()}
+    else:
+        ours = read_checkpoint_config(resolve_checkpoint(path, _KEY), _KEY)
+        keys = {"model": ARCH_KEYS["model"] + (_DIT_KEYS if ours.model.family == "dit" else ()), "moe": ARCH_KEYS["moe"]}
+        arch = {section: {k: getattr(getattr(ours, section), k) for k in names} for section, names in keys.items()}
+    arch["model"]["preset"] = ""  # the recipe's preset no longer describes the model
+    return arch
 
 
 def check_init_source(source: str) -> None:

@@ -36,8 +36,9 @@ CONFIGS = {
                                                      num_hidden_layers=3, moe_intermediate_size=16,
                                                      shared_expert_intermediate_size=40, num_experts=6,
                                                      num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0]),
-    # Renormalised variant, MoE every 2nd layer (decoder_sparse_step).
-    "qwen2_moe_step2": lambda: transformers.Qwen2MoeConfig(**COMMON, num_key_value_heads=4, intermediate_size=48,
+    # Renormalised variant, MoE every 2nd layer (decoder_sparse_step), tied embeddings.
+    "qwen2_moe_step2": lambda: transformers.Qwen2MoeConfig(**{**COMMON, "tie_word_embeddings": True},
+                                                           num_key_value_heads=4, intermediate_size=48,
                                                            num_hidden_layers=4, moe_intermediate_size=16,
                                                            shared_expert_intermediate_size=24, num_experts=4,
                                                            num_experts_per_tok=2, norm_topk_prob=True,
@@ -122,7 +123,8 @@ EXPECTED = {
     "qwen2_moe": {("moe", "first_k_dense"): 1, ("moe", "moe_every"): 1, ("moe", "renormalize"): False,
                   ("model", "qkv_bias"): True, ("moe", "num_shared_experts"): 1, ("moe", "shared_expert_ffn_dim"): 40,
                   ("moe", "shared_expert_gate"): True},
-    "qwen2_moe_step2": {("moe", "first_k_dense"): 1, ("moe", "moe_every"): 2, ("moe", "renormalize"): True},
+    "qwen2_moe_step2": {("moe", "first_k_dense"): 1, ("moe", "moe_every"): 2, ("moe", "renormalize"): True,
+                        ("model", "tie_embeddings"): True},
     "olmoe": {("model", "qk_norm"): True, ("model", "clip_qkv"): 0.6, ("moe", "renormalize"): False,
               ("model", "qkv_bias"): True, ("model", "attn_out_bias"): True},
     "deepseek_v3": {("model", "attention"): "mla", ("model", "mla_q_lora_rank"): 16, ("moe", "score_func"): "sigmoid",
@@ -265,3 +267,36 @@ def test_import_refuses_wrong_shapes(tmp_path):
     with pytest.raises(ConfigError, match=r"block_sparse_moe.experts.[*].w1.weight stacked over experts have "
                                           r"shape \(4, 24, 32\), our layers.0.ffn.experts.w1_EFD needs \(4, 20, 32\)"):
         init_model_from(model, "hf:" + hf_dir)
+
+
+def test_init_from_a_checkpoint_of_ours(tmp_path):
+    """model.init_from with a checkpoint directory of ours (LLM and DiT): the architecture keys
+    come from its config.yaml over the recipe's, and the weights load whole."""
+    from trainer.config import load_config
+
+    for preset, arch in [("tiny", ["model.d_model=48", "model.num_layers=3", "moe.num_experts=6", "moe.top_k=3",
+                                   "model.qkv_bias=true", "moe.aux_free=true"]),
+                         ("dit_tiny_moe", ["model.d_model=64", "moe.num_experts=4", "model.image_size=16"])]:
+        source_cfg = load_config(None, [f"model.preset={preset}", *arch])
+        torch.manual_seed(0)
+        source = models.build_model(source_cfg.model, source_cfg.moe)
+        ckpt = write_checkpoint(str(tmp_path / preset), source_cfg, source.state_dict(), {})
+        cfg = load_config(None, [f"model.preset={preset}", f"model.init_from={tmp_path / preset}"])  # its folder
+        for item in arch:
+            section, rest = item.split(".", 1)
+            key, value = rest.split("=")
+            assert str(getattr(getattr(cfg, section), key)).lower() == value, item
+        model = models.build_model(cfg.model, cfg.moe)
+        assert init_model_from(model, cfg.model.init_from).endswith(f"({len(source.state_dict())} tensors)")
+        assert os.path.basename(ckpt) == "step_00000000"
+        for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def test_max_shard_size_parsing():
+    from launch.hf import parse_size
+
+    assert [parse_size(t) for t in ("5GB", "500MB", "20KB", "20000", "1.5G")] == \
+        [5 * 2**30, 500 * 2**20, 20 * 2**10, 20000, int(1.5 * 2**30)]
+    with pytest.raises(ConfigError, match="--max-shard-size: expected a size like 5GB"):
+        parse_size("5XB")
