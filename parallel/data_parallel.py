@@ -102,10 +102,13 @@ def clip_grad_norm(model: nn.Module, mesh: ParallelMesh, max_norm: float) -> tor
     count once, expert shards are summed over the ep group (after `sync_expert_grads` they are
     equal across the expert-data-parallel group, so each expert counts once). Under pipeline
     parallelism each rank holds some stages' parameters: the squares are summed over the pp
-    group too. `max_norm` inf: measure only.
+    group too. `max_norm` inf: measure only, gradients untouched (even for a non-finite norm,
+    which clip_grad_norm_ would spread as NaN into every gradient).
     """
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.grad is not None]
     if mesh.ep == 1 and mesh.pp == 1:
+        if math.isinf(max_norm):  # what clip_grad_norm_ returns, without its scaling by inf / norm
+            return torch.nn.utils.get_total_norm([p.grad for _, p in named], 2.0)
         return torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm)
     grads = [p.grad for _, p in named]
     dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)

@@ -16,9 +16,11 @@ from models.peft import partially_frozen_parameters, zero_frozen_expert_grads
 from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, apply_expert_parallel, build_mesh, clip_grad_norm,
                       parallelize, parallelize_pipeline, pick_device, sync_context, sync_expert_grads,
                       sync_replicated_grads, unwrap)
+from parallel.watchdog import Watchdog
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, resume_point, save_checkpoint
 from trainer.config import Config, pp_microbatches
 from trainer.ema import EMA
+from trainer.guards import CollapseMonitor, NonFiniteGuard, clip_with_norm
 from trainer.metrics import MetricsLogger
 from trainer.peft import PeftState, prepare_peft
 from trainer.prune import PruneResult, finish_prune, prune_model, resumed_prune_config
@@ -47,6 +49,10 @@ class Trainer:
             cfg = self.cfg = resumed_prune_config(cfg, resume_from or latest_checkpoint(run_dir))
         self.device = pick_device(cfg.train.device)
         self.mesh: ParallelMesh = build_mesh(cfg.parallel, self.device)
+        # Heartbeats, so a failed collective names the ranks that did not arrive (parallel/watchdog.py).
+        self.watchdog = Watchdog.start(self.mesh.rank, self.mesh.world_size, cfg.parallel.timeout_s)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)  # trainer/guards.py
+        self.collapse = CollapseMonitor.from_config(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task = build_task(cfg, self.mesh, self.device)  # data, loss and evaluation of the family
         self.data = self.task.data
@@ -159,6 +165,7 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 step_start = time.perf_counter()
+                self.watchdog.mark(self.step + 1, "train step")
                 loss, grad_norm = self._train_step(batches)
                 window_seconds += time.perf_counter() - step_start
                 self.step += 1
@@ -167,8 +174,12 @@ class Trainer:
                     tokens_per_s = tokens_per_step * window_steps / max(window_seconds, 1e-9)
                     record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+                    self.watchdog.mark(self.step, "metrics (router statistics over dp)")
                     record.update(self._router_stats())
                     record.update(self._task_metrics())
+                    record.update(self.guard.pop_metrics())
+                    for warning in self.collapse.update(self.step, record):
+                        log.print(warning)
                     log.log(record)
                     log.progress(self.step, loss, tokens_per_s)
                     window_seconds, window_steps = 0.0, 0
@@ -176,17 +187,25 @@ class Trainer:
                     self._expert_load_heatmap(log)
                 evaluate_now = cfg.eval.every and self.step % cfg.eval.every == 0
                 if evaluate_now or self.step == cfg.train.steps:
+                    self.watchdog.mark(self.step, "evaluation")
                     val_loss, final_eval = self._evaluate(log)
                 stopping = cfg.train.stop_at_step and self.step == cfg.train.stop_at_step
                 if cfg.checkpoint.enabled and (self.step % cfg.checkpoint.every == 0
                                                or self.step == cfg.train.steps or stopping):
+                    self.watchdog.mark(self.step, "checkpoint save")
                     save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
                                     self.data, cfg, mesh, extra_state=self._extra_state(),
                                     run_state=self._run_state(), engine=self.engine)
                 if stopping:
                     log.print(f"stopping at step {self.step} (train.stop_at_step); rerun to resume")
                     break
+        except Exception as error:
+            explained = self.watchdog.explain(error)  # a failed collective: who did not arrive
+            if explained is not None:
+                raise explained from error
+            raise
         finally:
+            self.watchdog.stop()
             log.close()
         if val_loss is not None and mesh.is_main:
             print(self.task.final_line(self.step, val_loss, final_eval or {}), flush=True)
@@ -211,16 +230,25 @@ class Trainer:
             loss_sum += loss.detach()
         zero_frozen_expert_grads(unwrap(model))  # ESFT: the rows of unselected experts stay put
         sync_expert_grads(model, self.mesh)  # expert grads over their expert-data-parallel group
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(model, self.mesh, clip)  # norm of the whole (sharded) model
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
-        self._expert_loads_step()
+        grad_norm = clip_grad_norm(model, self.mesh, float("inf"))  # norm of the whole (sharded) model
         mean_loss = all_reduce_mean(loss_sum, self.mesh.dp_group)
+        if self.guard.check(self.step + 1, mean_loss, grad_norm, unwrap(model)):  # same on every rank
+            clip_with_norm(unwrap(model), cfg.optim.grad_clip, grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+            self._expert_loads_step()
+        else:
+            self._skip_step(mean_loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
         return mean_loss.item(), grad_norm.item()
+
+    def _skip_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """A non-finite step: no optimizer, scheduler, EMA or aux-free bias update (trainer/guards.py)."""
+        pop_step_loads(unwrap(self.model))  # its routing is not trained on, nor drawn in the heatmap
+        if self.mesh.is_main:
+            print(self.guard.describe_skip(self.step + 1, loss.item(), grad_norm.item()), flush=True)
 
     def _deepspeed_train_step(self, batches) -> tuple[float, float]:
         """`_train_step` with train.engine=deepspeed (trainer/ds_engine.py explains the steps)."""
@@ -251,14 +279,18 @@ class Trainer:
         zero_frozen_expert_grads(self.model)
         sync_replicated_grads(self.model, mesh)  # no DDP around stages: one all-reduce over dp
         sync_expert_grads(self.model, mesh)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(self.model, mesh, clip)  # squares summed over the stages
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._expert_loads_step()
+        grad_norm = clip_grad_norm(self.model, mesh, float("inf"))  # squares summed over the stages
         loss = pipe.broadcast_from_last(loss_sum if pipe.has_last else None, self.device)
-        return all_reduce_mean(loss, mesh.dp_group).item(), grad_norm.item()
+        loss = all_reduce_mean(loss, mesh.dp_group)
+        if self.guard.check(self.step + 1, loss, grad_norm, self.model):  # same on every rank
+            clip_with_norm(self.model, cfg.optim.grad_clip, grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self._expert_loads_step()
+        else:
+            self._skip_step(loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), grad_norm.item()
 
     def _task_metrics(self) -> dict:
         """The task's own per-step metrics (DiT: diffusion/mse, diffusion/vlb), mean over dp."""
