@@ -178,9 +178,19 @@ def check_peft_model(cfg: Config) -> None:
 def load_base(model: nn.Module, path: str, cfg: Config) -> str:
     """Fill the whole (not yet adapted, sharded or split) `model` with the base weights."""
     check_peft_base(path, cfg)
-    model.load_state_dict(read_model_state(path), strict=True)
+    state = read_model_state(path)
+    what = "base weights"
+    if cfg.model.family == "dit":
+        # A DiT is sampled with its EMA weights, and those are what fine-tuning starts from (as the
+        # released DiT checkpoints, which are EMA weights); buffers come from the model section.
+        names = set(state)  # the EMA section also holds its update count
+        ema = {k: v for k, v in read_model_state(path, section="ema").items() if k in names}
+        if ema:
+            state.update(ema)
+            what = "base EMA weights"
+    model.load_state_dict(state, strict=True)
     step = torch.load(os.path.join(path, "extra_rank0.pt"), weights_only=False)["step"]
-    return f"peft: base weights from {path} (step {step})"
+    return f"peft: {what} from {path} (step {step})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,3 +244,10 @@ def test_dit_lora_recipe_trains_and_evaluates(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(model_tensor_shapes(ckpt)) == trainable
     assert set(trainer.ema.shadow) == trainable  # the EMA follows the adapters only
+    # The base is the pretrain's EMA weights (what a DiT samples with), not its raw weights.
+    from trainer.checkpoint import read_model_state
+
+    raw, ema = read_model_state(str(base)), read_model_state(str(base), section="ema")
+    frozen = dict(model.named_parameters())["layers.0.attn.qkv.weight"]
+    assert torch.equal(frozen, ema["layers.0.attn.qkv.weight"])
+    assert not torch.equal(frozen, raw["layers.0.attn.qkv.weight"])
