@@ -419,10 +419,8 @@ def load_config(
         _set_path(raw, keys, value)
     preset = (raw.get("model") or {}).get("preset") if isinstance(raw.get("model"), dict) else None
     if preset:
-        from models.registry import preset_overrides  # models owns the preset table
-
         try:
-            raw = _deep_merge(preset_overrides(preset), raw)
+            raw = _deep_merge(_preset_registry().preset_overrides(preset), raw)
         except KeyError as e:
             raise ConfigError(f"model.preset: {e.args[0]}") from None
     init_from = (raw.get("model") or {}).get("init_from") if isinstance(raw.get("model"), dict) else None
@@ -433,6 +431,22 @@ def load_config(
     cfg = _build(Config, raw, "")
     validate(cfg, world_size)
     return cfg
+
+
+def _preset_registry():
+    """models/registry.py (models owns the preset table), loaded on its own when the `models`
+    package is not imported yet: the package imports torch, seconds before a typo in a recipe
+    could be reported. The file is plain Python."""
+    import importlib.util
+    import sys
+
+    if "models.registry" in sys.modules:
+        return sys.modules["models.registry"]
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "registry.py")
+    spec = importlib.util.spec_from_file_location("sparseforge_model_presets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def config_to_dict(cfg: Config) -> dict:
