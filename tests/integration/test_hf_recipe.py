@@ -1,5 +1,7 @@
 """Hugging Face checkpoints through the real CLI: import-hf, a pretrain recipe started from
-`model.init_from: hf:DIR`, export-hf of what it trained, and the one-line preflight errors."""
+`model.init_from: hf:DIR`, export-hf of what it trained, and the one-line preflight errors.
+Commands that spawn nothing run through `launch.cli.main` in this process (same code, no
+interpreter start-up); the training run goes through torchrun."""
 import json
 import os
 
@@ -49,9 +51,8 @@ def test_pretrain_from_hf_trains_and_exports_back(tmp_path):
     hf = tiny_deepseek(hf_dir)
 
     # import-hf writes an ordinary checkpoint of ours (weights only, so not resumable)
-    proc, _ = sparseforge("import-hf", str(hf_dir), "--out", str(tmp_path / "imported"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step_00000000" in proc.stdout and os.path.isfile(tmp_path / "imported/step_00000000/config.yaml")
+    out_line = cli_ok("import-hf", str(hf_dir), "--out", str(tmp_path / "imported"))
+    assert "step_00000000" in out_line and os.path.isfile(tmp_path / "imported/step_00000000/config.yaml")
     assert cli_error("run", RECIPE, "--run-dir", str(tmp_path / "r2"), "--resume",
                      str(tmp_path / "imported/step_00000000")).startswith("--resume: ")
 
@@ -69,9 +70,7 @@ def test_pretrain_from_hf_trains_and_exports_back(tmp_path):
     assert losses[1] == pytest.approx(hf_loss, rel=1e-5)
 
     # export-hf of the trained checkpoint: transformers loads it and computes what ours does.
-    proc, _ = sparseforge("export-hf", str(run_dir), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "as deepseek_v3" in proc.stdout
+    assert "as deepseek_v3" in cli_ok("export-hf", str(run_dir), "--out", str(out))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
     from trainer.hf_checkpoint import hf_config, init_model_from
     import models
@@ -83,6 +82,19 @@ def test_pretrain_from_hf_trains_and_exports_back(tmp_path):
         trained = back(inputs).logits
         assert (trained - ours(inputs)).abs().max().item() <= 1e-4
         assert (trained - hf(inputs).logits).abs().max().item() > 1e-3  # three steps moved the weights
+
+
+def cli_ok(*argv) -> str:
+    """Run a CLI command that spawns nothing (import-hf, export-hf) in this process; its stdout."""
+    import contextlib
+    import io
+
+    from launch.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return out.getvalue()
 
 
 def cli_error(*argv) -> str:
