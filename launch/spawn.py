@@ -211,6 +211,11 @@ def _rank_env(nodes: NodeArgs) -> dict[str, str]:
     # manifest: a restart resumes from this launch's own checkpoints, not --resume again
     # (trainer.checkpoint.LAUNCH_ID_ENV; not imported here, it would import torch).
     env["SPARSEFORGE_LAUNCH_ID"] = uuid.uuid4().hex
+    if nodes.max_restarts > 0:
+        # torchrun (2.5+) shares its rendezvous store with the ranks by default, and a restarted
+        # round reads the previous round's gloo/nccl addresses from it: every restart fails to
+        # connect (pytorch/pytorch#135712). A store per round avoids that.
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if nodes.nproc_per_node > 1:
         # One intra-op thread per rank unless the user chose otherwise: ranks share the cores.
         cores = os.cpu_count() or 1
