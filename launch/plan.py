@@ -94,14 +94,30 @@ def _state_bytes(total_params: int, expert_params: int, ep: int) -> dict[str, in
     return {"params": params, "grads": params, "optimizer": 2 * params}
 
 
-def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0) -> dict[str, int]:
+def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int) -> dict[str, int]:
+    """train.engine=deepspeed (trainer/ds_engine.py): ZeRO holds every parameter when ep == 1, all
+    but the routed experts when ep > 1 (those stay fp32 with their own AdamW, 1/ep per rank). Of what
+    ZeRO holds each rank keeps the weights (2 bytes in bf16) and an fp32 master partition (1/dp),
+    the gradients (whole with stage 1, 1/dp with stage 2) and the AdamW moments of its partition."""
+    ep = cfg.parallel.ep
+    ours = expert_params // ep if ep > 1 else 0
+    zero = total_params - (expert_params if ep > 1 else 0)
+    width = 2 if cfg.train.dtype == "bf16" else 4
+    grads = zero * width // (dp if cfg.train.zero_stage == 2 else 1)
+    return {"params": zero * width + zero * 4 // dp + ours * 4, "grads": grads + ours * 4,
+            "optimizer": 8 * (zero // dp + ours)}
+
+
+def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0, dp: int = 1) -> dict[str, int]:
     """fp32 weights and gradients, AdamW's two fp32 moments, and activations (bytes), for pp == 1.
 
     Data parallelism replicates everything (DDP); expert parallelism keeps 1/ep of the routed
-    experts on each rank. With pp > 1 see `pipeline_memory_per_rank`.
+    experts on each rank; the DeepSpeed engine partitions over `dp` what ZeRO holds. With pp > 1
+    see `pipeline_memory_per_rank`.
     """
-    return {**_state_bytes(total_params, expert_params, cfg.parallel.ep),
-            "activations": activation_bytes_per_rank(cfg)}
+    state = (_zero_state_bytes(cfg, total_params, expert_params, dp) if cfg.train.engine == "deepspeed"
+             else _state_bytes(total_params, expert_params, cfg.parallel.ep))
+    return {**state, "activations": activation_bytes_per_rank(cfg)}
 
 
 def _groups(groups: list[list[int]], shown: int = 3) -> str:
@@ -435,7 +451,10 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     if plan is not None:
         out.write(format_pipeline(cfg, plan, dp))
         return out.getvalue()
-    mem = memory_per_rank(cfg, total, routed)
+    if cfg.train.engine == "deepspeed":
+        held = "every parameter" if par.ep == 1 else "all but the routed experts (their own AdamW, reduced over edp)"
+        out.write(f"engine: deepspeed ZeRO-{cfg.train.zero_stage} over dp {dp}, holding {held}\n")
+    mem = memory_per_rank(cfg, total, routed, dp)
     parts = ", ".join(f"{k} {_human(v, 'B')}" for k, v in mem.items())
     out.write(f"\nmemory per rank (estimate): {parts}; total {_human(sum(mem.values()), 'B')}\n")
     return out.getvalue()
