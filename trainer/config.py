@@ -758,6 +758,10 @@ def _validate_engine(cfg: Config) -> None:
     # A prune run writes its compressed model as a step-0 checkpoint without ZeRO state.
     _require(cfg.prune.method == "none", "train.engine=deepspeed: not with prune.method (prune with "
                                          "train.engine=native, then train from its checkpoint)")
+    # DeepSpeed's bf16 keeps the weights in bf16, where the EMA's small steps would round away.
+    _require(not (cfg.model.family == "dit" and tr.dtype == "bf16"),
+             "train.engine=deepspeed: not with train.dtype=bf16 for model.family=dit (the EMA would average "
+             "bf16 weights); use fp32 or train.engine=native")
 
 
 def _validate_attention(cfg: Config) -> None:
