@@ -45,6 +45,7 @@ class SlurmJob:
     cpus_per_task: int | None = None  # the cores of one node's torchrun (all its ranks)
     sbatch_args: list[str] = field(default_factory=list)  # extra #SBATCH lines, e.g. "--qos=high"
     port: int = DEFAULT_PORT  # of the c10d store on the first node
+    max_restarts: int = 0  # train.max_restarts: torchrun restarts every rank of the job after a failure
     python: str = sys.executable  # the interpreter on the compute nodes (a shared file system)
 
     @property
@@ -100,7 +101,11 @@ def render_sbatch(job: SlurmJob) -> str:
     directives += [f"--signal=B:USR1@{SIGNAL_SECONDS}", "--requeue", "--open-mode=append",
                    f"--output={os.path.join(job.slurm_dir, 'job-%j.out')}", *job.sbatch_args]
     nodes = NodeArgs(job.nproc_per_node, job.nnodes, rdzv_backend="c10d",
-                     rdzv_endpoint=f"$HEAD_NODE:{job.port}", rdzv_id="$SLURM_JOB_ID")
+                     rdzv_endpoint=f"$HEAD_NODE:{job.port}", rdzv_id="$SLURM_JOB_ID", max_restarts=job.max_restarts)
+    # As launch.spawn gives its ranks: a rendezvous store per restart round (pytorch#135712).
+    restarts = ("# torchrun restarts (train.max_restarts) need a rendezvous store per round: a restarted round\n"
+                "# would read the previous round's addresses from a shared one (pytorch#135712).\n"
+                "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n") if job.max_restarts > 0 else ""
     # No --resume: every start, the first and each requeue, resumes from the run directory's
     # latest checkpoint (trainer.loop), which is what a requeued job must do.
     torchrun = torchrun_command(nodes, "$RUN_DIR/slurm/config.yaml", "$RUN_DIR", None,
@@ -117,7 +122,7 @@ PYTHON={shlex.quote(job.python)}
 # running from inside it puts it first on every rank's import path.
 cd "$RUN_DIR/slurm/code"
 export PYTHONPATH="$RUN_DIR/slurm/code${{PYTHONPATH:+:$PYTHONPATH}}"
-
+{restarts}
 # c10d rendezvous on the allocation's first node; the job id names it, the same on every node
 # and again after a requeue. (sed, not head: head closes the pipe early, and scontrol's SIGPIPE
 # would end the script under pipefail.)
@@ -262,7 +267,7 @@ def run_slurm(cfg: Config, args, run_dir: str) -> int:
         partition=args.partition, account=args.account, time=args.time,
         gpus_per_node=args.nproc_per_node if args.gpus_per_node is None else args.gpus_per_node,
         cpus_per_task=args.cpus_per_task, sbatch_args=list(args.sbatch_args),
-        port=args.master_port or DEFAULT_PORT)
+        port=args.master_port or DEFAULT_PORT, max_restarts=cfg.train.max_restarts)
     path = write_job(cfg, job)
     print(f"sbatch script: {path}", flush=True)
     return submit(path) if args.submit else 0

@@ -235,3 +235,10 @@ def test_relative_data_paths_are_pinned(tmp_path, capsys, monkeypatch):
     _generate(capsys, tmp_path / "run", "--set", "data.source=corpus.txt")
     with open(tmp_path / "run" / "slurm" / "config.yaml") as f:
         assert f"source: {tmp_path / 'corpus.txt'}\n" in f.read()
+
+
+def test_torchrun_restarts_reach_the_script(tmp_path, capsys):
+    script, _ = _generate(capsys, tmp_path / "run", "--nnodes", "2", "--set", "train.max_restarts=2")
+    text = script.read_text()
+    assert "--max-restarts=2" in text and "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n" in text
+    subprocess.run(["bash", "-n", str(script)], check=True)
