@@ -52,8 +52,11 @@ from trainer.optim import build_optimizer, build_scheduler
 ZERO_DIR = "deepspeed"  # a checkpoint's subdirectory (and DeepSpeed tag) holding ZeRO's state
 
 
-def import_deepspeed():
-    """deepspeed, quiet, or a one-line error naming the extra to install."""
+def import_deepspeed(device: torch.device | None = None):
+    """deepspeed, quiet, or a one-line error naming the extra to install. DeepSpeed picks its
+    accelerator when first imported: on a CPU run, its cpu accelerator even where CUDA is visible."""
+    if device is not None and device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
         from deepspeed.utils import logger
@@ -91,7 +94,7 @@ class DeepSpeedEngine:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: Config, mesh: ParallelMesh, no_decay_params=()):
-        deepspeed = import_deepspeed()
+        deepspeed = import_deepspeed(mesh.device)
         self.cfg, self.mesh, self.module = cfg, mesh, model
         # deepspeed.comm on top of the process group build_mesh started (gloo on CPU).
         deepspeed.init_distributed(dist_backend="nccl" if mesh.device.type == "cuda" else "gloo", verbose=False)
