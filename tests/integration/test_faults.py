@@ -1,0 +1,65 @@
+"""Fault drills with real processes and signals (tests/fault_helpers.py runs them; so does
+benchmarks/fault_drills.py): a rank SIGKILLed mid-run, a save SIGKILLed midway, a corrupt
+checkpoint, a SIGSTOPped rank, and determinism. One uninterrupted 2-rank run is the reference."""
+import os
+
+import pytest
+
+from tests import fault_helpers as fh
+
+pytestmark = pytest.mark.integration
+
+
+def _check(result):
+    details = {k: v for k, v in result.items() if k != "stderr"}
+    assert result["passed"], f"{details}\n{result.get('stderr', '')}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    result = fh.drill_reference(str(tmp_path_factory.mktemp("drills")))
+    _check(result)
+    return result
+
+
+def test_same_seed_and_layout_give_identical_losses(reference, tmp_path):
+    result = fh.drill_determinism(str(tmp_path), reference)
+    _check(result)
+    assert result["differing_steps"] == []
+
+
+def test_killed_rank_restarts_and_resumes_from_its_last_checkpoint(reference, tmp_path):
+    """--resume of the reference's step-8 checkpoint, rank 1 SIGKILLed at step 17: the restart
+    resumes from this run's step-16 checkpoint (not --resume again), redoes at most one checkpoint
+    interval, and ends with the uninterrupted run's weights."""
+    result = fh.drill_kill_and_restart(str(tmp_path), reference)
+    _check(result)
+    assert result["resumed"][0].startswith(f"resumed from {fh.checkpoint_dir(reference['run_dir'], 8)} at step 8")
+    assert 0 <= result["lost_steps"] <= fh.EVERY and result["max_weight_diff"] <= 1e-6
+
+
+def test_kill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
+    result = fh.drill_kill_mid_save(str(tmp_path))
+    _check(result)
+    assert result["tmp_bytes"] > 16 * 2**20
+
+
+def test_corrupt_checkpoint_is_skipped_and_the_previous_one_resumed(reference, tmp_path, capsys):
+    result = fh.drill_corrupt_checkpoint(str(tmp_path), reference)
+    _check(result)
+    # A resume in this process (1 rank with the 2 ranks' global batch) loads the step-16 one.
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    run_dir = os.path.join(str(tmp_path), "corrupt")
+    cfg = load_config(fh.RECIPE, fh.TINY + [f"train.steps={fh.STEPS}", "train.micro_batch_size=8"])
+    trainer = Trainer(cfg, run_dir)
+    assert trainer.step == fh.STEPS - fh.EVERY
+    assert f"resumed from {fh.checkpoint_dir(run_dir, fh.STEPS - fh.EVERY)}" in capsys.readouterr().out
+
+
+def test_stopped_rank_is_named_within_the_timeout_and_the_job_ends(tmp_path):
+    result = fh.drill_hang(str(tmp_path), timeout_s=3.0, continue_stopped=True)
+    _check(result)
+    assert "collective failed at step" in result["error_line"] and "in 'train step'" in result["error_line"]
+    assert result["exit"] != 0
