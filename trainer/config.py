@@ -428,6 +428,12 @@ def load_config(
         from trainer.hf_checkpoint import source_architecture  # the source's architecture keys win
 
         raw = _deep_merge(raw, source_architecture(init_from))
+    peft = raw.get("peft") if isinstance(raw.get("peft"), dict) else {}
+    base = peft.get("base")
+    if isinstance(base, str) and base.startswith("hf:") and peft.get("method", "none") != "none":
+        from trainer.hf_checkpoint import source_architecture  # a Hugging Face base: its architecture
+
+        raw = _deep_merge(raw, source_architecture(base, "peft.base"))
     cfg = _build(Config, raw, "")
     validate(cfg, world_size)
     return cfg
@@ -630,13 +636,13 @@ def _validate_peft(cfg: Config) -> None:
     method = f"peft.method {p.method}"
     _require(p.base != "", f"peft.base: required with {method} (the checkpoint directory step_XXXXXXXX "
                            f"of the model to fine-tune)")
-    _require(not p.base.startswith("hf:"),
-             f"peft.base: {p.base}: Hugging Face bases need `sparseforge import-hf` first (issue 9); "
-             f"name a checkpoint directory of ours")
-    _require(os.path.isdir(p.base), f"peft.base: checkpoint directory not found: {p.base}")
-    from trainer.checkpoint import is_complete  # heavy imports only for PEFT recipes
+    if p.base.startswith("hf:"):  # a Hugging Face directory: its architecture was merged in by load_config
+        _require(os.path.isdir(os.path.expanduser(p.base[3:])), f"peft.base: Hugging Face directory not found: {p.base[3:]}")
+    else:
+        _require(os.path.isdir(p.base), f"peft.base: checkpoint directory not found: {p.base}")
+        from trainer.checkpoint import is_complete  # heavy imports only for PEFT recipes
 
-    _require(is_complete(p.base), f"peft.base: {p.base} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
+        _require(is_complete(p.base), f"peft.base: {p.base} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
     for key in ("upcycle_from", "init_from"):
         _require(not getattr(cfg.model, key), f"model.{key}: not with {method}: the weights come from peft.base")
     _require(cfg.prune.method == "none", f"prune.method: not with {method}: prune first, then fine-tune the pruned "

@@ -241,7 +241,7 @@ def absolute_source(source: str) -> str:
     return (HF_PREFIX if is_hf else "") + os.path.abspath(path)
 
 
-def source_architecture(source: str) -> dict:
+def source_architecture(source: str, key: str = _KEY) -> dict:
     """{"model": ..., "moe": ...}: the architecture keys of `source`, merged over a recipe by
     load_config. {} when the source directory does not exist (a resumed run or a saved config no
     longer needs it; the launcher's preflight reports it for fresh runs). Raises ConfigError for a
@@ -254,16 +254,16 @@ def source_architecture(source: str) -> dict:
             hf_cfg, family = read_hf_config(path)
             arch = family.to_ours(hf_cfg, os.path.join(path, "config.json"))
         except HFFormatError as e:
-            raise ConfigError(f"{_KEY}: {e}") from None
+            raise ConfigError(f"{key}: {e}") from None
     else:
-        ours = read_checkpoint_config(resolve_checkpoint(path, _KEY), _KEY)
+        ours = read_checkpoint_config(resolve_checkpoint(path, key), key)
         keys = {"model": ARCH_KEYS["model"] + (_DIT_KEYS if ours.model.family == "dit" else ()), "moe": ARCH_KEYS["moe"]}
         arch = {section: {k: getattr(getattr(ours, section), k) for k in names} for section, names in keys.items()}
     arch["model"]["preset"] = ""  # the recipe's preset no longer describes the model
     return arch
 
 
-def check_init_source(source: str) -> None:
+def check_init_source(source: str, key: str = _KEY) -> None:
     """Launcher preflight of model.init_from: the directory, its format and family, its weights."""
     is_hf, path = _split_source(source)
     if is_hf:
@@ -271,13 +271,13 @@ def check_init_source(source: str) -> None:
             read_hf_config(path)
             SafetensorsDir(path)
         except HFFormatError as e:
-            raise ConfigError(f"{_KEY}: {e}") from None
+            raise ConfigError(f"{key}: {e}") from None
         return
-    read_checkpoint_config(resolve_checkpoint(path, _KEY), _KEY)
+    read_checkpoint_config(resolve_checkpoint(path, key), key)
 
 
 @torch.no_grad()
-def init_model_from(model: torch.nn.Module, source: str) -> str:
+def init_model_from(model: torch.nn.Module, source: str, key: str = _KEY) -> str:
     """Overwrite every weight of a live model (unwrapped, not yet parallelised) with `source`.
 
     Returns a one-line summary for the log; raises ConfigError on a mismatch.
@@ -288,14 +288,14 @@ def init_model_from(model: torch.nn.Module, source: str) -> str:
             state = load_hf_state(path, Config(model=model.cfg, moe=model.moe_cfg))
             what = f"Hugging Face {read_hf_config(path)[1].model_type} model"
         else:
-            path = resolve_checkpoint(path, _KEY)
+            path = resolve_checkpoint(path, key)
             state, what = read_model_state(path), "checkpoint"
         missing, unexpected = model.load_state_dict(state, strict=False)
     except HFFormatError as e:
-        raise ConfigError(f"{_KEY}: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
     if missing or unexpected:
         names = (missing or unexpected)[:3]
-        raise ConfigError(f"{_KEY}: {path} does not fit this model: {'missing' if missing else 'unexpected'} "
+        raise ConfigError(f"{key}: {path} does not fit this model: {'missing' if missing else 'unexpected'} "
                           f"{', '.join(names)}{' ...' if len(missing or unexpected) > 3 else ''}")
     return f"initialised from {what} {path} ({len(state)} tensors)"
 

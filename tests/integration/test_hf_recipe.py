@@ -131,3 +131,42 @@ def test_init_from_preflight_one_line(tmp_path):
     assert cli_error("export-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "x")).startswith(
         "export-hf: ")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_peft_lora_from_an_hf_base_trains_merges_and_exports_back(tmp_path):
+    """peft.base: hf:DIR takes the architecture and weights of the HF model; the LoRA run trains,
+    merge-peft folds the adapters in, export-hf writes what transformers loads with our logits."""
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    hf_dir = tmp_path / "hf"
+    hf = tiny_deepseek(hf_dir)
+    overrides = SMALL + [f"peft.base=hf:{hf_dir}", "peft.lora_rank=2", "logging.wandb=false",
+                         "eval.every=0", "checkpoint.keep_last=0"]
+    cfg = load_config("recipes/llm/peft_lora.yaml", overrides)
+    assert cfg.model.attention == "mla" and cfg.moe.num_experts == 4  # the HF model's, not the recipe's
+    run_dir = tmp_path / "lora"
+    os.makedirs(run_dir)
+    trainer = Trainer(cfg, str(run_dir))
+    trainer.run()
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert 0 < next(r["peft/trainable_frac"] for r in records if "peft/trainable_frac" in r) < 0.5
+    from trainer.data import build_text_data
+
+    inputs, targets = next(build_text_data(cfg.data, cfg.train.micro_batch_size, 0, 1, cfg.train.seed).train_batches())
+    with torch.no_grad():  # step 1 starts from the HF weights (LoRA's B is zero)
+        hf_loss = torch.nn.functional.cross_entropy(hf(inputs).logits.flatten(0, 1), targets.flatten()).item()
+    assert next(r["loss"] for r in records if r.get("step") == 1) == pytest.approx(hf_loss, rel=1e-5)
+
+    from trainer.peft import load_peft_model
+
+    _, adapted = load_peft_model(str(run_dir / "checkpoints" / "step_00000003"))
+    cli_ok("merge-peft", str(run_dir / "checkpoints" / "step_00000003"), "--out", str(tmp_path / "merged"))
+    cli_ok("export-hf", str(tmp_path / "merged"), "--out", str(tmp_path / "exported"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"),
+                                                             attn_implementation="eager").eval()
+    with torch.no_grad():
+        exported = back(inputs).logits
+        assert (exported - adapted(inputs)).abs().max().item() <= 1e-4
+        assert (exported - hf(inputs).logits).abs().max().item() > 1e-4  # the adapters changed it

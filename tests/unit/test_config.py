@@ -127,10 +127,10 @@ def _one_line_error(overrides, message, loader=None):
     (["peft.method=full", "peft.base=/nonexistent/step_00000001"],
      r"^peft\.base: checkpoint directory not found: /nonexistent/step_00000001$"),
     (["peft.method=esft", "peft.base=hf:mistralai/Mixtral-8x7B-v0.1"],
-     r"^peft\.base: hf:mistralai/Mixtral-8x7B-v0\.1: Hugging Face bases need `sparseforge import-hf` first"),
+     r"^peft\.base: Hugging Face directory not found: mistralai/Mixtral-8x7B-v0\.1$"),  # no hub access
     (["peft.method=prefix"], r"^peft\.method: 'prefix' is not one of none, full, lora, perft, esft$"),
 ])
-def test_peft_base_is_required_and_must_be_ours(override, message):
+def test_peft_base_is_required_and_must_exist(override, message):
     _one_line_error(override, message)
 
 
