@@ -281,7 +281,7 @@ def _experts(model, cfg, task, mesh, batches, report) -> list[int]:
     criterion = p.criterion if p.method == "experts" else "frequency"
     calib = _calibrate(model, task, batches, mesh, {criterion} - {"router_norm", "random"})
     report["calib_tokens_per_layer"] = int(calib.num_tokens[0].item())
-    report["routed_share_before"] = [(l / l.sum()).tolist() for l in calib.loads]
+    report["routed_share_before"] = [(load_E / load_E.sum().clamp_min(1)).tolist() for load_E in calib.loads]
     if p.method == "merge":
         # Every rank holds the same weights and summed statistics, so each merges alike; checked.
         groups = merge_experts(model, calib, keep_counts(Es, p.sparsity, 1, ep))
