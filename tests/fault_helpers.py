@@ -271,7 +271,7 @@ def drill_hang(base: str, timeout_s: float = 3.0, continue_stopped: bool = False
         time.sleep(0.2)
     names_rank = "did not arrive: rank 1 (not responding, dead or stopped" in line
     return {"did": f"SIGSTOP rank 1 at step {last_step(run_dir)} with parallel.timeout_s={timeout_s:g}",
-            "result": f"after {error_s:.1f} s: {line.strip()[:220]}...; job ended {ended_s:.1f} s after the stop "
+            "result": f"after {error_s:.1f} s: {line.strip()[:400]}; job ended {ended_s:.1f} s after the stop "
                       f"with exit {code}{' (the stopped rank continued by hand)' if continue_stopped else ''}; "
                       f"processes left: {len(left)}",
             "passed": code != 0 and names_rank and error_s < timeout_s + 6 and not left,
@@ -287,7 +287,7 @@ def drill_nonfinite(base: str) -> dict:
     skipped = [r["step"] for r in metrics(run.run_dir) if r.get("nonfinite_skipped")]
     line = next((l for l in run.stderr.splitlines() if "NonFiniteError" in l), "")
     return {"did": "optim.lr=1e30, train.max_nonfinite_steps=2",
-            "result": f"exit {code}; skipped steps {skipped}; {line.strip()[:200]}",
+            "result": f"exit {code}; skipped steps {skipped}; {line.strip()[:400]}",
             "passed": code != 0 and len(skipped) == 2 and "first parameter with a non-finite gradient:" in line,
             "stderr": run.stderr[-3000:]}
 
@@ -376,7 +376,7 @@ def drill_corrupt_checkpoint(base: str, reference: dict) -> dict:
     warning = err.getvalue().strip()
     want = checkpoint_dir(run_dir, STEPS - EVERY)
     return {"did": f"truncated {os.path.basename(shard)} of step_{STEPS:08d} to half",
-            "result": f"{warning[:200]}; resume picks {os.path.basename(chosen or 'nothing')}",
+            "result": f"{warning[:400]}; resume picks {os.path.basename(chosen or 'nothing')}",
             "passed": chosen == want and last in warning and "manifest.json says" in warning,
             "chosen": chosen, "warning": warning}
 
