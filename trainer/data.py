@@ -171,7 +171,7 @@ def _local_files(source: str) -> list[str]:
 
 
 def resolve_source(data_cfg: DataConfig) -> CorpusSource:
-    """Decide stdlib / local / hub and list the local files (capped for text files)."""
+    """Decide stdlib / pydoc / local / hub and list the local files (capped for text files)."""
     source = data_cfg.source.strip()
     if not source:
         raise ConfigError('data.source: empty (use "stdlib", "pydoc", a local path, or a hub dataset name)')
