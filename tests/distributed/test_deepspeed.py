@@ -52,13 +52,12 @@ def _metrics(run_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
-    # The resumed run stops at step 4 here; the second start (new processes) resumes it.
-    stop = [("resumed", DS + ["parallel.ep=2", "train.stop_at_step=4"])]
-    run_distributed(_train_all, 2, str(root), list(RUNS.items()) + stop)
-    # LoRA (attention and every expert) from a DeepSpeed checkpoint, frozen base, ep=2.
+    # LoRA (attention and every expert) from a DeepSpeed checkpoint (zero2_ep2's), frozen base, ep=2.
     lora = [LORA, f"peft.base={root}/zero2_ep2/checkpoints/step_00000008", "parallel.ep=2", "checkpoint.enabled=false"]
-    run_distributed(_train_all, 2, str(root), [("resumed", DS + ["parallel.ep=2"]), ("lora_native", lora),
-                                               ("lora_zero2", lora + DS)])
+    # The resumed run stops at step 4 here; the second start (new processes) resumes it.
+    more = [("lora_native", lora), ("lora_zero2", lora + DS), ("resumed", DS + ["parallel.ep=2", "train.stop_at_step=4"])]
+    run_distributed(_train_all, 2, str(root), list(RUNS.items()) + more)
+    run_distributed(_train_all, 2, str(root), [("resumed", DS + ["parallel.ep=2"])])
     return root
 
 
