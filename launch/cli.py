@@ -123,6 +123,10 @@ def _check_deepspeed_args(args: argparse.Namespace) -> None:
     problem = hostfile and hostfile_problem(hostfile, args.nnodes, args.nproc_per_node)
     if problem:
         raise ConfigError(problem)
+    if not getattr(args, "dry_run", False):
+        from launch.preflight import check_deepspeed_installed
+
+        check_deepspeed_installed("--launcher deepspeed")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

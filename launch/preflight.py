@@ -100,7 +100,16 @@ def check_checkpoint_fits(cfg: Config, path: str, key: str) -> None:
                                   f"{section}.{name}={mine[name]!r}: it cannot resume (use another --run-dir)")
 
 
+def check_deepspeed_installed(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"{what}: DeepSpeed is not installed (pip install 'sparseforge[deepspeed]')")
+
+
 def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
+    if cfg.train.engine == "deepspeed":
+        check_deepspeed_installed("train.engine=deepspeed")
     if cfg.model.family == "dit":
         from trainer.image_data import preflight_image_data
 
@@ -117,6 +126,11 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
         target = resume or latest_checkpoint(run_dir)
         if target is not None:
             check_checkpoint_fits(cfg, target, "--resume" if resume else "the run directory's latest checkpoint")
+            # ZeRO's optimizer state (trainer/ds_engine.py) or ours: each engine resumes its own.
+            written_by = "deepspeed" if os.path.isdir(os.path.join(target, "deepspeed")) else "native"
+            if written_by != cfg.train.engine:
+                raise ConfigError(f"{target}: written by train.engine={written_by}; resume it with "
+                                  f"train.engine={written_by}")
     if cfg.model.upcycle_from and resume is None:
         from trainer.checkpoint import latest_checkpoint
         from trainer.upcycle import check_upcycle_source

@@ -45,3 +45,7 @@ def test_deepspeed_launcher_runs_and_resumes(tmp_path):
         losses = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000002", "step_00000004"]
+    # Its checkpoints hold ZeRO's optimizer state: the native engine refuses them before starting.
+    proc, _ = sparseforge("run", RECIPE, *[a for a in common if a not in ("train.engine=deepspeed", "deepspeed",
+                                                                          "--launcher")], "train.steps=6")
+    assert proc.returncode == 2 and "step_00000004: written by train.engine=deepspeed" in proc.stderr, proc.stderr
