@@ -261,10 +261,16 @@ class Trainer:
             self.engine.backward(loss)  # not rescaled by DeepSpeed: aux losses ride along as above
             loss_sum += loss.detach()
         grad_norm = self.engine.step()  # experts over edp, clip by the whole model's norm, step, lr
-        if self.ema is not None:
-            self.ema.update()
-        self._expert_loads_step()
-        return all_reduce_mean(loss_sum, self.mesh.dp_group).item(), grad_norm
+        mean_loss = all_reduce_mean(loss_sum, self.mesh.dp_group)
+        norm = torch.tensor(grad_norm)
+        # DeepSpeed itself skips a step whose norm is not finite (fp32, and bf16's check_grad_overflow).
+        if self.guard.check(self.step + 1, mean_loss, norm, self.model):
+            if self.ema is not None:
+                self.ema.update()
+            self._expert_loads_step()
+        else:
+            self._skip_step(mean_loss, norm)
+        return mean_loss.item(), grad_norm
 
     def _pipeline_train_step(self, batches) -> tuple[float, float]:
         """`_train_step` under pipeline parallelism (parallel/pipeline.py explains the steps)."""
