@@ -36,9 +36,22 @@ __all__ = [
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, adapters included (a shared Parameter counts once)."""
+    """(trainable, total) parameter counts, adapters included (a shared Parameter counts once).
+
+    ESFT's expert tensors train only their selected rows (the others get zero gradients), so a
+    tensor of a module with `esft_trainable_E` counts the selected experts' share of its elements.
+    """
+    selected_share = {}
+    for module in model.modules():
+        mask_E = getattr(module, "esft_trainable_E", None)
+        if mask_E is not None:
+            offset = getattr(module, "expert_offset", 0)
+            local_E = mask_E[offset:offset + module.num_experts]
+            for p in module.parameters(recurse=False):
+                selected_share[id(p)] = int(local_E.sum()) / local_E.numel()
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    trainable = sum(round(p.numel() * selected_share.get(id(p), 1.0)) for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params)
 
 
 def adapter_parameter_names(model: nn.Module) -> list[str]:

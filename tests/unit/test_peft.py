@@ -326,6 +326,10 @@ def test_esft_trains_only_the_selected_expert_rows(train_router):
         expected |= {f"layers.{i}.ffn.router.gate.weight" for i in range(2)}
     assert set(adapter_parameter_names(model)) == expected
     assert len(partially_frozen_parameters(model)) == 6
+    # Counted: the selected experts' rows only (1 of 4 in layer 0, 2 of 4 in layer 1), routers whole.
+    per_expert = sum(model.layers["0"].ffn.experts.w1_EFD[0].numel() for _ in range(3))
+    routers = sum(model.layers[str(i)].ffn.router.gate.weight.numel() for i in range(2)) if train_router else 0
+    assert count_parameters(model)[0] == 3 * per_expert + routers
     model(tokens(B=4, S=16)).logsumexp(-1).mean().backward()
     zero_frozen_expert_grads(model)
     for i, chosen in enumerate([[1], [0, 3]]):
