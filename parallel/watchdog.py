@@ -65,7 +65,7 @@ class Watchdog:
     def __init__(self, rank: int, world_size: int, timeout_s: float, store=None):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.interval = heartbeat_interval(timeout_s)
-        self.step, self.phase, self._phase_start = 0, "start", time.monotonic()
+        self.step, self.phase, self._phase_start = 0, "setup", time.monotonic()
         self._failed = False
         self._beats = 0
         self._prefix = f"sparseforge/heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
