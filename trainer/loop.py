@@ -292,6 +292,8 @@ class Trainer:
             clip_with_norm(self.model, cfg.optim.grad_clip, grad_norm)
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:  # DiT: this rank's stages' EMA
+                self.ema.update()
             self._expert_loads_step()
         else:
             self._skip_step(loss, grad_norm)
