@@ -15,9 +15,10 @@ LLM (default):
     part B     the fine-tune, pydoc validation: router_norm (router-row norm change against the base,
                the checkpoint before fine-tuning), reap and random (--seeds) at 25% and 50%, recovery
                on pydoc
-    DARE       the fine-tune's delta to the base: DARE p=0.9 (each seed) against the unpruned
-               fine-tune (target: within 2%), DAREx-q p=0.99 (q tuned on one calibration batch) vs
-               DARE p=0.99; pydoc validation, no recovery (training would refill the delta)
+    DARE       each fine-tune's delta to the base (finetune_pydoc.yaml at --dare-lrs: the recipe's
+               3e-4, and lighter 1e-4, 3e-5): DARE p=0.9 (each seed) against the unpruned fine-tune
+               (target: within 2%), DAREx-q p=0.99 (q tuned on one calibration batch) vs DARE
+               p=0.99; pydoc validation, no recovery (training would refill the delta)
 DiT (--dit): recipes/dit/pretrain_digits_moe.yaml trained for --dit-steps (or --dit-run DIR), pruned
     like part A (EMA weights) with FD and class accuracy of --dit-samples DDIM samples (fixed seed)
     before, after and after --dit-recovery-steps.
@@ -66,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--recovery-steps", type=int, default=40)
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--eval-batches", type=int, default=16, help="stdlib validation batches of 16 sequences")
+    p.add_argument("--dare-lrs", type=float, nargs="+", default=[3e-4, 1e-4, 3e-5],
+                   help="fine-tunes compressed by DARE / DAREx-q: finetune_pydoc.yaml at these learning rates "
+                        "(the first, the recipe's, is --finetune-run when given and part B's checkpoint)")
     p.add_argument("--parts", nargs="+", choices=("pretrain", "finetune", "dare"), default=["pretrain", "finetune", "dare"],
                    help="LLM parts to run: A (pretrain), B (finetune), DARE")
     p.add_argument("--dit", action="store_true", help="the DiT part instead of the LLM parts")
@@ -204,35 +208,39 @@ def llm(args) -> dict:
     if "finetune" in args.parts:
         rows_b, before_b = criteria_rows("finetune", PRUNE_LLM, finetune, CRITERIA_B,
                                          pydoc + [f"prune.reference={base}"], args, recovery_steps=args.recovery_steps)
-    # DARE / DAREx-q on the fine-tune's delta to the base.
-    dare_common = [f"prune.checkpoint={finetune}", f"prune.reference={base}", "prune.calib_batches=1"] + pydoc
-    ft_loss = base_loss = None
-    for method, p in (("dare", 0.9), ("dare", 0.99), ("darex", 0.99)) if "dare" in args.parts else ():
-        runs = [prune_run(f"{method}_{p}_seed{seed}", DARE, dare_common + [f"prune.method={method}",
-                                                                            f"prune.drop_rate={p}", f"prune.seed={seed}"], args)
-                for seed in range(args.seeds)]
-        dare[f"{method}_p{p}"] = {"val_loss": [r["after"]["val_loss"] for r in runs],
-                                  "q": [r["delta"]["q"] for r in runs],
-                                  "kept_fraction": [r["delta"]["kept_fraction"] for r in runs]}
-        ft_loss, base_loss = runs[0]["before"]["val_loss"], runs[0]["reference"]["val_loss"]
-    for entry in dare.values():
-        entry["mean_val_loss"] = statistics.mean(entry["val_loss"])
-        entry["rel_to_finetune"] = entry["mean_val_loss"] / ft_loss - 1.0
+    # DARE / DAREx-q on each fine-tune's delta to the base.
+    base_loss = None
+    for i, lr in enumerate(args.dare_lrs if "dare" in args.parts else ()):
+        ckpt = finetune if i == 0 else train_cli(
+            "recipes/llm/finetune_pydoc.yaml", os.path.join(args.out, f"finetune_pydoc_lr{lr:g}"),
+            [f"peft.base={base}", f"optim.lr={lr}"] + (["train.steps=10", "checkpoint.every=10"] if args.quick else []))
+        dare_common = [f"prune.checkpoint={ckpt}", f"prune.reference={base}", "prune.calib_batches=1"] + pydoc
+        entry = {"checkpoint": ckpt}
+        for method, p in (("dare", 0.9), ("dare", 0.99), ("darex", 0.99)):
+            runs = [prune_run(f"lr{lr:g}_{method}_{p}_seed{seed}", DARE, dare_common + [
+                f"prune.method={method}", f"prune.drop_rate={p}", f"prune.seed={seed}"], args) for seed in range(args.seeds)]
+            losses = [r["after"]["val_loss"] for r in runs]
+            entry["finetune_val_loss"], base_loss = runs[0]["before"]["val_loss"], runs[0]["reference"]["val_loss"]
+            entry[f"{method}_p{p}"] = {"val_loss": losses, "mean_val_loss": statistics.mean(losses),
+                                       "rel_to_finetune": statistics.mean(losses) / entry["finetune_val_loss"] - 1.0,
+                                       "q": [r["delta"]["q"] for r in runs]}
+        entry["dare_p0.9_within_2pct"] = entry["dare_p0.9"]["rel_to_finetune"] <= 0.02
+        entry["darex_beats_dare_p0.99"] = entry["darex_p0.99"]["mean_val_loss"] < entry["dare_p0.99"]["mean_val_loss"]
+        dare[f"lr{lr:g}"] = entry
     if rows_a or rows_b:
         print_table(rows_a + rows_b, before_a or before_b)
     if before_b:
         print(f"\nfine-tune on pydoc, unpruned: val loss {before_b['val_loss']:.4f}")
     if dare:
-        print(f"\nDARE on the fine-tune's delta: fine-tune {ft_loss:.4f}, its base {base_loss:.4f} (pydoc val loss)")
-    for key, entry in dare.items():
-        print(f"{key:<12} val loss {entry['mean_val_loss']:.4f} ({100 * entry['rel_to_finetune']:+.2f}% vs the fine-tune; "
-              f"seeds {', '.join(f'{v:.4f}' for v in entry['val_loss'])}; q {', '.join(f'{q:.3f}' for q in entry['q'])})")
-    if dare:
-        dare.update({"dare_p0.9_within_2pct": dare["dare_p0.9"]["rel_to_finetune"] <= 0.02,
-                     "darex_beats_dare_p0.99": dare["darex_p0.99"]["mean_val_loss"] < dare["dare_p0.99"]["mean_val_loss"]})
+        print(f"\nDARE / DAREx-q on fine-tuning deltas (pydoc val loss; the base: {base_loss:.4f}):")
+    for name, entry in dare.items():
+        print(f"fine-tune {name}: {entry['finetune_val_loss']:.4f}")
+        for key in ("dare_p0.9", "dare_p0.99", "darex_p0.99"):
+            e = entry[key]
+            print(f"  {key:<12} val loss {e['mean_val_loss']:.4f} ({100 * e['rel_to_finetune']:+.2f}% vs the fine-tune; "
+                  f"seeds {', '.join(f'{v:.4f}' for v in e['val_loss'])}; q {', '.join(f'{q:.3f}' for q in e['q'])})")
     return {"rows": rows_a + rows_b, "dense_val_loss": before_a.get("val_loss"),
-            "finetune": {"val_loss": before_b.get("val_loss", ft_loss), "base_val_loss": base_loss,
-                         "checkpoint": finetune},
+            "finetune": {"val_loss": before_b.get("val_loss"), "base_val_loss": base_loss, "checkpoint": finetune},
             "dare": dare, "beats_random": beats_random(rows_a + rows_b), "base_checkpoint": base}
 
 
