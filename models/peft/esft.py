@@ -119,7 +119,9 @@ def apply_esft(model: nn.Module, selection: list[list[int]], train_router: bool 
         experts = layer.experts
         if any(not 0 <= e < layer.num_experts for e in chosen):
             raise ValueError(f"esft selection of MoE layer {i}: {chosen} has ids outside [0, {layer.num_experts})")
-        mask_E = torch.zeros(layer.num_experts, dtype=torch.bool, device=experts.w1_EFD.device)
+        # On the CPU whatever the model's device (meta included): E booleans, read by counts and
+        # optimizer grouping on the host; zero_frozen_expert_grads moves its slice to the grads.
+        mask_E = torch.zeros(layer.num_experts, dtype=torch.bool)
         mask_E[list(chosen)] = True
         experts.esft_trainable_E = mask_E
         for p in _expert_tensors(experts):
