@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--dit-recovery-steps", type=int, default=150)
     p.add_argument("--dit-samples", type=int, default=300)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows an interrupted run of the same settings finished (their result.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny training, one seed, few steps")
     args = p.parse_args(argv)
     if args.quick:
@@ -111,7 +113,11 @@ def prune_run(name: str, recipe: str, overrides: list[str], args) -> dict:
     from trainer.loop import train
 
     run_dir = os.path.join(args.out, "runs", name)
-    shutil.rmtree(run_dir, ignore_errors=True)  # never resume a previous benchmark run
+    done = os.path.join(run_dir, "result.json")
+    if args.resume and os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)
+    shutil.rmtree(run_dir, ignore_errors=True)  # never resume a previous benchmark run's training
     common = ["logging.wandb=false", "logging.progress_bar=false", "logging.heatmap_every=0", "eval.every=0",
               "checkpoint.enabled=false", f"prune.calib_batches={args.calib_batches}", "train.log_every=10"]
     start = time.perf_counter()
@@ -131,6 +137,8 @@ def prune_run(name: str, recipe: str, overrides: list[str], args) -> dict:
           + (f"; FD {report['before']['fd']:.2f} -> {report['after']['fd']:.2f}" if "fd" in report["after"] else "")
           + (f" -> {out['recovered']['fd']:.2f}" if "fd" in out.get("recovered", {}) else "")
           + f" ({out['seconds']:.0f}s)", file=sys.stderr, flush=True)
+    with open(done, "w") as f:
+        json.dump(out, f)
     return out
 
 
