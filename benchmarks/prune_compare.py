@@ -16,7 +16,7 @@ LLM (default):
                the checkpoint before fine-tuning), reap and random (--seeds) at 25% and 50%, recovery
                on pydoc
     DARE       each fine-tune's delta to the base (finetune_pydoc.yaml at --dare-lrs: the recipe's
-               3e-4, and lighter 1e-4, 3e-5): DARE p=0.9 (each seed) against the unpruned fine-tune
+               3e-4, and lighter 1e-4, 3e-5): DARE p=0.9 (--dare-seeds drop masks) against the unpruned fine-tune
                (target: within 2%), DAREx-q p=0.99 (q tuned on one calibration batch) vs DARE
                p=0.99; pydoc validation, no recovery (training would refill the delta)
 DiT (--dit): recipes/dit/pretrain_digits_moe.yaml trained for --dit-steps (or --dit-run DIR), pruned
@@ -63,7 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--finetune-run", default="", help="a trained finetune_pydoc run directory of that base")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "benchmarks", "prune_compare"))
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5])
-    p.add_argument("--seeds", type=int, default=3, help="random-choice seeds per sparsity")
+    p.add_argument("--seeds", type=int, default=10,
+                   help="random-choice seeds per sparsity (one 3-seed mean swung by 0.1 in val loss at 50%%)")
+    p.add_argument("--recovery-seeds", type=int, default=3,
+                   help="random seeds below this one also get the recovery fine-tune (the rest: pruned and "
+                        "evaluated only, which is seconds instead of minutes)")
+    p.add_argument("--dare-seeds", type=int, default=3, help="DARE / DAREx-q drop-mask seeds")
     p.add_argument("--recovery-steps", type=int, default=40)
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--eval-batches", type=int, default=16, help="stdlib validation batches of 16 sequences")
@@ -83,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: tiny training, one seed, few steps")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.recovery_steps, args.calib_batches, args.eval_batches = 1, 4, 2, 2
+        args.seeds, args.recovery_seeds, args.dare_seeds, args.recovery_steps, args.calib_batches, args.eval_batches = 1, 1, 1, 4, 2, 2
         args.dit_steps, args.dit_recovery_steps, args.dit_samples = 40, 4, 20
     return args
 
@@ -97,8 +102,32 @@ def latest(run_dir: str) -> str:
     return path
 
 
-def train_cli(recipe: str, run_dir: str, overrides: list[str]) -> str:
-    """Train a recipe as documented (2 ranks, the real CLI) into `run_dir`; its latest checkpoint."""
+def delta_size(base_ckpt: str, ft_ckpt: str) -> dict:
+    """How far a fine-tune moved from its base: ‖Δ‖/‖W_base‖ over all weights, mean and max |Δ|.
+    DARE's drop-and-rescale keeps the output only while the delta is small (the DARE paper: SFT
+    deltas of a few 1e-3); these numbers say which regime each fine-tune is in."""
+    import torch
+
+    from trainer.checkpoint import read_model_state
+
+    base, ft = read_model_state(base_ckpt), read_model_state(ft_ckpt)
+    keys = [k for k in ft if k in base and torch.is_floating_point(ft[k])]
+    sq_d = sum(float(((ft[k].double() - base[k].double()) ** 2).sum()) for k in keys)
+    sq_w = sum(float((base[k].double() ** 2).sum()) for k in keys)
+    abs_sum = sum(float((ft[k].double() - base[k].double()).abs().sum()) for k in keys)
+    return {"rel_norm": (sq_d / sq_w) ** 0.5, "mean_abs": abs_sum / sum(ft[k].numel() for k in keys),
+            "max_abs": max(float((ft[k].double() - base[k].double()).abs().max()) for k in keys)}
+
+
+def train_cli(recipe: str, run_dir: str, overrides: list[str], reuse: bool = False) -> str:
+    """Train a recipe as documented (2 ranks, the real CLI) into `run_dir`; its latest checkpoint.
+    reuse (--resume): a run directory that already holds a checkpoint is kept as it is, because the
+    rows resumed from result.json were measured against it."""
+    from trainer.checkpoint import latest_checkpoint
+
+    if reuse and latest_checkpoint(run_dir) is not None:
+        print(f"[train] reusing {latest_checkpoint(run_dir)}", file=sys.stderr, flush=True)
+        return latest_checkpoint(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "launch.cli", "run", recipe, "--nproc-per-node", "2", "--run-dir", run_dir,
            "--set", "logging.wandb=false", "logging.progress_bar=false", *overrides]
@@ -149,8 +178,9 @@ def criteria_rows(tag: str, recipe: str, ckpt: str, criteria, overrides: list[st
     for s in args.sparsities:
         runs = [(c, None) for c in criteria] + [("random", seed) for seed in range(args.seeds)]
         for criterion, seed in runs:
+            recover = seed is None or seed < args.recovery_seeds
             extra = [f"prune.checkpoint={ckpt}", f"prune.criterion={criterion}", f"prune.sparsity={s}",
-                     f"train.steps={recovery_steps}"] + ([f"prune.seed={seed}"] if seed is not None else [])
+                     f"train.steps={recovery_steps if recover else 0}"] + ([f"prune.seed={seed}"] if seed is not None else [])
             name = f"{tag}_{criterion}{'' if seed is None else seed}_{int(s * 100)}"
             r = prune_run(name, recipe, overrides + extra, args)
             before = r["before"]
@@ -174,13 +204,14 @@ def beats_random(rows: list[dict], keys=("val_loss", "val_loss_recovered")) -> d
                 if r["criterion"] == "random":
                     continue
                 out[f"{tag}/{r['criterion']}/{s}"] = {
-                    k: r[k] < statistics.mean(x[k] for x in rand) for k in keys if r.get(k) is not None}
+                    k: r[k] < statistics.mean(x[k] for x in rand if x.get(k) is not None)
+                    for k in keys if r.get(k) is not None and any(x.get(k) is not None for x in rand)}
     return out
 
 
 def print_table(rows: list[dict], before: dict, keys=("val_loss", "val_loss_recovered")) -> None:
-    print(f"\n{'checkpoint':<10} {'criterion':<12} {'sparsity':>8}  " + "  ".join(f"{k:>18}" for k in keys))
-    print(f"{'':<10} {'(unpruned)':<12} {'0':>8}  " + "  ".join(f"{before[k.replace('_recovered', '')]:>18.4f}"
+    print(f"\n{'checkpoint':<10} {'criterion':<12} {'sparsity':>8}  " + "  ".join(f"{k:>26}" for k in keys))
+    print(f"{'':<10} {'(unpruned)':<12} {'0':>8}  " + "  ".join(f"{before[k.replace('_recovered', '')]:>26.4f}"
                                                               for k in keys[:1]))
     for tag in sorted({r["checkpoint"] for r in rows}, key=lambda t: [r["checkpoint"] for r in rows].index(t)):
         for s in sorted({r["sparsity"] for r in rows}):
@@ -188,24 +219,26 @@ def print_table(rows: list[dict], before: dict, keys=("val_loss", "val_loss_reco
             for r in group:
                 if r["criterion"] != "random":
                     print(f"{tag:<10} {r['criterion']:<12} {s:>8.2f}  " + "  ".join(
-                        f"{r[k]:>18.4f}" if r.get(k) is not None else f"{'-':>18}" for k in keys))
+                        f"{r[k]:>26.4f}" if r.get(k) is not None else f"{'-':>26}" for k in keys))
             rand = [r for r in group if r["criterion"] == "random"]
             cells = []
             for k in keys:
                 vals = [r[k] for r in rand if r.get(k) is not None]
-                cells.append(f"{statistics.mean(vals):.4f} [{min(vals):.3f},{max(vals):.3f}]" if vals else "-")
-            print(f"{tag:<10} {f'random x{len(rand)}':<12} {s:>8.2f}  " + "  ".join(f"{c:>18}" for c in cells))
+                cells.append(f"{statistics.mean(vals):.4f} [{min(vals):.3f},{max(vals):.3f}] n={len(vals)}" if vals else "-")
+            print(f"{tag:<10} {f'random x{len(rand)}':<12} {s:>8.2f}  " + "  ".join(f"{c:>26}" for c in cells))
 
 
 def llm(args) -> dict:
     quick = ["train.steps=20", "data.max_bytes=300000", "checkpoint.every=20"] if args.quick else []
     base = latest(args.run) if args.run else train_cli("recipes/llm/pretrain_tiny.yaml",
-                                                       os.path.join(args.out, "pretrain_tiny"), quick)
+                                                       os.path.join(args.out, "pretrain_tiny"), quick,
+                                                       reuse=args.resume)
     if args.finetune_run:
         finetune = latest(args.finetune_run)
     else:
         finetune = train_cli("recipes/llm/finetune_pydoc.yaml", os.path.join(args.out, "finetune_pydoc"),
-                             [f"peft.base={base}"] + (["train.steps=10", "checkpoint.every=10"] if args.quick else []))
+                             [f"peft.base={base}"] + (["train.steps=10", "checkpoint.every=10"] if args.quick else []),
+                             reuse=args.resume)
     stdlib = [f"eval.batches={args.eval_batches}", "train.micro_batch_size=16"]
     stdlib += ["data.max_bytes=300000"] if args.quick else []
     pydoc = ["data.source=pydoc", "data.max_bytes=0", "eval.batches=3", "train.micro_batch_size=16"]
@@ -221,12 +254,13 @@ def llm(args) -> dict:
     for i, lr in enumerate(args.dare_lrs if "dare" in args.parts else ()):
         ckpt = finetune if i == 0 else train_cli(
             "recipes/llm/finetune_pydoc.yaml", os.path.join(args.out, f"finetune_pydoc_lr{lr:g}"),
-            [f"peft.base={base}", f"optim.lr={lr}"] + (["train.steps=10", "checkpoint.every=10"] if args.quick else []))
+            [f"peft.base={base}", f"optim.lr={lr}"] + (["train.steps=10", "checkpoint.every=10"] if args.quick else []),
+            reuse=args.resume)
         dare_common = [f"prune.checkpoint={ckpt}", f"prune.reference={base}", "prune.calib_batches=1"] + pydoc
-        entry = {"checkpoint": ckpt}
+        entry = {"checkpoint": ckpt, "delta_size": delta_size(base, ckpt)}
         for method, p in (("dare", 0.9), ("dare", 0.99), ("darex", 0.99)):
             runs = [prune_run(f"lr{lr:g}_{method}_{p}_seed{seed}", DARE, dare_common + [
-                f"prune.method={method}", f"prune.drop_rate={p}", f"prune.seed={seed}"], args) for seed in range(args.seeds)]
+                f"prune.method={method}", f"prune.drop_rate={p}", f"prune.seed={seed}"], args) for seed in range(args.dare_seeds)]
             losses = [r["after"]["val_loss"] for r in runs]
             entry["finetune_val_loss"], base_loss = runs[0]["before"]["val_loss"], runs[0]["reference"]["val_loss"]
             entry[f"{method}_p{p}"] = {"val_loss": losses, "mean_val_loss": statistics.mean(losses),
@@ -242,7 +276,9 @@ def llm(args) -> dict:
     if dare:
         print(f"\nDARE / DAREx-q on fine-tuning deltas (pydoc val loss; the base: {base_loss:.4f}):")
     for name, entry in dare.items():
-        print(f"fine-tune {name}: {entry['finetune_val_loss']:.4f}")
+        size = entry["delta_size"]
+        print(f"fine-tune {name}: {entry['finetune_val_loss']:.4f} (delta: ‖Δ‖/‖W_base‖ {size['rel_norm']:.3f}, "
+              f"mean |Δ| {size['mean_abs']:.5f}, max |Δ| {size['max_abs']:.4f})")
         for key in ("dare_p0.9", "dare_p0.99", "darex_p0.99"):
             e = entry[key]
             print(f"  {key:<12} val loss {e['mean_val_loss']:.4f} ({100 * e['rel_to_finetune']:+.2f}% vs the fine-tune; "
@@ -257,7 +293,8 @@ def dit(args) -> dict:
              "diffusion.num_samples=20" if args.quick else "diffusion.num_samples=100", "diffusion.sample_steps=50",
              "diffusion.sampler=ddim"]
     base = latest(args.dit_run) if args.dit_run else train_cli("recipes/dit/pretrain_digits_moe.yaml",
-                                                               os.path.join(args.out, "pretrain_digits_moe"), steps)
+                                                               os.path.join(args.out, "pretrain_digits_moe"), steps,
+                                                               reuse=args.resume)
     sampling = [f"diffusion.num_samples={args.dit_samples}", "diffusion.sampler=ddim", "diffusion.sample_steps=50"]
     rows, before = criteria_rows("dit", PRUNE_DIT, base, CRITERIA_A, sampling, args, metric="fd",
                                  recovery_steps=args.dit_recovery_steps)
