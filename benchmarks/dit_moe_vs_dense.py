@@ -80,10 +80,22 @@ def final_val_loss(run_dir: str) -> float | None:
 
 
 def evaluate(kind: str, run_dir: str, args) -> dict:
+    """Scores of one run, kept in RUN_DIR/moe_vs_dense_eval.json per (checkpoint, sampler, steps,
+    samples, seeds): a later call with the same settings (more runs added) reads them back."""
     import torch
 
     from dit_samplers import load_run, sweep_run
+    from trainer.checkpoint import latest_checkpoint
 
+    cache_path = os.path.join(run_dir, "moe_vs_dense_eval.json")
+    key = json.dumps([latest_checkpoint(run_dir), args.sampler, args.steps, args.num_samples, args.seeds])
+    cache = {}
+    if os.path.isfile(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+        if key in cache:
+            print(f"[eval] {run_dir}: scores of an earlier call with the same settings", flush=True)
+            return cache[key]
     trainer, ckpt = load_run(run_dir, "cpu", None)
     d = trainer.cfg.diffusion
     sampler, steps = args.sampler or d.sampler, args.steps or d.sample_steps
@@ -91,9 +103,12 @@ def evaluate(kind: str, run_dir: str, args) -> dict:
     total, active = trainer.param_counts
     del trainer
     torch.set_num_threads(args.threads)
-    return {"run_dir": run_dir, "checkpoint": ckpt, "sampler": sampler, "steps": steps, "nfe": row["nfe"],
-            "fd": row["fd"], "acc": row["acc"], "fd_per_seed": row.get("fd_per_seed", [row["fd"]]),
-            "val_loss": final_val_loss(run_dir), "params_total": total, "params_active": active}
+    cache[key] = {"run_dir": run_dir, "checkpoint": ckpt, "sampler": sampler, "steps": steps, "nfe": row["nfe"],
+                  "fd": row["fd"], "acc": row["acc"], "fd_per_seed": row.get("fd_per_seed", [row["fd"]]),
+                  "val_loss": final_val_loss(run_dir), "params_total": total, "params_active": active}
+    with open(cache_path, "w") as f:
+        json.dump(cache, f)
+    return cache[key]
 
 
 def main(argv=None) -> dict:
