@@ -18,7 +18,7 @@ Expert pruning, from a calibration pass over the recipe's data:
 Delta compression and magnitude pruning (models/pruning/delta.py):
     dare(delta, p, generator), darex(delta, p, q, generator)     one tensor
     dare_state(base_sd, ft_sd, p, q=None, seed=0) -> state dict  the whole model
-    tune_darex_q(model, base_sd, ft_sd, p, hidden_fn, seed=0, num_q=21) -> (q, {q: error})
+    tune_darex_q(model, base_sd, ft_sd, p, hidden_fn, seed=0, num_q=21) -> (q, {q: error}); q log-spaced in [1 − p, 1]
     last_hidden(model, run_forward) -> hidden states before the head (for hidden_fn)
     ties_merge(base_sd, ft_sds, density, lam=1.0) -> state dict
     magnitude_prune(t, sparsity), nm_prune(t, n, m), parse_nm("2:4")

@@ -6,6 +6,7 @@ every floating tensor present in both is compressed, anything else is taken from
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -103,9 +104,11 @@ def last_hidden(model: nn.Module, run_forward: Callable[[], object]) -> torch.Te
 @torch.no_grad()
 def tune_darex_q(model: nn.Module, base_sd: dict, ft_sd: dict, p: float, hidden_fn: Callable[[], torch.Tensor],
                  seed: int = 0, num_q: int = 21) -> tuple[float, dict[float, float]]:
-    """DAREx-q: the q in [1 − p, 1] (num_q evenly spaced values) whose compressed model's hidden
-    states `hidden_fn()` (e.g. `last_hidden` on one calibration batch, in eval mode) are closest
-    (L2) to the fine-tuned model's. The model is left holding `ft_sd`.
+    """DAREx-q: the q in [1 − p, 1] whose compressed model's hidden states `hidden_fn()` (e.g.
+    `last_hidden` on one calibration batch, in eval mode) are closest (L2) to the fine-tuned
+    model's. The num_q candidates are evenly spaced in log q: at p = 0.99 the rescale 1/q spans two
+    orders of magnitude, and an even grid in q would jump from 1/q = 100 straight to 17. The model
+    is left holding `ft_sd`.
 
     Returns (best q, {q: error}).
     """
@@ -115,7 +118,7 @@ def tune_darex_q(model: nn.Module, base_sd: dict, ft_sd: dict, p: float, hidden_
     dropped = dropped_deltas(base_sd, ft_sd, p, seed)
     errors = {}
     try:
-        for q in torch.linspace(1.0 - p, 1.0, num_q, dtype=torch.float64).tolist():
+        for q in torch.logspace(math.log10(1.0 - p), 0.0, num_q, dtype=torch.float64).tolist():
             model.load_state_dict(rescaled_state(base_sd, ft_sd, dropped, q))
             errors[q] = (hidden_fn() - h_ft).norm().item()
     finally:

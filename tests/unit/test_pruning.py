@@ -368,6 +368,9 @@ def test_darex_q_tuning_beats_dare_rescaling():
     q, errors = tune_darex_q(net, base, ft, p, hidden_fn, seed=0, num_q=11)
     assert all(torch.equal(v, ft[k]) for k, v in net.state_dict().items())  # left fine-tuned
     dare_q = min(errors)  # the grid's first point is 1 − p
+    grid = sorted(errors)  # log-spaced from 1 − p to 1: a constant ratio between neighbours
+    assert len(grid) == 11 and grid[-1] == pytest.approx(1.0)
+    assert [b / a for a, b in zip(grid, grid[1:])] == pytest.approx([(1 / (1 - p)) ** 0.1] * 10)
     assert dare_q == pytest.approx(1 - p) and q > dare_q and errors[q] < errors[dare_q]
     h_ft = hidden_fn()
     for qq in (q, dare_q):  # the errors are those of the compressed models
