@@ -88,7 +88,7 @@ def evaluate(kind: str, run_dir: str, args) -> dict:
     from trainer.checkpoint import latest_checkpoint
 
     cache_path = os.path.join(run_dir, "moe_vs_dense_eval.json")
-    key = json.dumps([latest_checkpoint(run_dir), args.sampler, args.steps, args.num_samples, args.seeds])
+    key = json.dumps([os.path.basename(latest_checkpoint(run_dir) or ""), args.sampler, args.steps, args.num_samples, args.seeds])
     cache = {}
     if os.path.isfile(cache_path):
         with open(cache_path) as f:
