@@ -239,7 +239,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(os.path.dirname(final))
-        _prune(run_dir, cfg.checkpoint.keep_last)
+        _prune(run_dir, cfg.checkpoint.keep_last, just_saved=final)
     barrier()
     return final
 
@@ -264,11 +264,25 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _prune(run_dir: str, keep_last: int) -> None:
+def _written_at(path: str) -> int:
+    """When a checkpoint was published: its manifest's mtime (written just before the rename), or
+    the directory's for a checkpoint from before manifests."""
+    manifest = os.path.join(path, MANIFEST)
+    return os.stat(manifest if os.path.isfile(manifest) else path).st_mtime_ns
+
+
+def _prune(run_dir: str, keep_last: int, just_saved: str | None = None) -> None:
+    """Delete all but the `keep_last` most recently written checkpoints, never `just_saved`.
+
+    Write order, not step order: after `--resume` rolled a run back to an earlier step, the
+    abandoned trajectory's higher steps would otherwise outrank every new save, and keep_last=1
+    would delete the checkpoint that was just written."""
     if keep_last <= 0:
         return
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    found = sorted(list_checkpoints(run_dir), key=lambda path: (_written_at(path), checkpoint_step(path)))
+    for old in found[:-keep_last]:
+        if old != just_saved:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: ParallelMesh,

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from trainer.checkpoint import LAUNCH_ID_ENV, checkpoint_problem, choose_resume, latest_checkpoint
+from trainer.checkpoint import LAUNCH_ID_ENV, _prune, checkpoint_problem, choose_resume, latest_checkpoint
 
 
 def _fake_checkpoint(run_dir, step, launch=None, manifest=True):
@@ -63,3 +63,30 @@ def test_resume_choice(tmp_path, monkeypatch, env, expected):
     chosen = choose_resume(str(tmp_path), given)
     assert chosen == (given if expected == "given" else os.path.join(tmp_path, "checkpoints", f"step_{expected:08d}"))
     assert choose_resume(str(tmp_path), None) == os.path.join(tmp_path, "checkpoints", "step_00000016")
+
+
+def _age(path, seconds_ago):
+    """Set a fake checkpoint's write time (its manifest's mtime) to `seconds_ago`."""
+    stamp = os.stat(path).st_mtime - seconds_ago
+    os.utime(os.path.join(path, "manifest.json"), (stamp, stamp))
+
+
+def test_keep_last_prunes_by_write_order_after_a_rollback(tmp_path):
+    # Steps 10, 20, 30 were saved in that order; then --resume went back to 10 and the new
+    # trajectory has just saved step 20 again (newest written, but not the highest step).
+    ckpt = {step: _fake_checkpoint(tmp_path, step) for step in (10, 30)}
+    for step, ago in ((10, 300), (30, 100)):
+        _age(ckpt[step], ago)
+    new_20 = _fake_checkpoint(tmp_path, 20)
+    _prune(str(tmp_path), 2, just_saved=new_20)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000020", "step_00000030"]
+    _prune(str(tmp_path), 1, just_saved=new_20)  # step order would keep the abandoned step 30
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000020"]
+    # Equal write times (a coarse clock): the step breaks the tie, the one just saved stays.
+    a, b = _fake_checkpoint(tmp_path / "tie", 1), _fake_checkpoint(tmp_path / "tie", 2)
+    for path in (a, b):
+        os.utime(os.path.join(path, "manifest.json"), (1_000_000, 1_000_000))
+    _prune(str(tmp_path / "tie"), 1, just_saved=a)
+    assert sorted(os.listdir(tmp_path / "tie" / "checkpoints")) == ["step_00000001", "step_00000002"]
+    _prune(str(tmp_path / "tie"), 1)
+    assert os.listdir(tmp_path / "tie" / "checkpoints") == ["step_00000002"]
