@@ -16,9 +16,10 @@ LLM (default):
                the checkpoint before fine-tuning), reap and random (--seeds) at 25% and 50%, recovery
                on pydoc
     DARE       each fine-tune's delta to the base (finetune_pydoc.yaml at --dare-lrs: the recipe's
-               3e-4, and lighter 1e-4, 3e-5): DARE p=0.9 (--dare-seeds drop masks) against the unpruned fine-tune
-               (target: within 2%), DAREx-q p=0.99 (q tuned on one calibration batch) vs DARE
-               p=0.99; pydoc validation, no recovery (training would refill the delta)
+               3e-4, and lighter 1e-4, 3e-5; each one's delta size printed): DARE p=0.9 (--dare-seeds
+               drop masks) against the unpruned fine-tune (target: within 2%), DAREx-q p=0.99 (q tuned
+               on one calibration batch) vs DARE p=0.99; pydoc validation, no recovery (training would
+               refill the delta)
 DiT (--dit): recipes/dit/pretrain_digits_moe.yaml trained for --dit-steps (or --dit-run DIR), pruned
     like part A (EMA weights) with FD and class accuracy of --dit-samples DDIM samples (fixed seed)
     before, after and after --dit-recovery-steps.
@@ -88,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: tiny training, one seed, few steps")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.recovery_seeds, args.dare_seeds, args.recovery_steps, args.calib_batches, args.eval_batches = 1, 1, 1, 4, 2, 2
+        args.seeds, args.recovery_seeds, args.dare_seeds = 1, 1, 1
+        args.recovery_steps, args.calib_batches, args.eval_batches = 4, 2, 2
         args.dit_steps, args.dit_recovery_steps, args.dit_samples = 40, 4, 20
     return args
 
@@ -111,12 +113,18 @@ def delta_size(base_ckpt: str, ft_ckpt: str) -> dict:
     from trainer.checkpoint import read_model_state
 
     base, ft = read_model_state(base_ckpt), read_model_state(ft_ckpt)
-    keys = [k for k in ft if k in base and torch.is_floating_point(ft[k])]
-    sq_d = sum(float(((ft[k].double() - base[k].double()) ** 2).sum()) for k in keys)
-    sq_w = sum(float((base[k].double() ** 2).sum()) for k in keys)
-    abs_sum = sum(float((ft[k].double() - base[k].double()).abs().sum()) for k in keys)
-    return {"rel_norm": (sq_d / sq_w) ** 0.5, "mean_abs": abs_sum / sum(ft[k].numel() for k in keys),
-            "max_abs": max(float((ft[k].double() - base[k].double()).abs().max()) for k in keys)}
+    sq_d = sq_w = abs_sum = max_abs = 0.0
+    count = 0
+    for key, weight in ft.items():
+        if key not in base or not torch.is_floating_point(weight):
+            continue
+        delta = weight.double() - base[key].double()
+        sq_d += float((delta ** 2).sum())
+        sq_w += float((base[key].double() ** 2).sum())
+        abs_sum += float(delta.abs().sum())
+        max_abs = max(max_abs, float(delta.abs().max()))
+        count += delta.numel()
+    return {"rel_norm": (sq_d / sq_w) ** 0.5, "mean_abs": abs_sum / count, "max_abs": max_abs}
 
 
 def train_cli(recipe: str, run_dir: str, overrides: list[str], reuse: bool = False) -> str:
@@ -125,9 +133,10 @@ def train_cli(recipe: str, run_dir: str, overrides: list[str], reuse: bool = Fal
     rows resumed from result.json were measured against it."""
     from trainer.checkpoint import latest_checkpoint
 
-    if reuse and latest_checkpoint(run_dir) is not None:
-        print(f"[train] reusing {latest_checkpoint(run_dir)}", file=sys.stderr, flush=True)
-        return latest_checkpoint(run_dir)
+    kept = latest_checkpoint(run_dir) if reuse else None
+    if kept is not None:
+        print(f"[train] reusing {kept}", file=sys.stderr, flush=True)
+        return kept
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "launch.cli", "run", recipe, "--nproc-per-node", "2", "--run-dir", run_dir,
            "--set", "logging.wandb=false", "logging.progress_bar=false", *overrides]
