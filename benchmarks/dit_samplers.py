@@ -2,18 +2,18 @@
 
 What is measured: the latest checkpoint of a trained DiT run (the one `sparseforge run` writes,
 whatever its number of ranks or expert-parallel size), sampled with its EMA weights by every
-sampler of trainer/samplers.py at several step counts. Every row draws the same --num-samples N
+sampler of trainer/diffusion/samplers.py at several step counts. Every row draws the same --num-samples N
 images with the same class-balanced labels (i % classes) and the same seed, i.e. the same initial
 noise (and for ddpm the same per-step noise stream), through the trainer's own evaluation path
 (`DiffusionTask.draw_samples` + `DiffusionTask.score`): classifier-free guidance at the run's
 diffusion.cfg_scale (or --cfg-scale), x0 predictions clipped to [-1, 1] as in training-time
 evaluation, then
     fd    Fréchet distance between the features of the cached digits classifier
-          (trainer/image_eval.py) of the N samples and of the whole training split;
+          (trainer/diffusion/image_eval.py) of the N samples and of the whole training split;
     acc   share of samples the classifier assigns to the label they were drawn for;
     nfe   model calls per sample as the sampler reports it (a guided call of 2B rows is one);
     seconds  wall time of the sampling alone (scoring excluded).
-    fid   Inception FID as well, only where trainer/image_eval.py finds its weights on disk.
+    fid   Inception FID as well, only where trainer/diffusion/image_eval.py finds its weights on disk.
 FD is biased by the sample count (fewer samples, larger FD), so every row uses the same N: compare
 rows with each other, not with FDs at another N. With --seeds 0 1 ..., each row is drawn once per
 seed and fd/acc are the means (fd_per_seed, acc_per_seed list them): the spread between seeds is

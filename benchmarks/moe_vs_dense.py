@@ -94,7 +94,7 @@ def run_one(name: str, overrides: list[str], args) -> dict:
 
 def whole_validation_batches(cfg) -> int:
     """Validation batches that cover every validation window once (no wrap-around)."""
-    from trainer.data import build_text_data
+    from trainer.lm.data import build_text_data
 
     data = build_text_data(cfg.data, cfg.train.micro_batch_size, 0, 1, cfg.train.seed)
     return max(len(data.val_windows) // cfg.train.micro_batch_size, 1)

@@ -136,7 +136,7 @@ def finetune_config(micro_batch_size: int | None = None):
 
 def whole_validation_batches(cfg, global_batch: int) -> int:
     """Validation batches of global_batch windows that cover every validation window once."""
-    from trainer.data import build_text_data
+    from trainer.lm.data import build_text_data
 
     data = build_text_data(cfg.data, global_batch, 0, 1, cfg.train.seed)
     return max(len(data.val_windows) // global_batch, 1)
@@ -148,9 +148,9 @@ def base_val_loss(base: str, eval_batches: int) -> float:
     import torch
 
     import models
-    from trainer.data import build_text_data
-    from trainer.objectives import lm_loss
-    from trainer.peft import load_base
+    from trainer.lm.data import build_text_data
+    from trainer.lm.task import lm_loss
+    from trainer.adapt.peft import load_base
 
     per_rank = finetune_config().train.micro_batch_size
     cfg = finetune_config(per_rank * NPROC)

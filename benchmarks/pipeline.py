@@ -237,7 +237,7 @@ def worker(rank: int, world_size: int, args) -> dict:
     from parallel import build_mesh, parallelize_pipeline
     from parallel.pipeline import stage_layer_counts
     from trainer.config import load_config, pp_stages_per_rank
-    from trainer.objectives import lm_loss
+    from trainer.lm.task import lm_loss
 
     runs = {}
     for sched in args.schedules:

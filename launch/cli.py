@@ -147,11 +147,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.model.upcycle_from:  # the ranks may start in another working directory
         cfg.model.upcycle_from = os.path.abspath(cfg.model.upcycle_from)
     if cfg.model.init_from:
-        from trainer.hf_checkpoint import absolute_source, check_init_source
+        from trainer.adapt.hf_bridge import absolute_source, check_init_source
 
         cfg.model.init_from = absolute_source(cfg.model.init_from)
     if cfg.peft.base:  # also what the run's checkpoints name as their base
-        from trainer.hf_checkpoint import absolute_source
+        from trainer.adapt.hf_bridge import absolute_source
 
         cfg.peft.base = absolute_source(cfg.peft.base)
     if cfg.prune.method != "none":  # the ranks, the checkpoints and the report name them absolute
@@ -198,7 +198,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_peft(args: argparse.Namespace) -> int:
-    from trainer.peft import merge_peft
+    from trainer.adapt.peft import merge_peft
 
     _, summary = merge_peft(args.checkpoint, args.out)
     print(summary)

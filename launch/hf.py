@@ -1,5 +1,5 @@
 """`sparseforge import-hf` and `sparseforge export-hf`: Hugging Face checkpoints in and out
-(trainer/hf_checkpoint.py does the work; these parse arguments and print one summary line)."""
+(trainer/adapt/hf_bridge.py does the work; these parse arguments and print one summary line)."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,7 @@ def add_hf_commands(sub) -> None:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    from trainer.hf_checkpoint import has_tokenizer, import_hf
+    from trainer.adapt.hf_bridge import has_tokenizer, import_hf
 
     path = import_hf(args.hf_dir, args.out)
     tokenizer = f"; its tokenizer: --set data.tokenizer={args.hf_dir}" if has_tokenizer(args.hf_dir) else ""
@@ -50,7 +50,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from trainer.hf_checkpoint import export_hf
+    from trainer.adapt.hf_bridge import export_hf
 
     model_type, files = export_hf(args.checkpoint, args.out, args.model_type, args.expert_layout, args.dtype,
                                   parse_size(args.max_shard_size))

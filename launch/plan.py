@@ -95,7 +95,7 @@ def _state_bytes(total_params: int, expert_params: int, ep: int) -> dict[str, in
 
 
 def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int) -> dict[str, int]:
-    """train.engine=deepspeed (trainer/ds_engine.py): ZeRO holds every parameter when ep == 1, all
+    """train.engine=deepspeed (trainer/adapt/ds_engine.py): ZeRO holds every parameter when ep == 1, all
     but the routed experts when ep > 1 (those stay fp32 with their own AdamW, 1/ep per rank). Of what
     ZeRO holds each rank keeps the weights (2 bytes in bf16) and an fp32 master partition (1/dp),
     the gradients (whole with stage 1, 1/dp with stage 2) and the AdamW moments of its partition."""

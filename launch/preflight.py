@@ -60,7 +60,7 @@ def check_resume(path: str | None) -> None:
     problem = checkpoint_problem(path)
     if problem is not None:
         raise ConfigError(f"--resume: {path} is not a complete checkpoint: {problem}")
-    from trainer.hf_checkpoint import is_weights_only
+    from trainer.adapt.hf_bridge import is_weights_only
 
     if is_weights_only(path):
         raise ConfigError(f"--resume: {path} holds model weights only (no optimizer state, e.g. from import-hf); "
@@ -111,11 +111,11 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
     if cfg.train.engine == "deepspeed":
         check_deepspeed_installed("train.engine=deepspeed")
     if cfg.model.family == "dit":
-        from trainer.image_data import preflight_image_data
+        from trainer.diffusion.image_data import preflight_image_data
 
         preflight_image_data(cfg.data)
     else:
-        from trainer.data import preflight_data
+        from trainer.lm.data import preflight_data
 
         preflight_data(cfg.data)
     check_resume(resume)
@@ -126,30 +126,30 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
         target = resume or latest_checkpoint(run_dir)
         if target is not None:
             check_checkpoint_fits(cfg, target, "--resume" if resume else "the run directory's latest checkpoint")
-            # ZeRO's optimizer state (trainer/ds_engine.py) or ours: each engine resumes its own.
+            # ZeRO's optimizer state (trainer/adapt/ds_engine.py) or ours: each engine resumes its own.
             written_by = "deepspeed" if os.path.isdir(os.path.join(target, "deepspeed")) else "native"
             if written_by != cfg.train.engine:
                 raise ConfigError(f"{target}: written by train.engine={written_by}; resume it with "
                                   f"train.engine={written_by}")
     if cfg.model.upcycle_from and resume is None:
         from trainer.checkpoint import latest_checkpoint
-        from trainer.upcycle import check_upcycle_source
+        from trainer.adapt.upcycle import check_upcycle_source
 
         if latest_checkpoint(run_dir) is None:  # a resumed run no longer needs the dense source
             check_upcycle_source(cfg.model.upcycle_from, cfg)
     if cfg.prune.method != "none" and resume is None:
         from trainer.checkpoint import latest_checkpoint
-        from trainer.prune import check_prune
+        from trainer.adapt.prune import check_prune
 
         if latest_checkpoint(run_dir) is None:  # a rerun trains on from the compressed checkpoint
             check_prune(cfg)
     if cfg.model.init_from and resume is None:
         from trainer.checkpoint import latest_checkpoint
-        from trainer.hf_checkpoint import check_init_source
+        from trainer.adapt.hf_bridge import check_init_source
 
         if latest_checkpoint(run_dir) is None:  # a resumed run no longer needs its source
             check_init_source(cfg.model.init_from)
     if cfg.peft.method != "none":  # also on resume: a PEFT checkpoint holds no base weights
-        from trainer.peft import check_peft
+        from trainer.adapt.peft import check_peft
 
         check_peft(cfg)

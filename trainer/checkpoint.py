@@ -206,7 +206,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
     `extra_state`: more {parameter name: tensor} dicts saved beside the model under their own
     name (the DiT's EMA weights), sharded and resharded like the parameters.
     `run_state`: small picklable values saved in extra_rank{R}.pt (`read_run_state` reads them).
-    `engine`: train.engine=deepspeed's (trainer/ds_engine.py): `optimizer` is then the optimizer of
+    `engine`: train.engine=deepspeed's (trainer/adapt/ds_engine.py): `optimizer` is then the optimizer of
     the parameters outside ZeRO (or ()), and ZeRO's partitioned state goes into a subdirectory.
     """
     final = os.path.join(checkpoint_root(run_dir), f"step_{step:08d}")

@@ -49,7 +49,7 @@ class ModelConfig:
     mla_v_head_dim: int = 128
     # A fresh run starts from these weights: "hf:DIR" (a Hugging Face checkpoint of a supported
     # family) or a checkpoint directory of ours; the architecture keys come from the source
-    # (trainer/hf_checkpoint.py).
+    # (trainer/adapt/hf_bridge.py).
     init_from: str = ""
     # Sparse upcycling: a checkpoint directory (step_XXXXXXXX) of a dense run of ours whose
     # weights initialise this MoE model when the run does not resume (models/moe/upcycle.py).
@@ -192,7 +192,7 @@ class TrainConfig:
     collapse_share: float = 0.9
     collapse_steps: int = 3
     # native: DDP + AdamW. deepspeed: DeepSpeed's ZeRO over the non-expert parameters (routed
-    # experts stay sharded by parallel.ep), trainer/ds_engine.py; needs the `deepspeed` extra.
+    # experts stay sharded by parallel.ep), trainer/adapt/ds_engine.py; needs the `deepspeed` extra.
     engine: str = "native"
     zero_stage: int = 2  # train.engine=deepspeed: 1 (optimizer states) or 2 (+ gradients)
 
@@ -226,7 +226,7 @@ class LoggingConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning of a base checkpoint of ours (models/peft, trainer/peft.py).
+    """Parameter-efficient fine-tuning of a base checkpoint of ours (models/peft, trainer/adapt/peft.py).
 
     The base weights are loaded, frozen, and only what the method adds or selects is trained and
     checkpointed (`full`: every weight, from the base)."""
@@ -251,7 +251,7 @@ class PeftConfig:
 
 @dataclass
 class PruneConfig:
-    """Compression of a checkpoint of ours (models/pruning, trainer/prune.py): evaluated before and
+    """Compression of a checkpoint of ours (models/pruning, trainer/adapt/prune.py): evaluated before and
     after, written as an ordinary checkpoint (step 0 of the run), then trained for train.steps
     (a recovery fine-tune; 0: compress and evaluate only)."""
     method: str = "none"  # none | experts | merge | dare | darex | ties | magnitude
@@ -425,13 +425,13 @@ def load_config(
             raise ConfigError(f"model.preset: {e.args[0]}") from None
     init_from = (raw.get("model") or {}).get("init_from") if isinstance(raw.get("model"), dict) else None
     if init_from and isinstance(init_from, str):
-        from trainer.hf_checkpoint import source_architecture  # the source's architecture keys win
+        from trainer.adapt.hf_bridge import source_architecture  # the source's architecture keys win
 
         raw = _deep_merge(raw, source_architecture(init_from))
     peft = raw.get("peft") if isinstance(raw.get("peft"), dict) else {}
     base = peft.get("base")
     if isinstance(base, str) and base.startswith("hf:") and peft.get("method", "none") != "none":
-        from trainer.hf_checkpoint import source_architecture  # a Hugging Face base: its architecture
+        from trainer.adapt.hf_bridge import source_architecture  # a Hugging Face base: its architecture
 
         raw = _deep_merge(raw, source_architecture(base, "peft.base"))
     cfg = _build(Config, raw, "")

@@ -22,11 +22,11 @@ from trainer.config import Config, pp_microbatches
 from trainer.ema import EMA
 from trainer.guards import CollapseMonitor, NonFiniteGuard, clip_with_norm
 from trainer.metrics import MetricsLogger
-from trainer.peft import PeftState, prepare_peft
-from trainer.prune import PruneResult, finish_prune, prune_model, resumed_prune_config
+from trainer.adapt.peft import PeftState, prepare_peft
+from trainer.adapt.prune import PruneResult, finish_prune, prune_model, resumed_prune_config
 from trainer.tasks import build_task
-from trainer.hf_checkpoint import init_model_from
-from trainer.upcycle import upcycle_into
+from trainer.adapt.hf_bridge import init_model_from
+from trainer.adapt.upcycle import upcycle_into
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.plots import overload_factors
 
@@ -62,7 +62,7 @@ class Trainer:
         forwards = cfg.train.grad_accum_steps * (pp_microbatches(cfg.parallel) if self.mesh.pp > 1 else 1)
         set_aux_loss_scale(model, 1.0 / forwards)
         # Pruning: the checkpoint compressed on the whole model, before experts are sharded,
-        # stages split or an optimizer holds the parameters (trainer/prune.py).
+        # stages split or an optimizer holds the parameters (trainer/adapt/prune.py).
         self.prune: PruneResult | None = None
         if cfg.prune.method != "none":
             self.prune = prune_model(model, cfg, self.task, self.mesh, run_dir)
@@ -77,7 +77,7 @@ class Trainer:
                                     seed=cfg.train.seed)
         elif resume_path is None and cfg.model.init_from:
             # A fresh run from a Hugging Face model or a checkpoint of ours, loaded whole before
-            # experts are sharded or stages split, as upcycling (trainer/hf_checkpoint.py).
+            # experts are sharded or stages split, as upcycling (trainer/adapt/hf_bridge.py).
             upcycled = init_model_from(model, cfg.model.init_from)
         # PEFT: base weights, (ESFT) expert selection and adapters on the whole model, before
         # experts are sharded or stages split: adapters are then sharded and split like the rest.
@@ -103,9 +103,9 @@ class Trainer:
         # From the whole model, not this rank's layers: under pp every rank joins the heatmap's gather.
         self.heatmap_every = max(cfg.logging.heatmap_every, 0) if cfg.moe.num_experts > 0 else 0
         self.heatmap_loads_LE: torch.Tensor | None = None  # routed since the previous heatmap
-        self.engine = None  # train.engine=deepspeed: ZeRO's optimizer and our schedule (trainer/ds_engine.py)
+        self.engine = None  # train.engine=deepspeed: ZeRO's optimizer and our schedule (trainer/adapt/ds_engine.py)
         if cfg.train.engine == "deepspeed":
-            from trainer.ds_engine import DeepSpeedEngine
+            from trainer.adapt.ds_engine import DeepSpeedEngine
 
             self.engine = DeepSpeedEngine(model, cfg, self.mesh, no_decay_params=partially_frozen_parameters(model))
             # What checkpoints save beside the model in DCP: the optimizer of the experts outside ZeRO.
@@ -251,7 +251,7 @@ class Trainer:
             print(self.guard.describe_skip(self.step + 1, loss.item(), grad_norm.item()), flush=True)
 
     def _deepspeed_train_step(self, batches) -> tuple[float, float]:
-        """`_train_step` with train.engine=deepspeed (trainer/ds_engine.py explains the steps)."""
+        """`_train_step` with train.engine=deepspeed (trainer/adapt/ds_engine.py explains the steps)."""
         num_micro = self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(num_micro):

@@ -1,4 +1,4 @@
-"""train.engine=deepspeed (trainer/ds_engine.py) against the native engine on gloo ranks: ZeRO-1/2,
+"""train.engine=deepspeed (trainer/adapt/ds_engine.py) against the native engine on gloo ranks: ZeRO-1/2,
 with and without expert parallelism, gradient accumulation and MoE aux losses on; save and resume."""
 import json
 import os

@@ -45,7 +45,7 @@ def _model():
 
 
 def _batch(step, rank):
-    from trainer.diffusion import build_objective
+    from trainer.diffusion.objectives import build_objective
 
     objective = build_objective(_cfg().diffusion)
     g = torch.Generator().manual_seed(1000 * step + rank)

@@ -122,7 +122,7 @@ def _layer_step(layer, mesh, rank):
 def _train(mesh, strategy):
     from parallel import all_reduce_mean, clip_grad_norm, parallelize, sync_expert_grads, unwrap
     from trainer.config import Config
-    from trainer.objectives import lm_loss
+    from trainer.lm.task import lm_loss
 
     cfg = Config()
     cfg.parallel.ep, cfg.parallel.ep_overlap, cfg.parallel.ep_chunks = mesh.ep, strategy, CHUNKS
@@ -179,7 +179,7 @@ def _layer_reference(case, dp):
 def _train_reference(dp):
     """The same 20 steps on one process: the dp ranks' batches as accumulation micro steps."""
     from models.moe import set_aux_loss_scale
-    from trainer.objectives import lm_loss
+    from trainer.lm.task import lm_loss
 
     model = _model()
     set_aux_loss_scale(model, 1.0 / dp)  # DDP averages the ranks' aux-loss gradients too

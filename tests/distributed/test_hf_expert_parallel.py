@@ -20,7 +20,7 @@ def _tokens(rank):
 def _rank(rank, world_size, hf_dirs):
     import models
     from parallel import build_mesh, parallelize, unwrap
-    from trainer.hf_checkpoint import hf_config, init_model_from
+    from trainer.adapt.hf_bridge import hf_config, init_model_from
 
     out = {}
     for name, hf_dir in hf_dirs.items():

@@ -60,7 +60,7 @@ def _dump(trainer, path):
     experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts.w" in n}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"shards": expert_shards(model), "trainable": trainable, "experts": experts,
-                "selection": trainer.peft.esft_selection}, path)
+                "selection": trainer.adapt.peft.esft_selection}, path)
 
 
 def _peft_cfg(base, method, *extra):
@@ -176,7 +176,7 @@ def test_lora_under_pipeline_parallelism_matches_one_process(runs):
 def test_expert_parallel_adapter_checkpoint_loads_whole(runs):
     """The ep=2 LoRA checkpoint (expert adapters stored as shards of the unsharded tensors) read
     back on one process, without a process group: exactly the adapters the two ranks held."""
-    from trainer.peft import load_peft_model
+    from trainer.adapt.peft import load_peft_model
 
     out, _ = runs
     _, model = load_peft_model(os.path.join(out, "lora_ep2", "checkpoints", "step_00000004"))

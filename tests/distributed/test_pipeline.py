@@ -110,7 +110,7 @@ def _one_step_grads(rank, world_size, schedule):
     from models.moe import set_aux_loss_scale
     from parallel import build_mesh, parallelize_pipeline
     from trainer.config import pp_microbatches
-    from trainer.objectives import lm_loss
+    from trainer.lm.task import lm_loss
 
     cfg = _pp_cfg(schedule)
     mesh = build_mesh(cfg.parallel, torch.device("cpu"))
@@ -128,7 +128,7 @@ def _run_model_level(rank, world_size):
 def test_every_schedule_gives_the_reference_gradients():
     from models.moe import set_aux_loss_scale
     from trainer.config import pp_microbatches
-    from trainer.objectives import lm_loss
+    from trainer.lm.task import lm_loss
 
     results = run_distributed(_run_model_level, 2)
     for schedule in SCHEDULES:

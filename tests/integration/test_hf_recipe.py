@@ -39,7 +39,7 @@ def tiny_deepseek(path) -> "transformers.PreTrainedModel":
 
 def _first_batch(run_dir):
     from trainer.config import load_config
-    from trainer.data import build_text_data
+    from trainer.lm.data import build_text_data
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     data = build_text_data(cfg.data, cfg.train.micro_batch_size, 0, 1, cfg.train.seed)
@@ -72,7 +72,7 @@ def test_pretrain_from_hf_trains_and_exports_back(tmp_path):
     # export-hf of the trained checkpoint: transformers loads it and computes what ours does.
     assert "as deepseek_v3" in cli_ok("export-hf", str(run_dir), "--out", str(out))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
-    from trainer.hf_checkpoint import hf_config, init_model_from
+    from trainer.adapt.hf_bridge import hf_config, init_model_from
     import models
 
     cfg = hf_config(str(out))
@@ -152,14 +152,14 @@ def test_peft_lora_from_an_hf_base_trains_merges_and_exports_back(tmp_path):
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert 0 < next(r["peft/trainable_frac"] for r in records if "peft/trainable_frac" in r) < 0.5
-    from trainer.data import build_text_data
+    from trainer.lm.data import build_text_data
 
     inputs, targets = next(build_text_data(cfg.data, cfg.train.micro_batch_size, 0, 1, cfg.train.seed).train_batches())
     with torch.no_grad():  # step 1 starts from the HF weights (LoRA's B is zero)
         hf_loss = torch.nn.functional.cross_entropy(hf(inputs).logits.flatten(0, 1), targets.flatten()).item()
     assert next(r["loss"] for r in records if r.get("step") == 1) == pytest.approx(hf_loss, rel=1e-5)
 
-    from trainer.peft import load_peft_model
+    from trainer.adapt.peft import load_peft_model
 
     _, adapted = load_peft_model(str(run_dir / "checkpoints" / "step_00000003"))
     cli_ok("merge-peft", str(run_dir / "checkpoints" / "step_00000003"), "--out", str(tmp_path / "merged"))

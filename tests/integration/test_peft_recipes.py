@@ -96,14 +96,14 @@ def test_peft_recipe_counts_checkpoints_adapters_and_resumes_exactly(base, finet
     run = finetuned[method]
     trainer = run["trainer"]
     trainable, total = count_parameters(trainer.unwrapped_model)
-    assert (trainer.peft.trainable, trainer.peft.total) == (trainable, total)
+    assert (trainer.adapt.peft.trainable, trainer.adapt.peft.total) == (trainable, total)
     # Logged once at step 0 (the printed line: see the merge test).
     logged = [r for r in _records(run["straight"]) if "peft/trainable_params" in r]
     assert len(logged) == 1 and logged[0]["step"] == 0
     assert logged[0]["peft/trainable_params"] == trainable and logged[0]["peft/total_params"] == total
     assert logged[0]["peft/trainable_frac"] == pytest.approx(trainable / total)
     summary = f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
-    assert summary in trainer.peft.summary
+    assert summary in trainer.adapt.peft.summary
     # The checkpoint holds the trainable parameters and nothing of the frozen base.
     ckpt = os.path.join(run["straight"], "checkpoints", "step_00000004")
     saved = set(model_tensor_shapes(ckpt))
@@ -139,7 +139,7 @@ def sparseforge(*args, timeout=120):
 def test_merged_lora_gives_the_logits_of_base_plus_adapter_and_is_a_base(finetuned, tmp_path, capsys):
     import models
     from trainer.checkpoint import read_model_state
-    from trainer.peft import load_peft_model
+    from trainer.adapt.peft import load_peft_model
 
     ckpt = os.path.join(finetuned["lora"]["straight"], "checkpoints", "step_00000004")
     proc = sparseforge("merge-peft", ckpt, "--out", str(tmp_path / "merged"))
@@ -183,7 +183,7 @@ def test_merge_refuses_perft_in_one_line(finetuned, tmp_path):
 
 def test_esft_merge_is_the_trained_model(finetuned, tmp_path):
     from trainer.checkpoint import read_model_state
-    from trainer.peft import merge_peft
+    from trainer.adapt.peft import merge_peft
 
     trainer = finetuned["esft"]["trainer"]
     ckpt = os.path.join(finetuned["esft"]["straight"], "checkpoints", "step_00000004")

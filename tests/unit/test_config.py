@@ -171,7 +171,7 @@ def test_peft_recipe_with_a_base_loads(tmp_path):
 
 
 def test_peft_base_with_other_shapes_names_the_key(tmp_path):
-    from trainer.peft import check_peft_base
+    from trainer.adapt.peft import check_peft_base
 
     base = _fake_base(tmp_path, "model.d_model=64")
     cfg = load_config(RECIPE, LORA + [f"peft.base={base}"])
@@ -180,7 +180,7 @@ def test_peft_base_with_other_shapes_names_the_key(tmp_path):
 
 
 def test_peft_base_must_not_be_an_adapter_checkpoint(tmp_path):
-    from trainer.peft import check_peft_base
+    from trainer.adapt.peft import check_peft_base
 
     base = _fake_base(tmp_path, method="lora")
     cfg = load_config(RECIPE, LORA + [f"peft.base={base}"])
@@ -198,7 +198,7 @@ def test_peft_base_must_not_be_an_adapter_checkpoint(tmp_path):
      r"^parallel\.pp_layers: pipeline stage 0 \(layer 0\) has nothing to train under peft\.method esft"),
 ])
 def test_peft_adapters_are_checked_on_a_meta_model(tmp_path, override, message):
-    from trainer.peft import check_peft_model
+    from trainer.adapt.peft import check_peft_model
 
     cfg = load_config(RECIPE, override + [f"peft.base={_fake_base(tmp_path)}"], world_size=2)
     _one_line_error(None, message, loader=lambda: check_peft_model(cfg))

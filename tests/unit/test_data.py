@@ -1,4 +1,4 @@
-"""trainer.data: corpus loading (offline), split, packing, dp sharding, resume."""
+"""trainer.lm.data: corpus loading (offline), split, packing, dp sharding, resume."""
 import json
 import math
 import os
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, DataConfig
-from trainer.data import (
+from trainer.lm.data import (
     ByteTokenizer, TextData, build_text_data, build_tokenizer, load_corpus, make_windows,
     pack_documents, preflight_data, pydoc_topics, resolve_source, split_documents, unigram_entropy_nats,
 )
@@ -202,7 +202,7 @@ def test_hub_name_is_not_a_missing_local_path(monkeypatch):
 
 def test_concurrent_ranks_load_the_same_corpus(tmp_path):
     # 3 "ranks" on one machine at once: private caches, no lock contention, identical tokens.
-    code = ("import hashlib, sys; from trainer.config import DataConfig; from trainer.data import build_text_data;"
+    code = ("import hashlib, sys; from trainer.config import DataConfig; from trainer.lm.data import build_text_data;"
             "d = build_text_data(DataConfig(max_bytes=300_000), 4, int(sys.argv[1]), 3);"
             "print(hashlib.sha1(d.train_tokens.numpy().tobytes()).hexdigest())")
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HOME=str(tmp_path / "hf"))

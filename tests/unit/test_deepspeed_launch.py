@@ -22,7 +22,7 @@ def test_engine_validation_one_line(overrides, message):
 
 
 def test_deepspeed_config_follows_the_recipe():
-    from trainer.ds_engine import deepspeed_config
+    from trainer.adapt.ds_engine import deepspeed_config
 
     cfg = load_config(RECIPE, ["train.engine=deepspeed", "train.zero_stage=1", "train.grad_accum_steps=4",
                                "train.dtype=bf16", "optim.grad_clip=0.5"])

@@ -5,7 +5,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from trainer.config import DiffusionConfig
-from trainer.diffusion import FlowMatching, GaussianDiffusion, build_objective
+from trainer.diffusion.objectives import FlowMatching, GaussianDiffusion, build_objective
 
 LOG2 = math.log(2.0)
 

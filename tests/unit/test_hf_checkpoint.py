@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out (trainer/hf_checkpoint.py, models/hf/).
+"""Hugging Face checkpoints in and out (trainer/adapt/hf_bridge.py, models/hf/).
 
 Tiny random models of every supported family are built from configs with transformers (nothing is
 downloaded), their weights perturbed so that no norm is all ones and no bias all zeros (a swapped
@@ -22,7 +22,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import models  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
-from trainer.hf_checkpoint import export_hf, hf_config, import_hf, init_model_from, write_checkpoint  # noqa: E402
+from trainer.adapt.hf_bridge import export_hf, hf_config, import_hf, init_model_from, write_checkpoint  # noqa: E402
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, max_position_embeddings=64,
               initializer_range=0.1, tie_word_embeddings=False)

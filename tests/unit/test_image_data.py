@@ -1,4 +1,4 @@
-"""trainer.image_data: digits / image folder through `datasets`, normalisation, dp sharding, flips, resume."""
+"""trainer.diffusion.image_data: digits / image folder through `datasets`, normalisation, dp sharding, flips, resume."""
 import os
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, DataConfig, ModelConfig
-from trainer.image_data import (
+from trainer.diffusion.image_data import (
     ImageData, _digits_arrays, build_image_data, dataset_to_tensors, preflight_image_data, split_examples,
 )
 

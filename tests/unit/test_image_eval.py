@@ -1,4 +1,4 @@
-"""trainer.image_eval: cached digits classifier, Fréchet distance, sample metrics, Inception guard, grids."""
+"""trainer.diffusion.image_eval: cached digits classifier, Fréchet distance, sample metrics, Inception guard, grids."""
 import os
 import warnings
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from trainer.config import DataConfig, ModelConfig
-from trainer.image_data import build_image_data
-from trainer.image_eval import (
+from trainer.diffusion.image_data import build_image_data
+from trainer.diffusion.image_eval import (
     FEATURE_DIM, InceptionUnavailable, classifier_cache_path, classifier_features, default_cache_dir,
     evaluate_samples, find_inception_weights, frechet_distance, grid_size, inception_fid,
     load_or_train_classifier, save_sample_grid,

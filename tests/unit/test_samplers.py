@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from trainer.diffusion import FlowMatching, GaussianDiffusion
-from trainer.samplers import (SAMPLERS, GuidedModel, dpm_solver_pp_sample, logsnr_timesteps, respace,
+from trainer.diffusion.objectives import FlowMatching, GaussianDiffusion
+from trainer.diffusion.samplers import (SAMPLERS, GuidedModel, dpm_solver_pp_sample, logsnr_timesteps, respace,
                               sample, space_timesteps, validate_sampler)
 
 MU, S = 0.3, 0.5

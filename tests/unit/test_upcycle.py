@@ -14,7 +14,7 @@ from parallel import build_mesh
 from trainer.checkpoint import save_checkpoint
 from trainer.config import ConfigError, MoEConfig, load_config
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.upcycle import check_upcycle_source, load_dense_checkpoint, upcycle_into
+from trainer.adapt.upcycle import check_upcycle_source, load_dense_checkpoint, upcycle_into
 
 # init_std 0.1 (not 0.02): the FFN branch must matter in the logits for the parity to mean much.
 SHAPES = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",

@@ -139,7 +139,7 @@ def check_peft_base(path: str, cfg: Config) -> Config:
         The base run's config. Raises `ConfigError` (one line naming the key) on any problem.
     """
     if path.startswith("hf:"):  # shapes taken from it by load_config; the conversion checks every tensor
-        from trainer.hf_checkpoint import check_init_source
+        from trainer.adapt.hf_bridge import check_init_source
 
         check_init_source(path, _KEY)
         return cfg
@@ -184,7 +184,7 @@ def load_base(model: nn.Module, path: str, cfg: Config) -> str:
     """Fill the whole (not yet adapted, sharded or split) `model` with the base weights."""
     check_peft_base(path, cfg)
     if path.startswith("hf:"):
-        from trainer.hf_checkpoint import init_model_from
+        from trainer.adapt.hf_bridge import init_model_from
 
         return f"peft: base {init_model_from(model, path, _KEY)}"
     state = read_model_state(path)

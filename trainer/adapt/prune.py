@@ -419,9 +419,9 @@ def finish_prune(trainer, log) -> tuple[float, dict]:
     """
     from trainer.checkpoint import checkpoint_root, save_checkpoint
 
-    result, cfg = trainer.prune, trainer.cfg
+    result, cfg = trainer.adapt.prune, trainer.cfg
     if cfg.checkpoint.enabled:
-        path = save_checkpoint(trainer.run_dir, 0, trainer.model, trainer.optimizer, trainer.scheduler, trainer.data,
+        path = save_checkpoint(trainer.run_dir, 0, trainer.model, trainer.optimizer, trainer.scheduler, trainer.lm.data,
                                cfg, trainer.mesh, extra_state=trainer._extra_state(),
                                run_state={**trainer._run_state(), "pruned_from": result.report["checkpoint"],
                                           "prune_method": result.report["method"]})

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from trainer.config import ConfigError, DataConfig
-from trainer.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer, check_tokenizer_path, one_line
+from trainer.lm.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer, check_tokenizer_path, one_line
 
 __all__ = [
     "ByteTokenizer", "HFTokenizer", "build_tokenizer", "CorpusSource", "resolve_source",

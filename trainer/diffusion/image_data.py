@@ -12,7 +12,7 @@ Flow on every rank (each rank builds the same thing independently; nothing is do
                          global micro-batch k of an epoch is images [k*G, (k+1)*G) of that order
                          (G = micro_batch_size * dp_size) and rank r takes rows [r*B, (r+1)*B)
 
-The interface is TextData's (trainer/data.py): train_batches(), val_batches(n), state_dict(),
+The interface is TextData's (trainer/lm/data.py): train_batches(), val_batches(n), state_dict(),
 load_state_dict(), global_batch_size; batches are (images_BCHW float32, labels_B int64).
 `preflight_image_data` is the cheap, os-only subset of the checks.
 """
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import ConfigError, DataConfig, ModelConfig
-from trainer.data import _load_hub, _quiet_datasets, looks_like_local_path
-from trainer.tokenizer import one_line
+from trainer.lm.data import _load_hub, _quiet_datasets, looks_like_local_path
+from trainer.lm.tokenizer import one_line
 
 __all__ = [
     "IMAGE_EXTS", "ImageSource", "resolve_image_source", "preflight_image_data", "load_image_dataset",
@@ -42,7 +42,7 @@ __all__ = [
 # Files the imagefolder builder decodes (PIL); used only to tell an empty folder from a real one.
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DIGITS_MAX = 16.0  # load_digits pixels are counts 0..16 of an 8x8 block of a 32x32 bitmap
-SPLIT_SEED = 0  # the train/val split never depends on train.seed (as trainer/data.py)
+SPLIT_SEED = 0  # the train/val split never depends on train.seed (as trainer/lm/data.py)
 _FLIP_STREAM = 0x666C6970  # "flip": keeps the flip draws apart from the epoch permutations
 _CHUNK = 512  # rows decoded at a time: bounded memory for large hub datasets
 
@@ -126,7 +126,7 @@ def _digits_dataset(image_field: str, label_field: str):
 def _load_folder(path: str, split: str, label: str):
     import datasets
 
-    # A private throw-away cache, as trainer/data.py: ranks on one machine never share or lock
+    # A private throw-away cache, as trainer/lm/data.py: ranks on one machine never share or lock
     # one. The arrow rows only point at the image files, which stay where they are.
     with _quiet_datasets(), tempfile.TemporaryDirectory(prefix="sparseforge-images-") as cache:
         try:

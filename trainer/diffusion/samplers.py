@@ -1,4 +1,4 @@
-"""Samplers for the objectives of trainer/diffusion.py, model-agnostic.
+"""Samplers for the objectives of trainer/diffusion/objectives.py, model-agnostic.
 
 `sample(model_fn, objective, shape, y, sampler, steps, ...)` draws x0 from noise with
 `model_fn(x_t_BCHW, t_B, y_B) -> out_BKHW` (K = C, or 2C with a learned variance) and returns
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from trainer.diffusion import FlowMatching, GaussianDiffusion
+from trainer.diffusion.objectives import FlowMatching, GaussianDiffusion
 
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")
 FLOW_SAMPLERS = ("euler", "heun")

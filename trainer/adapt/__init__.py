@@ -1,0 +1,1 @@
+"""Model adaptation: PEFT, pruning, upcycling, the Hugging Face bridge, the DeepSpeed engine."""

@@ -1,0 +1,1 @@
+"""Diffusion (DiT recipes): objectives, samplers, image data, evaluation of samples."""

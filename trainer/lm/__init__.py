@@ -1,0 +1,1 @@
+"""Language modelling: text corpora, tokenizers, packed windows, the next-token loss."""

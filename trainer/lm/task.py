@@ -1,0 +1,67 @@
+"""The language-modelling task: next-token cross entropy on text (trainer/lm/data.py).
+
+A task supplies what the loop (trainer/loop.py) needs of a model family:
+    data                         train_batches() / val_batches(n) / state_dict() for this dp rank
+    micro_batch_loss(model, b)   mean loss of one micro batch (the loop scales and backpropagates)
+    eval_loss(model, b, i)       deterministic loss of validation batch i
+    evaluate_extra(...)          family-specific evaluation after the validation loss (DiT: samples)
+    pipeline_args(b)             (first stage inputs, loss target) of a micro batch, and
+    pipeline_loss_fn             (last stage output, target) -> loss, for pipeline parallelism
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import Config
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (nats per token); logits are upcast so bf16 runs agree."""
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+class LMTask:
+    def __init__(self, cfg: Config, mesh, device: torch.device):
+        from trainer.lm.data import build_text_data
+
+        self.cfg, self.device = cfg, device
+        self.data = build_text_data(cfg.data, cfg.train.micro_batch_size, mesh.dp_rank, mesh.dp, cfg.train.seed)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({self.data.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
+        self.pipeline_loss_fn = lm_loss
+        self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.seq_len
+
+    def describe_data(self) -> str:
+        return f"{self.data.num_train_tokens:,} training tokens"
+
+    def to_device(self, batch):
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def micro_batch_loss(self, model, batch) -> torch.Tensor:
+        inputs, targets = batch
+        return lm_loss(model(inputs), targets)
+
+    def eval_loss(self, model, batch, index: int) -> torch.Tensor:
+        return self.micro_batch_loss(model, batch)
+
+    def pipeline_args(self, batch, eval_index: int | None = None):
+        inputs, targets = batch
+        return (inputs,), targets
+
+    def pop_metrics(self) -> dict[str, float]:
+        return {}
+
+    def evaluate_extra(self, trainer, log) -> dict:
+        return {}
+
+    def final_line(self, step: int, val_loss: float, extra: dict) -> str:
+        return (f"final: step {step}, val loss {val_loss:.4f} nats/token (ppl {math.exp(val_loss):.2f}); "
+                f"unigram entropy of the corpus {self.data.unigram_entropy_nats:.4f} nats/token")
+
+    @property
+    def reference_loss(self) -> float | None:
+        return self.data.unigram_entropy_nats
