@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     args = p.parse_args(argv)
     import models
-    from trainer.config import load_config
+    from trainer.recipe import load_config
     from trainer.entry import main as entry_main
 
     cfg = load_config(args.config, world_size=int(os.environ.get("WORLD_SIZE", "1")))

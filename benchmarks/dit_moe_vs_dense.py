@@ -56,8 +56,8 @@ def parse_args(argv=None):
 
 def train(kind: str, out: str, seed: int, quick: bool) -> str:
     """OUT/KIND_seedS trained with the recipe as documented; a run that already finished is kept."""
-    from trainer.checkpoint import checkpoint_step, latest_checkpoint
-    from trainer.config import load_config
+    from trainer.checkpoint_files import checkpoint_step, latest_checkpoint
+    from trainer.recipe import load_config
 
     run_dir = os.path.join(out, f"{kind}_seed{seed}")
     extra = ["train.steps=40", "checkpoint.every=40", "diffusion.num_samples=20", "diffusion.sample_steps=10"] if quick else []
@@ -85,7 +85,7 @@ def evaluate(kind: str, run_dir: str, args) -> dict:
     import torch
 
     from dit_samplers import load_run, sweep_run
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint_files import latest_checkpoint
 
     cache_path = os.path.join(run_dir, "moe_vs_dense_eval.json")
     key = json.dumps([os.path.basename(latest_checkpoint(run_dir) or ""), args.sampler, args.steps, args.num_samples, args.seeds])

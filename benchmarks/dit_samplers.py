@@ -127,8 +127,8 @@ def log(message: str) -> None:
 
 def train_run(recipe: str, run_dir: str, overrides: list[str], replace: bool = False) -> None:
     """Train `recipe` in this process into run_dir, unless its checkpoint already reached the end."""
-    from trainer.checkpoint import latest_checkpoint
-    from trainer.config import load_config
+    from trainer.checkpoint_files import latest_checkpoint
+    from trainer.recipe import load_config
     from trainer.loop import train
 
     if replace:
@@ -151,8 +151,8 @@ def load_run(run_dir: str, device: str, cfg_scale: float | None):
     """(trainer, checkpoint path): the run's latest checkpoint restored into one process, EMA included."""
     import torch
 
-    from trainer.checkpoint import latest_checkpoint
-    from trainer.config import load_config
+    from trainer.checkpoint_files import latest_checkpoint
+    from trainer.recipe import load_config
     from trainer.loop import Trainer
 
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:

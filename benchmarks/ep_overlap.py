@@ -107,7 +107,7 @@ def _reference_layer():
     import torch
 
     from models.moe import MoE
-    from trainer.config import MoEConfig
+    from models.config import MoEConfig
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=NUM_EXPERTS, top_k=TOP_K, expert_ffn_dim=FFN, num_shared_experts=1,
@@ -359,7 +359,7 @@ def print_layer_table(res: dict, variants: dict, ds: dict | None, repeats: int) 
 def run_e2e(box, args, overlap: str, chunks: int) -> dict:
     """tokens/s of the tiny recipe: ours through the CLI with `overlap` and with none, and
     DeepSpeed's layer in the same model and trainer through _ds_moe."""
-    from trainer.config import load_config, save_config
+    from trainer.recipe import load_config, save_config
 
     base = tempfile.mkdtemp(prefix="ep_overlap_e2e_")
     recipe = os.path.join(ROOT, "recipes", "llm", "pretrain_tiny.yaml")

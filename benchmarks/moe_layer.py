@@ -96,7 +96,7 @@ def parse_args(argv=None):
 
 
 def _moe_cfg(c: dict, backend: str):
-    from trainer.config import MoEConfig
+    from models.config import MoEConfig
 
     return MoEConfig(num_experts=c["num_experts"], top_k=c["top_k"], expert_ffn_dim=c["expert_ffn_dim"],
                      backend=backend)

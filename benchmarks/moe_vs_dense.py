@@ -62,7 +62,7 @@ def parse_args(argv=None):
 
 
 def run_one(name: str, overrides: list[str], args) -> dict:
-    from trainer.config import load_config
+    from trainer.recipe import load_config
     from trainer.loop import train
 
     run_dir = os.path.join(args.out, name)

@@ -117,7 +117,7 @@ def launch(run_dir: str, overrides: list[str]) -> float:
 
 
 def pretrain(args) -> tuple[str, float]:
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint_files import latest_checkpoint
 
     run_dir = os.path.join(args.out, "base")
     quick = ["train.steps=30", "data.max_bytes=300000", "optim.warmup_steps=4", "eval.every=0"] if args.quick else []
@@ -128,7 +128,7 @@ def pretrain(args) -> tuple[str, float]:
 def finetune_config(micro_batch_size: int | None = None):
     """The fine-tuning runs' config (data, model) as one process sees it; micro_batch_size
     overrides the recipe's (per rank) one."""
-    from trainer.config import load_config
+    from trainer.recipe import load_config
 
     extra = [f"train.micro_batch_size={micro_batch_size}"] if micro_batch_size else []
     return load_config(os.path.join(ROOT, RECIPE), FINETUNE_DATA + extra, world_size=1)

@@ -236,7 +236,8 @@ def worker(rank: int, world_size: int, args) -> dict:
     from models.moe import set_aux_loss_scale
     from parallel import build_mesh, parallelize_pipeline
     from parallel.pipeline import stage_layer_counts
-    from trainer.config import load_config, pp_stages_per_rank
+    from parallel.config import pp_stages_per_rank
+    from trainer.recipe import load_config
     from trainer.lm.task import lm_loss
 
     runs = {}
@@ -246,10 +247,11 @@ def worker(rank: int, world_size: int, args) -> dict:
         torch.manual_seed(0)  # the same weights for every schedule, on every rank
         model = models.build_model(cfg.model, cfg.moe)
         set_aux_loss_scale(model, 1.0 / args.microbatches)
-        pipe = parallelize_pipeline(model, mesh, cfg, lm_loss)
+        pipe = parallelize_pipeline(model, mesh, cfg.parallel, lm_loss, micro_batch_size=cfg.train.micro_batch_size,
+                                grad_accum_steps=cfg.train.grad_accum_steps, seq_len=cfg.data.seq_len)
         clock = OpClock()
         instrument(pipe, clock)
-        runs[sched] = dict(pipe=pipe, clock=clock, counts=stage_layer_counts(cfg, model),
+        runs[sched] = dict(pipe=pipe, clock=clock, counts=stage_layer_counts(cfg.parallel, model, cfg.moe),
                            v=pp_stages_per_rank(cfg.parallel), spans=[], busy=[], cpu_in_ops=[], proc_cpu=[],
                            ops=[], first_loss=None)
     g = torch.Generator().manual_seed(1)

@@ -96,7 +96,7 @@ def parse_args(argv=None):
 
 
 def latest(run_dir: str) -> str:
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint_files import latest_checkpoint
 
     path = latest_checkpoint(run_dir)
     if path is None:
@@ -131,7 +131,7 @@ def train_cli(recipe: str, run_dir: str, overrides: list[str], reuse: bool = Fal
     """Train a recipe as documented (2 ranks, the real CLI) into `run_dir`; its latest checkpoint.
     reuse (--resume): a run directory that already holds a checkpoint is kept as it is, because the
     rows resumed from result.json were measured against it."""
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint_files import latest_checkpoint
 
     kept = latest_checkpoint(run_dir) if reuse else None
     if kept is not None:
@@ -147,7 +147,7 @@ def train_cli(recipe: str, run_dir: str, overrides: list[str], reuse: bool = Fal
 
 def prune_run(name: str, recipe: str, overrides: list[str], args) -> dict:
     """One prune run (one process): its report plus the val loss (and FD) after recovery."""
-    from trainer.config import load_config
+    from trainer.recipe import load_config
     from trainer.loop import train
 
     run_dir = os.path.join(args.out, "runs", name)

@@ -9,7 +9,9 @@ import sys
 from launch.hf import COMMANDS as HF_COMMANDS, add_hf_commands
 from launch.slurm import add_slurm_args, check_launcher_args
 from launch.spawn import RDZV_BACKENDS, split_endpoint
-from trainer.config import ConfigError, load_config, save_config
+from trainer.adapt.sources import absolute_source
+from trainer.config import ConfigError
+from trainer.recipe import load_config, save_config
 
 
 LAUNCHERS = ("torchrun", "slurm", "deepspeed")
@@ -131,7 +133,7 @@ def _check_deepspeed_args(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from launch.plan import format_plan
-    from launch.preflight import preflight
+    from launch.preflight import check_sources, preflight, starts_fresh
     from launch.spawn import NodeArgs, spawn_deepspeed, spawn_torchrun
 
     _check_node_args(args)
@@ -144,23 +146,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = os.path.abspath(args.run_dir or cfg.train.run_dir or
                               os.path.join("runs", os.path.splitext(os.path.basename(args.recipe))[0]))
     cfg.train.run_dir = run_dir
+    # A resumed run (or a prune rerun, which trains on from its compressed checkpoint) no longer
+    # reads its weight sources; checked as the recipe names them, before they are made absolute.
+    check_sources(cfg, fresh=starts_fresh(run_dir, args.resume))
     if cfg.model.upcycle_from:  # the ranks may start in another working directory
         cfg.model.upcycle_from = os.path.abspath(cfg.model.upcycle_from)
     if cfg.model.init_from:
-        from trainer.adapt.hf_bridge import absolute_source, check_init_source
-
         cfg.model.init_from = absolute_source(cfg.model.init_from)
     if cfg.peft.base:  # also what the run's checkpoints name as their base
-        from trainer.adapt.hf_bridge import absolute_source
-
         cfg.peft.base = absolute_source(cfg.peft.base)
     if cfg.prune.method != "none":  # the ranks, the checkpoints and the report name them absolute
         p = cfg.prune
         p.checkpoint, p.reference = os.path.abspath(p.checkpoint), p.reference and os.path.abspath(p.reference)
         p.ties_checkpoints = [os.path.abspath(path) for path in p.ties_checkpoints]
     if args.dry_run:
-        if cfg.model.init_from:  # a plan is for a fresh run: its source must be there
-            check_init_source(cfg.model.init_from)
         print(format_plan(cfg, world_size, args.nproc_per_node))
         return 0
     if args.launcher == "slurm":
@@ -192,7 +191,10 @@ def _default_rdzv_id(run_dir: str) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     _check_node_args(args)
     overrides = [item for group in args.overrides for item in group]
-    load_config(args.recipe, overrides, world_size=args.nproc_per_node * args.nnodes)
+    cfg = load_config(args.recipe, overrides, world_size=args.nproc_per_node * args.nnodes)
+    from launch.preflight import check_sources
+
+    check_sources(cfg)  # the checkpoints and directories it starts from
     print(f"{args.recipe}: ok")
     return 0
 

@@ -50,7 +50,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from trainer.adapt.hf_bridge import export_hf
+    from trainer.adapt.hf_export import export_hf
 
     model_type, files = export_hf(args.checkpoint, args.out, args.model_type, args.expert_layout, args.dtype,
                                   parse_size(args.max_shard_size))

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from trainer.config import Config, config_to_dict, pp_microbatches, pp_stages_per_rank, resolved_dp
+from models.config import moe_layer_config, moe_layer_ids
+from parallel.config import pp_microbatches, pp_stages_per_rank, resolved_dp, stage_owners
+from trainer.config import Config, config_to_dict
 
 
 def _human(num: float, unit: str = "") -> str:
@@ -15,14 +17,6 @@ def _human(num: float, unit: str = "") -> str:
         if abs(num) >= scale:
             return f"{num / scale:.2f}{suffix}{unit}"
     return f"{num:.0f}{unit}"
-
-
-def moe_layer_ids(cfg: Config) -> list[int]:
-    moe = cfg.moe
-    if moe.num_experts == 0:
-        return []
-    return [i for i in range(cfg.model.num_layers)
-            if i >= moe.first_k_dense and (i - moe.first_k_dense) % moe.moe_every == 0]
 
 
 def meta_model(cfg: Config):
@@ -73,7 +67,7 @@ def activation_bytes(cfg: Config, layer_ids: list[int] | None = None, head: bool
     dense_ffn = m.d_model + 3 * m.ffn_dim
     shared = moe.num_shared_experts * 3 * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
     moe_ffn = m.d_model + moe.num_experts + moe.top_k * (m.d_model + 3 * moe.expert_ffn_dim) + shared
-    moe_ids = set(moe_layer_ids(cfg))
+    moe_ids = set(moe_layer_ids(cfg.model, cfg.moe))
     per_token = sum(attention + (moe_ffn if i in moe_ids else dense_ffn) for i in layer_ids)
     elem = 2 if tr.dtype == "bf16" else 4
     # A DiT's head outputs patch_size² x channels (x 2 with learned sigma) per token, not logits.
@@ -167,13 +161,13 @@ def pipeline_plan(cfg: Config, model=None) -> PipelinePlan:
 
     `model`: a (meta-device) model to count parameters on; built when None.
     """
-    from parallel.pipeline import rank_stage_ids, stage_layer_counts, stage_layer_ids
+    from parallel.pipeline import stage_layer_counts, stage_layer_ids
 
     par = cfg.parallel
     model = meta_model(cfg) if model is None else model
     v, m = pp_stages_per_rank(par), pp_microbatches(par)
-    layer_ids = stage_layer_ids(stage_layer_counts(cfg, model))
-    owner = {s: r for r in range(par.pp) for s in rank_stage_ids(r, par.pp, v, par.pp_schedule)}
+    layer_ids = stage_layer_ids(stage_layer_counts(par, model, cfg.moe))
+    owner = stage_owners(par)
     last = len(layer_ids) - 1
     stages = []
     for s, ids in enumerate(layer_ids):
@@ -323,7 +317,6 @@ def a2a_rows(cfg: Config, layer_id: int, tokens: int) -> int:
     tokens (rows for its own experts included), as `parallel.expert_parallel` builds them: one per
     (token, expert) assignment, T·top_k when dropless; with a capacity factor at most E·C kept
     (exactly E·C when padded to capacity, moe.pad_to_capacity); expert choice E·C."""
-    from models.llm import moe_layer_config
     from models.moe.capacity import expert_capacity
 
     moe = moe_layer_config(layer_id, cfg.moe)
@@ -352,7 +345,7 @@ def a2a_bytes(cfg: Config, layer_ids, tokens: int) -> dict[str, int]:
     """
     ep, D = cfg.parallel.ep, cfg.model.d_model
     b_in, b_out = 4, (2 if cfg.train.dtype == "bf16" else 4)
-    moe_ids = set(moe_layer_ids(cfg))
+    moe_ids = set(moe_layer_ids(cfg.model, cfg.moe))
     rows = sum(a2a_rows(cfg, i, tokens) for i in layer_ids if i in moe_ids)
     dispatch = 2 * rows * D * b_in * (ep - 1) // ep
     combine = 2 * rows * D * b_out * (ep - 1) // ep
@@ -366,7 +359,7 @@ def a2a_text(cfg: Config, plan: PipelinePlan | None) -> str:
     sequences = plan.microbatch_size if plan else tr.micro_batch_size
     microbatches = (plan.microbatches if plan else 1) * tr.grad_accum_steps
     tokens = sequences * tokens_per_sample(cfg)
-    moe_ids = moe_layer_ids(cfg)
+    moe_ids = moe_layer_ids(cfg.model, cfg.moe)
     one = a2a_bytes(cfg, moe_ids[:1], tokens)
     b_out = "bf16" if tr.dtype == "bf16" else "fp32"
     same = len({a2a_rows(cfg, i, tokens) for i in moe_ids}) == 1
@@ -409,7 +402,7 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     out.write("\n# plan\n")
     out.write(f"world size {world_size} = pp {par.pp} x dp {dp} (ep {par.ep} folded into dp); "
               f"{world_size // nproc_per_node} node(s) x {nproc_per_node} process(es)\n")
-    moe_ids = moe_layer_ids(cfg)
+    moe_ids = moe_layer_ids(cfg.model, cfg.moe)
     counts = cfg.moe.layer_num_experts  # a pruned model: each MoE layer its own count
     experts = (f"{counts if counts else cfg.moe.num_experts} experts top-{cfg.moe.top_k} on layers {moe_ids}"
                if moe_ids else "dense")
@@ -446,7 +439,7 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
         chunks = f", {par.ep_chunks} chunks" if par.ep_overlap in ("chunked", "combinable") else ""
         out.write(f"expert parallel: all-to-all within {_groups(groups['ep'])}, expert grads reduced "
                   f"within {_groups(groups['edp'])}; overlap {par.ep_overlap}{chunks}\n")
-        if moe_layer_ids(cfg):
+        if moe_layer_ids(cfg.model, cfg.moe):
             out.write(a2a_text(cfg, plan))
     if plan is not None:
         out.write(format_pipeline(cfg, plan, dp))

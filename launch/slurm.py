@@ -26,7 +26,8 @@ import sys
 from dataclasses import dataclass, field
 
 from launch.spawn import DEFAULT_PORT, REPO_ROOT, NodeArgs, torchrun_command
-from trainer.config import Config, ConfigError, save_config
+from trainer.config import Config, ConfigError
+from trainer.recipe import save_config
 
 PACKAGES = ("launch", "trainer", "models", "parallel")  # pyproject's packages: all the ranks import
 SIGNAL_SECONDS = 120  # USR1 this long before the time limit: time to requeue before the kill

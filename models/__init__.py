@@ -1,46 +1,20 @@
 """Plain torch models. Nothing here imports torch.distributed; parallel/ wraps from outside.
 
-    build_model(model_cfg, moe_cfg) -> nn.Module     by model_cfg.family: "llm" MoETransformer,
-                                                     "dit" DiT; honours the current default
-                                                     device (meta ok)
-    param_counts(model, moe_cfg) -> (total, active)  active: each layer's routed experts count
-                                                     top_k/E of that layer
+    config.py     ModelConfig, MoEConfig and their rules (no torch)
+    registry.py   size presets (no torch)
+    build.py      build_model(model_cfg, moe_cfg), param_counts(model, moe_cfg)
+    llm.py, dit/  the two families; moe/ the MoE layer; attention.py, ffn.py their parts
+    peft/, pruning/, hf/   adapters, compression, Hugging Face formats
+
+Importing the package is free: `models.build_model` loads torch on first use, so the recipe
+loader can read models/config.py in well under a second.
 """
-from __future__ import annotations
-
-from torch import nn
-
-from models.moe import moe_layers
+_LAZY = {"build_model": "models.build", "param_counts": "models.build"}
 
 
-def build_model(model_cfg, moe_cfg) -> nn.Module:
-    """Build the model named by `model_cfg.family`.
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-    Under `with torch.device("meta"):` nothing is allocated; then use
-    `model.to_empty(device=...); model.init_weights()`.
-    """
-    if model_cfg.family == "llm":
-        from models.llm import MoETransformer
-
-        return MoETransformer(model_cfg, moe_cfg)
-    if model_cfg.family == "dit":
-        from models.dit import DiT
-
-        return DiT(model_cfg, moe_cfg)
-    raise ValueError(f"unknown model family {model_cfg.family!r}; known: llm, dit")
-
-
-def param_counts(model: nn.Module, moe_cfg) -> tuple[int, int]:
-    """(total, active per token). Shared parameters count once; each routed expert is active for
-    top_k of E tokens, so routed-expert parameters count top_k/E of their size, with each MoE
-    layer's own top_k and E (they differ between the layers of a pruned model, see
-    moe_cfg.layer_num_experts). Count before expert parallelism shards the experts."""
-    total = sum(p.numel() for p in model.parameters())  # a Parameter shared by modules once
-    routed_by_share: dict[tuple[int, int], int] = {}  # (top_k, E) -> routed parameters
-    for layer in moe_layers(model):
-        key = (layer.top_k, layer.num_experts)
-        routed_by_share[key] = routed_by_share.get(key, 0) + sum(p.numel() for p in layer.experts.parameters())
-    active = total
-    for (top_k, E), routed in routed_by_share.items():
-        active += routed * top_k // E - routed
-    return total, active
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -47,7 +47,7 @@ def rope_dim(cfg) -> int:
 
 
 def build_attention(cfg) -> nn.Module:
-    """The attention a `trainer.config.ModelConfig` asks for."""
+    """The attention a `models.config.ModelConfig` asks for."""
     if cfg.attention == "mla":
         return MLAttention(cfg)
     if cfg.attention != "gqa":

@@ -7,7 +7,6 @@ huge presets can be counted without memory; `model.to_empty(device=...)` followe
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -16,22 +15,9 @@ from torch import nn
 
 # Attention, apply_rope and rope_tables are re-exported: they lived here first.
 from models.attention import Attention, apply_rope, build_attention, rope_dim, rope_tables  # noqa: F401
+from models.config import is_moe_layer, moe_layer_config
 from models.ffn import FeedForward
 from models.moe import MoE
-
-
-def is_moe_layer(layer_id: int, moe_cfg) -> bool:
-    return (moe_cfg.num_experts > 0 and layer_id >= moe_cfg.first_k_dense
-            and (layer_id - moe_cfg.first_k_dense) % moe_cfg.moe_every == 0)
-
-
-def moe_layer_config(layer_id: int, moe_cfg):
-    """The MoE config of MoE layer `layer_id`: its own expert count from moe.layer_num_experts
-    (a pruned model; empty: moe.num_experts) and top_k clipped to that count."""
-    if not moe_cfg.layer_num_experts:
-        return moe_cfg
-    E = moe_cfg.layer_num_experts[(layer_id - moe_cfg.first_k_dense) // moe_cfg.moe_every]
-    return dataclasses.replace(moe_cfg, num_experts=E, top_k=min(moe_cfg.top_k, E))
 
 
 def configure_moe_layers(moe_ffns: list, moe_cfg) -> None:
@@ -69,8 +55,8 @@ class MoETransformer(nn.Module):
     """tokens [B, S] -> logits [B, S, V] (fp32).
 
     Args:
-        cfg: a `trainer.config.ModelConfig`.
-        moe_cfg: a `trainer.config.MoEConfig` (num_experts 0: every FFN is dense).
+        cfg: a `models.config.ModelConfig`.
+        moe_cfg: a `models.config.MoEConfig` (num_experts 0: every FFN is dense).
     """
 
     def __init__(self, cfg, moe_cfg):
@@ -122,6 +108,16 @@ class MoETransformer(nn.Module):
         for block in self.layers.values():
             h_BSD = block(h_BSD, cos, sin)
         return F.linear(self.norm(h_BSD), self.output_weight).float()
+
+    def pipeline_io(self, microbatch: int, seq_len: int) -> tuple[tuple, tuple, torch.Tensor]:
+        """Meta tensors of one pipeline microbatch at the stage boundaries (parallel/pipeline.py):
+        (first stage inputs, what each stage hands the next, the last stage's output):
+        tokens [mb, S] -> fp32 hidden states [mb, S, D] -> fp32 logits [mb, S, V]."""
+        meta, D, V = torch.device("meta"), self.cfg.d_model, self.cfg.vocab_size
+        # The boundary is the fp32 residual stream (bf16 autocast promotes it back at each add).
+        return ((torch.empty(microbatch, seq_len, dtype=torch.long, device=meta),),
+                (torch.empty(microbatch, seq_len, D, dtype=torch.float32, device=meta),),
+                torch.empty(microbatch, seq_len, V, dtype=torch.float32, device=meta))
 
     def pipeline_stage(self, layer_ids: list[int], first: bool, last: bool) -> "TransformerStage":
         """A module that runs layers `layer_ids` (ascending) of this model, sharing its parameters.

@@ -37,8 +37,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from models.moe import Dispatcher, Routing, moe_layers, padded_slots, unpermute_combine
+from parallel.config import EP_OVERLAPS
 
-EP_OVERLAPS = ("none", "async", "chunked", "shared_expert", "combinable")
 
 
 # -- one all-to-all as an autograd start/wait pair ------------------------------------------------

@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from trainer.config import ParallelConfig, resolved_dp
+from parallel.config import ParallelConfig, resolved_dp
 
 
 @dataclass

@@ -2,17 +2,17 @@
 
 The model provides `model.pipeline_stage(layer_ids, first, last)`: a module that runs some of its
 layers (and the embedding on the first stage, the head on the last), sharing the model's
-parameters under the full model's names. Everything distributed lives here:
+parameters under the full model's names; and `model.pipeline_io(microbatch, seq_len)`: the shapes
+at the stage boundaries. Which stages a pp rank holds is parallel/config.py's `rank_stage_ids`.
+Everything distributed lives here:
 
     stage_layer_counts(...)   layers per stage: explicit (parallel.pp_layers) or balanced by the
                               FLOPs per token of each layer (active parameters: routed experts count
                               top_k/E) with the output head on the last stage
-    rank_stage_ids(...)       which stages a pp rank holds: one (gpipe, 1f1b), a loop r, r+pp, ...
-                              (interleaved_1f1b), or a V r and 2·pp-1-r (zbv, dualpipev)
     build_pipeline(...)       this rank's stages as `PipelineStage`s over the pp group and the
                               schedule from the recipe; returns a `Pipeline`
 
-One optimizer step with pp > 1 (trainer/loop.py):
+One optimizer step with pp > 1 (trainer/step.py):
     1. for each micro step (gradient accumulation), `Pipeline.step(inputs, targets)`: the first
        stage splits the batch into parallel.pp_microbatches microbatches, activations go forward
        and gradients backward between neighbouring stages by send/recv over the pp group in the
@@ -36,10 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from models.moe import is_expert_param
+from parallel.config import ParallelConfig, num_pp_stages, pp_microbatches, rank_stage_ids, stage_owners
 from parallel.mesh import ParallelMesh
-from trainer.config import Config, pp_microbatches, pp_stages_per_rank
-
-V_SCHEDULES = ("zbv", "dualpipev")
 
 
 def _schedule_class(name: str):
@@ -93,19 +91,13 @@ def balanced_counts(costs: list[float], num_stages: int, last_extra: float = 0.0
     return counts[::-1]
 
 
-def stage_layer_counts(cfg: Config, model: nn.Module | None = None) -> list[int]:
-    """Layers per pipeline stage (length pp·stages_per_rank)."""
-    par = cfg.parallel
-    num_stages = par.pp * pp_stages_per_rank(par)
+def stage_layer_counts(par: ParallelConfig, model: nn.Module, moe_cfg) -> list[int]:
+    """Layers per pipeline stage (one entry per stage): parallel.pp_layers, or balanced by the
+    layers' FLOPs per token (`model` may be on the meta device)."""
     if par.pp_layers:
         return list(par.pp_layers)
-    if model is None:
-        import models
-
-        with torch.device("meta"):
-            model = models.build_model(cfg.model, cfg.moe)
-    costs, head = layer_costs(model, cfg.moe)
-    return balanced_counts(costs, num_stages, last_extra=head)
+    costs, head = layer_costs(model, moe_cfg)
+    return balanced_counts(costs, num_pp_stages(par), last_extra=head)
 
 
 def stage_layer_ids(counts: list[int]) -> list[list[int]]:
@@ -116,16 +108,10 @@ def stage_layer_ids(counts: list[int]) -> list[list[int]]:
     return out
 
 
-def rank_stage_ids(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
-    """Stages held by pipeline rank `pp_rank`, ascending."""
-    if schedule in V_SCHEDULES:
-        return sorted({pp_rank, 2 * pp - 1 - pp_rank})
-    return [pp_rank + k * pp for k in range(stages_per_rank)]
-
-
 @dataclass
 class StageIO:
-    """Shapes and dtypes (meta tensors) of one microbatch at the stage boundaries.
+    """Shapes and dtypes (meta tensors) of one microbatch at the stage boundaries, from the
+    model's `pipeline_io(microbatch, seq_len)`.
 
     inputs: the first stage's arguments; boundary: what every stage hands the next (activations
     whose gradient flows back); output: the last stage's output, the loss function's input.
@@ -134,30 +120,6 @@ class StageIO:
     inputs: tuple[torch.Tensor, ...]
     boundary: tuple[torch.Tensor, ...]
     output: torch.Tensor
-
-
-def llm_stage_io(cfg: Config, microbatch: int) -> StageIO:
-    """tokens [mb, S] -> fp32 hidden states [mb, S, D] -> fp32 logits [mb, S, V]."""
-    meta = torch.device("meta")
-    seq, d = cfg.data.seq_len, cfg.model.d_model
-    return StageIO(inputs=(torch.empty(microbatch, seq, dtype=torch.long, device=meta),),
-                   # the fp32 residual stream (bf16 autocast promotes it back at each residual add)
-                   boundary=(torch.empty(microbatch, seq, d, dtype=torch.float32, device=meta),),
-                   output=torch.empty(microbatch, seq, cfg.model.vocab_size, dtype=torch.float32, device=meta))
-
-
-def dit_stage_io(cfg: Config, microbatch: int) -> StageIO:
-    """(x_t [mb, C, H, W], time [mb], labels [mb]) -> (hidden [mb, T, D], conditioning [mb, D])
-    -> output [mb, C_out, H, W]."""
-    meta, m = torch.device("meta"), cfg.model
-    tokens = (m.image_size // m.patch_size) ** 2
-    c_out = 2 * m.in_channels if m.learn_sigma else m.in_channels
-    image = (microbatch, m.in_channels, m.image_size, m.image_size)
-    return StageIO(inputs=(torch.empty(image, device=meta), torch.empty(microbatch, device=meta),
-                           torch.empty(microbatch, dtype=torch.long, device=meta)),
-                   boundary=(torch.empty(microbatch, tokens, m.d_model, device=meta),
-                             torch.empty(microbatch, m.d_model, device=meta)),
-                   output=torch.empty(microbatch, c_out, m.image_size, m.image_size, device=meta))
 
 
 @dataclass
@@ -257,33 +219,33 @@ class Pipeline:
         return out
 
 
-def build_pipeline(model: nn.Module, mesh: ParallelMesh, cfg: Config,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Pipeline:
+def build_pipeline(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, micro_batch_size: int,
+                   grad_accum_steps: int = 1, seq_len: int = 0) -> Pipeline:
     """Split `model` (already on its device, experts already sharded) into this rank's stages.
 
     Args:
-        model: a model with `pipeline_stage(layer_ids, first, last)` and `layers` (a ModuleDict).
+        model: a model with `pipeline_stage(layer_ids, first, last)`, `pipeline_io(microbatch,
+            seq_len)`, `layers` (a ModuleDict) and `moe_cfg`.
         mesh: from `build_mesh`, with pp > 1.
-        cfg: the run config (parallel.pp_*; train.grad_accum_steps for the loss scale).
+        par: parallel.pp_* (schedule, microbatches, stages, layers per stage).
         loss_fn: (last stage output, targets) -> mean loss of one microbatch, unscaled.
+        micro_batch_size, grad_accum_steps: the batch of one micro step, and the micro steps per
+            optimizer step (the loss scale); seq_len: tokens per sequence (LLMs).
     """
     from torch.distributed.pipelining import PipelineStage
 
-    par = cfg.parallel
-    v = pp_stages_per_rank(par)
-    num_stages = par.pp * v
-    counts = stage_layer_counts(cfg, model)
-    layer_ids = stage_layer_ids(counts)
-    own = rank_stage_ids(mesh.pp_rank, par.pp, v, par.pp_schedule)
+    num_stages = num_pp_stages(par)
+    layer_ids = stage_layer_ids(stage_layer_counts(par, model, model.moe_cfg))
+    own = rank_stage_ids(mesh.pp_rank, par)
     m = pp_microbatches(par)
-    scale = 1.0 / (m * cfg.train.grad_accum_steps)
+    scale = 1.0 / (m * grad_accum_steps)
     union = sorted(i for s in own for i in layer_ids[s])
     module = model.pipeline_stage(union, first=0 in own, last=num_stages - 1 in own)
     # Static shapes of what crosses each stage boundary (meta tensors: shapes only). Without them
     # torch infers shapes by running the first stage on the first real microbatch, a forward whose
     # router statistics and expert loads would be counted.
-    mb = cfg.train.micro_batch_size // m
-    io = dit_stage_io(cfg, mb) if cfg.model.family == "dit" else llm_stage_io(cfg, mb)
+    io = StageIO(*model.pipeline_io(micro_batch_size // m, seq_len))
     received = tuple(t.clone().requires_grad_() for t in io.boundary)  # their gradient goes back
     stages = []
     for s in own:
@@ -304,7 +266,6 @@ def build_pipeline(model: nn.Module, mesh: ParallelMesh, cfg: Config,
     else:
         schedule = cls(stages, m, loss_fn=scaled_loss, scale_grads=False)
     # The global rank holding each stage in this rank's pp group (one member per pp_rank).
-    owner = {s: r for r in range(par.pp) for s in rank_stage_ids(r, par.pp, v, par.pp_schedule)}
-    stage_rank = [owner[s] * mesh.dp + mesh.dp_rank for s in range(num_stages)]
+    stage_rank = [owner * mesh.dp + mesh.dp_rank for owner in stage_owners(par)]
     return Pipeline(module, stages, schedule, own, num_stages, m, scale, 0 in own, num_stages - 1 in own,
                     stage_rank[-1], mesh.pp_group, [st.submod for st in stages], stage_rank, io, loss_fn)

@@ -296,7 +296,7 @@ SAVE_CHILD = """
 import sys, torch
 from parallel import build_mesh
 from trainer.checkpoint import save_checkpoint
-from trainer.config import load_config
+from trainer.recipe import load_config
 from trainer.optim import build_optimizer, build_scheduler
 
 class Data:  # the data position a checkpoint saves
@@ -322,7 +322,7 @@ while True:
 def drill_kill_mid_save(base: str) -> dict:
     """A process saving ~200 MB checkpoints in a loop is SIGKILLed while step 2 is being written:
     step 1 stays intact and is the one a restart resumes from."""
-    from trainer.checkpoint import checkpoint_problem, latest_checkpoint
+    from trainer.checkpoint_files import checkpoint_problem, latest_checkpoint
 
     run_dir = os.path.join(base, "mid_save")
     proc = subprocess.Popen([sys.executable, "-c", SAVE_CHILD, run_dir], env=cli_env(), cwd=ROOT,
@@ -362,7 +362,7 @@ def drill_corrupt_checkpoint(base: str, reference: dict) -> dict:
     import io
     import shutil
 
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint_files import latest_checkpoint
 
     run_dir = os.path.join(base, "corrupt")
     shutil.copytree(os.path.join(reference["run_dir"], "checkpoints"), os.path.join(run_dir, "checkpoints"))

@@ -6,7 +6,8 @@ import os
 import sys
 import traceback
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.recipe import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

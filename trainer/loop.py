@@ -17,8 +17,10 @@ from parallel import (ParallelMesh, all_reduce_mean, all_reduce_sum, apply_exper
                       parallelize, parallelize_pipeline, pick_device, sync_context, sync_expert_grads,
                       sync_replicated_grads, unwrap)
 from parallel.watchdog import Watchdog
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, resume_point, save_checkpoint
-from trainer.config import Config, pp_microbatches
+from trainer.checkpoint import load_checkpoint, resume_point, save_checkpoint
+from trainer.checkpoint_files import latest_checkpoint
+from parallel.config import pp_microbatches
+from trainer.config import Config
 from trainer.ema import EMA
 from trainer.guards import CollapseMonitor, NonFiniteGuard, clip_with_norm
 from trainer.metrics import MetricsLogger
@@ -88,12 +90,14 @@ class Trainer:
                 print(f"{base_line}\n{self.peft.summary}", flush=True)
         self.pipeline = None
         if self.mesh.pp > 1:  # this rank keeps its stages only; self.model holds their parameters
-            self.pipeline = parallelize_pipeline(model, self.mesh, cfg, self.task.pipeline_loss_fn)
+            self.pipeline = parallelize_pipeline(model, self.mesh, cfg.parallel, self.task.pipeline_loss_fn,
+                                                 micro_batch_size=cfg.train.micro_batch_size,
+                                                 grad_accum_steps=cfg.train.grad_accum_steps, seq_len=cfg.data.seq_len)
             model = self.model = self.pipeline.module
         elif cfg.train.engine == "deepspeed":  # experts sharded here; DeepSpeed wraps it below, not DDP
             self.model = apply_expert_parallel(model, self.mesh, cfg.parallel.ep_overlap, cfg.parallel.ep_chunks)
         else:
-            self.model = parallelize(model, self.mesh, cfg)
+            self.model = parallelize(model, self.mesh, cfg.parallel)
         layers = moe_layers(model)
         self.num_moe_layers = len(layers)
         # Aux-free balancing needs the loads summed over dp every step; without it, no collective.

@@ -28,7 +28,8 @@ from torch import nn
 from models.dit.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_pos_embed,
                               unpatchify)
 from models.ffn import FeedForward
-from models.llm import configure_moe_layers, is_moe_layer, moe_layer_config
+from models.config import is_moe_layer, moe_layer_config
+from models.llm import configure_moe_layers
 from models.moe import MoE
 
 
@@ -140,8 +141,8 @@ class DiT(nn.Module):
     flow time × 1000. y: class labels in [0, num_classes]; num_classes is the null label.
 
     Args:
-        cfg: a `trainer.config.ModelConfig` with family "dit".
-        moe_cfg: a `trainer.config.MoEConfig` (num_experts 0: every FFN is dense).
+        cfg: a `models.config.ModelConfig` with family "dit".
+        moe_cfg: a `models.config.MoEConfig` (num_experts 0: every FFN is dense).
     """
 
     def __init__(self, cfg, moe_cfg):
@@ -207,6 +208,17 @@ class DiT(nn.Module):
         out_2B = self(torch.cat([x_BCHW, x_BCHW]), torch.cat([t_B, t_B]), torch.cat([y_B, null_B]))
         cond, uncond = out_2B.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
+
+    def pipeline_io(self, microbatch: int, seq_len: int = 0) -> tuple[tuple, tuple, torch.Tensor]:
+        """Meta tensors of one pipeline microbatch at the stage boundaries (parallel/pipeline.py):
+        (x_t [mb, C, H, W], time [mb], labels [mb]) -> (hidden [mb, T, D], conditioning [mb, D])
+        -> output [mb, C_out, H, W]. `seq_len` is unused: the tokens are the image's patches."""
+        meta, c, D = torch.device("meta"), self.cfg, self.cfg.d_model
+        tokens = (c.image_size // c.patch_size) ** 2
+        return ((torch.empty(microbatch, c.in_channels, c.image_size, c.image_size, device=meta),
+                 torch.empty(microbatch, device=meta), torch.empty(microbatch, dtype=torch.long, device=meta)),
+                (torch.empty(microbatch, tokens, D, device=meta), torch.empty(microbatch, D, device=meta)),
+                torch.empty(microbatch, self.out_channels, c.image_size, c.image_size, device=meta))
 
     def pipeline_stage(self, layer_ids: list[int], first: bool, last: bool) -> "DiTStage":
         """A module that runs layers `layer_ids` (ascending) of this model, sharing its parameters

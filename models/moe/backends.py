@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-BACKEND_CHOICES = ("auto", "loop", "grouped_mm", "megablocks")
+from models.config import BACKEND_CHOICES
+
 MEGABLOCKS_HINT = "pip install megablocks (CUDA only; it brings the grouped_gemm kernels)"
 
 ExpertBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],

@@ -16,7 +16,8 @@ import math
 
 import torch
 
-DROP_POLICIES = ("probability", "position")
+from models.config import DROP_POLICIES
+
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float, max_rows: int) -> int:

@@ -48,7 +48,7 @@ class MoE(nn.Module):
 
     Args:
         d_model: D.
-        moe_cfg: a `trainer.config.MoEConfig` (the routing, balancing and structure fields).
+        moe_cfg: a `models.config.MoEConfig` (the routing, balancing and structure fields).
 
     Attributes set from outside:
         dispatcher: a `Dispatcher`; `LocalDispatcher()` unless parallel/ swaps it.

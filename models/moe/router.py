@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.moe.capacity import DROP_POLICIES, expert_capacity, keep_within_capacity
+from models.config import DROP_POLICIES, ROUTINGS, SCORE_FUNCS
+from models.moe.capacity import expert_capacity, keep_within_capacity
 
-SCORE_FUNCS = ("softmax", "sigmoid")
-ROUTINGS = ("token_choice", "expert_choice")
 
 
 @dataclass
@@ -258,7 +257,7 @@ class ExpertChoiceRouter(nn.Module):
 
 
 def build_router(d_model: int, moe_cfg) -> nn.Module:
-    """The router a `trainer.config.MoEConfig` asks for."""
+    """The router a `models.config.MoEConfig` asks for."""
     c = moe_cfg
     if c.routing == "expert_choice":
         return ExpertChoiceRouter(d_model, c.num_experts, c.capacity_factor or float(c.top_k),

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from models.config import ESFT_SCORES, PEFT_METHODS, PERFT_VARIANTS
 from models.moe import moe_layers
-from models.peft.esft import (ESFT_SCORES, apply_esft, expert_scores, partially_frozen_parameters,
+from models.peft.esft import (apply_esft, expert_scores, partially_frozen_parameters,
                               select_experts, zero_frozen_expert_grads)
 from models.peft.lora import ExpertLoRA, LoRALinear, apply_lora, merge_lora
-from models.peft.perft import PERFT_VARIANTS, PerftAdapters, apply_perft, has_perft
+from models.peft.perft import PerftAdapters, apply_perft, has_perft
 
-PEFT_METHODS = ("none", "full", "lora", "perft", "esft")
 
 __all__ = [
     "ESFT_SCORES", "ExpertLoRA", "LoRALinear", "PEFT_METHODS", "PERFT_VARIANTS", "PerftAdapters",
@@ -78,7 +78,7 @@ def _unfreeze_routers(model: nn.Module) -> None:
 
 
 def apply_peft(model: nn.Module, peft_cfg, expert_selection: list[list[int]] | None = None) -> str:
-    """Make `model` a PEFT model as `peft_cfg` (a `trainer.config.PeftConfig`) asks, in place.
+    """Make `model` a PEFT model as `peft_cfg` (a `trainer.adapt.config.PeftConfig`) asks, in place.
 
     none: nothing changes; full: everything trainable; lora / perft: the base frozen, adapters
     added (trainable); esft: everything frozen but the experts of `expert_selection` (from

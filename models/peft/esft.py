@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from models.config import ESFT_SCORES
 from models.moe import moe_layers
 
-ESFT_SCORES = ("gate_mass", "token_share")
 
 
 @torch.no_grad()

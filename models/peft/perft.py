@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import PERFT_VARIANTS
 from models.moe import MoE, moe_layers
 from models.moe.router import RouterOutput
 
-PERFT_VARIANTS = ("S", "D", "R", "E")
 
 
 def _autocast_off(device_type: str):

@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
+from models.config import PRUNE_CRITERIA as CRITERIA
 from models.moe import MoE, moe_layers
 from models.moe.dispatcher import permute
 
-CRITERIA = ("frequency", "gate_mass", "router_norm", "reap", "naee", "random")
 RATIO_BINS = 4096  # w2/w1 in [0, 1]: the median is read to within 1/8192
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.dist_helper import run_distributed
-from trainer.config import load_config
+from trainer.recipe import load_config
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.distributed

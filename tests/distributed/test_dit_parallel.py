@@ -22,7 +22,7 @@ STEPS, BATCH, MAX_NORM = 20, 4, 0.5
 
 
 def _cfg():
-    from trainer.config import load_config
+    from trainer.recipe import load_config
 
     return load_config(None, ["model.family=dit", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
                               "model.ffn_dim=64", "model.class_dropout_prob=0", "model.norm_eps=1e-6",
@@ -68,7 +68,7 @@ def _ranks(rank, world_size):
 
     cfg = _cfg()
     mesh = build_mesh(cfg.parallel, torch.device("cpu"))
-    model = parallelize(_model(), mesh, cfg)
+    model = parallelize(_model(), mesh, cfg.parallel)
     loss, out = _loss(model, 0, rank)
     loss.backward()
     sync_expert_grads(model, mesh)

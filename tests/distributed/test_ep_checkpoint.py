@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.dist_helper import run_distributed
-from trainer.config import load_config
+from trainer.recipe import load_config
 
 pytestmark = pytest.mark.distributed
 

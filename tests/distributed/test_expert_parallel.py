@@ -47,7 +47,7 @@ def _skew(model):
 
 def _layer(case):
     from models.moe import MoE
-    from trainer.config import MoEConfig
+    from models.config import MoEConfig
 
     torch.manual_seed(0)
     fields = {"aux_free": True, **LAYER_CASES[case]}
@@ -65,7 +65,7 @@ def _layer_inputs(rank):
 
 def _model():
     import models
-    from trainer.config import ModelConfig, MoEConfig
+    from models.config import MoEConfig, ModelConfig
 
     torch.manual_seed(0)
     model = models.build_model(
@@ -126,7 +126,7 @@ def _train(mesh, strategy):
 
     cfg = Config()
     cfg.parallel.ep, cfg.parallel.ep_overlap, cfg.parallel.ep_chunks = mesh.ep, strategy, CHUNKS
-    model = parallelize(_model(), mesh, cfg)
+    model = parallelize(_model(), mesh, cfg.parallel)
     optimizer = _optimizer(unwrap(model))
     losses, norms = [], []
     for step in range(STEPS):
@@ -143,7 +143,7 @@ def _train(mesh, strategy):
 
 def _ranks(rank, world_size):
     from parallel import apply_expert_parallel, build_mesh
-    from trainer.config import ParallelConfig
+    from parallel.config import ParallelConfig
 
     out = {}
     for dp, ep in LAYOUTS[world_size]:

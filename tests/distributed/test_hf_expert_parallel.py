@@ -29,7 +29,7 @@ def _rank(rank, world_size, hf_dirs):
         model = models.build_model(cfg.model, cfg.moe)
         init_model_from(model, "hf:" + hf_dir)  # the whole model, then sharded
         mesh = build_mesh(cfg.parallel, torch.device("cpu"))
-        model = parallelize(model, mesh, cfg).eval()
+        model = parallelize(model, mesh, cfg.parallel).eval()
         experts = [m for n, m in unwrap(model).named_modules() if n.endswith("ffn.experts")]
         with torch.no_grad():
             out[name] = (model(_tokens(rank)), [e.w1_EFD.shape[0] for e in experts])

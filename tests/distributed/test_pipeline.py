@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests.dist_helper import run_distributed
-from trainer.config import load_config
+from trainer.recipe import load_config
 
 pytestmark = pytest.mark.distributed
 
@@ -109,14 +109,15 @@ def _model_and_batch():
 def _one_step_grads(rank, world_size, schedule):
     from models.moe import set_aux_loss_scale
     from parallel import build_mesh, parallelize_pipeline
-    from trainer.config import pp_microbatches
+    from parallel.config import pp_microbatches
     from trainer.lm.task import lm_loss
 
     cfg = _pp_cfg(schedule)
     mesh = build_mesh(cfg.parallel, torch.device("cpu"))
     model, x, y = _model_and_batch()
     set_aux_loss_scale(model, 1.0 / pp_microbatches(cfg.parallel))
-    pipe = parallelize_pipeline(model, mesh, cfg, lm_loss)
+    pipe = parallelize_pipeline(model, mesh, cfg.parallel, lm_loss, micro_batch_size=cfg.train.micro_batch_size,
+                                grad_accum_steps=cfg.train.grad_accum_steps, seq_len=cfg.data.seq_len)
     loss = pipe.broadcast_from_last(pipe.step((x,), y), mesh.device)
     return loss.item(), {n: p.grad.clone() for n, p in pipe.module.named_parameters()}, pipe.stage_ids
 
@@ -127,7 +128,7 @@ def _run_model_level(rank, world_size):
 
 def test_every_schedule_gives_the_reference_gradients():
     from models.moe import set_aux_loss_scale
-    from trainer.config import pp_microbatches
+    from parallel.config import pp_microbatches
     from trainer.lm.task import lm_loss
 
     results = run_distributed(_run_model_level, 2)
@@ -278,7 +279,8 @@ def _dit_one_step(rank, world_size):
         mesh = build_mesh(cfg.parallel, torch.device("cpu"))
         model, inputs, target = _dit_model_and_batch()
         set_aux_loss_scale(model, 1.0 / 2 if schedule == "1f1b" else 1.0 / 4)
-        pipe = parallelize_pipeline(model, mesh, cfg, _mse)
+        pipe = parallelize_pipeline(model, mesh, cfg.parallel, _mse, micro_batch_size=cfg.train.micro_batch_size,
+                                grad_accum_steps=cfg.train.grad_accum_steps, seq_len=cfg.data.seq_len)
         loss = pipe.broadcast_from_last(pipe.step(inputs, target), mesh.device)
         out[schedule] = (loss.item(), {n: p.grad.clone() for n, p in pipe.module.named_parameters()})
     # and whole DiT trainings: pp=2 (1f1b) here, pp=1 in the test process

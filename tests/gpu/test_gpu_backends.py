@@ -8,7 +8,7 @@ import torch
 
 from models.moe import MoE, backends
 from models.moe.backends import BACKENDS, select_backend
-from trainer.config import MoEConfig
+from models.config import MoEConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -32,7 +32,7 @@ def inputs(tmp_path_factory):
     (root / "dit").mkdir()
     (root / "dit" / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel", "num_layers": 2}))
     (root / "a_file").write_text("not a directory")
-    from trainer.config import load_config
+    from trainer.recipe import load_config
     from trainer.loop import train
 
     run = root / "small_run"

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from trainer.config import load_config
+from trainer.recipe import load_config
 
 TINY = ["train.steps=6", "train.log_every=2", "train.micro_batch_size=16", "model.num_layers=2",
         "diffusion.num_samples=20", "logging.wandb=false", "logging.progress_bar=false",

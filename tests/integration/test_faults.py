@@ -48,7 +48,7 @@ def test_corrupt_checkpoint_is_skipped_and_the_previous_one_resumed(reference, t
     result = fh.drill_corrupt_checkpoint(str(tmp_path), reference)
     _check(result)
     # A resume in this process (1 rank with the 2 ranks' global batch) loads the step-16 one.
-    from trainer.config import load_config
+    from trainer.recipe import load_config
     from trainer.loop import Trainer
 
     run_dir = os.path.join(str(tmp_path), "corrupt")

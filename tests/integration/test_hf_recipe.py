@@ -38,7 +38,7 @@ def tiny_deepseek(path) -> "transformers.PreTrainedModel":
 
 
 def _first_batch(run_dir):
-    from trainer.config import load_config
+    from trainer.recipe import load_config
     from trainer.lm.data import build_text_data
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
@@ -136,7 +136,7 @@ def test_init_from_preflight_one_line(tmp_path):
 def test_peft_lora_from_an_hf_base_trains_merges_and_exports_back(tmp_path):
     """peft.base: hf:DIR takes the architecture and weights of the HF model; the LoRA run trains,
     merge-peft folds the adapters in, export-hf writes what transformers loads with our logits."""
-    from trainer.config import load_config
+    from trainer.recipe import load_config
     from trainer.loop import Trainer
 
     hf_dir = tmp_path / "hf"

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from trainer.config import load_config
+from trainer.recipe import load_config
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.recipe import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +221,7 @@ def test_recipes_refuse_what_cannot_run(base, tmp_path, monkeypatch, capsys):
         (["prune.criterion=size"], "prune.criterion: 'size' is not one of"),
         (["prune.criterion=naee", "prune.budget=global"], "needs budget per_layer"),
         (["prune.method=merge", "prune.budget=global"], "merge keeps the same share per layer"),
-        (["prune.sparsity=1.0"], "prune.sparsity: share of experts removed, must be in (0, 1)"),
+        (["prune.sparsity=1.0"], "prune.sparsity: must be in (0, 1), got 1.0"),
         (["prune.budget=layer"], "prune.budget: 'layer' is not one of per_layer, global"),
         (["prune.method=dare"], "prune.reference: required with prune.method dare"),
         (["prune.method=dare", f"prune.reference={base}", "prune.drop_rate=1.0", "train.steps=0"], "prune.drop_rate"),
@@ -234,14 +235,9 @@ def test_recipes_refuse_what_cannot_run(base, tmp_path, monkeypatch, capsys):
         (["moe.top_k=1", "prune.dynamic_skip=true"], "prune.dynamic_skip: skips a token's 2nd expert"),
         (["moe.num_groups=2", "moe.topk_group=1"], "group-limited routing"),
     ]
-    for overrides, message in cases:
+    from launch.preflight import check_sources
+
+    for overrides, message in cases:  # the recipe's rules, then the launcher's checks of its files
         with pytest.raises(ConfigError) as e:
-            load_config(PRUNE, SHAPES + [f"prune.checkpoint={base}", *overrides])
+            check_sources(load_config(PRUNE, SHAPES + [f"prune.checkpoint={base}", *overrides]))
         assert message in str(e.value) and "\n" not in str(e.value), (overrides, str(e.value))
-
-
-def test_prune_criteria_match_the_models_package():
-    from models.pruning import CRITERIA
-    from trainer.config import PRUNE_CRITERIA
-
-    assert PRUNE_CRITERIA == CRITERIA

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from models.moe import MoE, backends
 from models.moe.backends import BACKENDS, select_backend
 from models.moe.experts import GroupedExperts
-from trainer.config import ConfigError, MoEConfig, load_config
+from models.config import MoEConfig
+from trainer.config import ConfigError
+from trainer.recipe import load_config
 
 COUNTS = [3, 0, 5, 1, 0, 4]  # idle experts 1 and 4
 D, FF = 16, 32  # multiples of 4: fp32 rows are 16-byte aligned, so CPU grouped_mm can run

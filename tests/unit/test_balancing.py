@@ -8,7 +8,7 @@ import torch
 from models.moe import (MoE, TopKRouter, expert_balance_loss, load_balancing_loss, moe_layers,
                         pop_router_stats, pop_step_loads, router_z_loss, sequence_load_balancing_loss,
                         set_aux_loss_scale, update_aux_free_bias)
-from trainer.config import MoEConfig
+from models.config import MoEConfig
 
 
 def make_moe(d=8, seed=0, **kw) -> MoE:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from trainer.checkpoint import LAUNCH_ID_ENV, _prune, checkpoint_problem, choose_resume, latest_checkpoint
+from trainer.checkpoint_files import LAUNCH_ID_ENV, checkpoint_problem, choose_resume, latest_checkpoint, prune_checkpoints as _prune
 
 
 def _fake_checkpoint(run_dir, step, launch=None, manifest=True):

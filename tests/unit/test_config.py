@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from trainer.config import Config, ConfigError, load_config, save_config
+from trainer.config import Config, ConfigError
+from trainer.recipe import load_config, save_config
 
 RECIPE = "recipes/llm/pretrain_tiny.yaml"
 
@@ -122,6 +123,13 @@ def _one_line_error(overrides, message, loader=None):
     assert "\n" not in str(e.value)
 
 
+def _refused_before_launch(overrides, message):
+    """The recipe loads, and the launcher's preflight of the files it names refuses it."""
+    from launch.preflight import check_sources
+
+    _one_line_error(None, message, loader=lambda: check_sources(load_config(RECIPE, overrides)))
+
+
 @pytest.mark.parametrize("override, message", [
     (["peft.method=lora"], r"^peft\.base: required with peft\.method lora"),
     (["peft.method=full", "peft.base=/nonexistent/step_00000001"],
@@ -131,13 +139,13 @@ def _one_line_error(overrides, message, loader=None):
     (["peft.method=prefix"], r"^peft\.method: 'prefix' is not one of none, full, lora, perft, esft$"),
 ])
 def test_peft_base_is_required_and_must_exist(override, message):
-    _one_line_error(override, message)
+    _refused_before_launch(override, message)
 
 
 def test_peft_base_must_be_a_complete_checkpoint(tmp_path):
     (tmp_path / "step_00000002").mkdir()
-    _one_line_error(LORA + [f"peft.base={tmp_path / 'step_00000002'}"],
-                    r"^peft\.base: .*step_00000002 is not a complete checkpoint")
+    _refused_before_launch(LORA + [f"peft.base={tmp_path / 'step_00000002'}"],
+                           r"^peft\.base: .*step_00000002 is not a complete checkpoint")
 
 
 @pytest.mark.parametrize("override, message", [

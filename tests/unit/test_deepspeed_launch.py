@@ -4,14 +4,15 @@ import pytest
 
 from launch.plan import memory_per_rank
 from launch.spawn import NodeArgs, deepspeed_command, hostfile_problem
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.recipe import load_config
 
 RECIPE = "recipes/llm/pretrain_tiny.yaml"
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.engine=deepspeed", "train.zero_stage=3"], "ZeRO-3 would partition the expert parameters"),
-    (["train.engine=deepspeed", "train.zero_stage=0"], "train.zero_stage: must be 1 or 2, got 0"),
+    (["train.engine=deepspeed", "train.zero_stage=0"], "train.zero_stage: 0 is not one of 1, 2, 3"),
     (["train.engine=deepspeed", "parallel.pp=2", "model.tie_embeddings=false"],
      "train.engine=deepspeed: not with parallel.pp=2"),
     (["train.engine=zero"], "train.engine: 'zero' is not one of native, deepspeed"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from trainer.config import DiffusionConfig
+from trainer.diffusion.config import DiffusionConfig
 from trainer.diffusion.objectives import FlowMatching, GaussianDiffusion, build_objective
 
 LOG2 = math.log(2.0)

@@ -12,7 +12,7 @@ from models.dit import DiT, sincos_2d_pos_embed, timestep_embedding, unpatchify
 from models.moe import moe_layers, pop_router_stats
 from models.moe.upcycle import upcycle_state_dict
 from models.registry import preset_overrides
-from trainer.config import ModelConfig, MoEConfig
+from models.config import MoEConfig, ModelConfig
 
 # Small shapes for CPU: 8x8 images, 2x2 patches (16 tokens), D 32.
 SMALL = dict(family="dit", d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, ffn_dim=64, norm_eps=1e-6,

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from trainer.config import load_config
+from trainer.recipe import load_config
 from trainer.guards import CollapseMonitor, NonFiniteError, NonFiniteGuard, clip_with_norm
 
 RECIPE = "recipes/llm/pretrain_tiny.yaml"

@@ -22,7 +22,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import models  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
-from trainer.adapt.hf_bridge import export_hf, hf_config, import_hf, init_model_from, write_checkpoint  # noqa: E402
+from trainer.adapt.hf_bridge import hf_config, import_hf, init_model_from, write_checkpoint  # noqa: E402
+from trainer.adapt.hf_export import export_hf  # noqa: E402
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, max_position_embeddings=64,
               initializer_range=0.1, tie_word_embeddings=False)
@@ -198,7 +199,7 @@ def test_round_trip_hf_ours_hf(tmp_path, name):
 def test_ours_exports_and_loads_without_hf_origin(tmp_path):
     """A model of ours (not imported) exports to the family that expresses it: our tiny preset
     is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE."""
-    from trainer.config import load_config
+    from trainer.recipe import load_config
 
     for overrides, family in [([], "mixtral"),
                               (["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "model.qkv_bias=true",
@@ -236,7 +237,7 @@ def test_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"config.json: model_type 'llama' is not supported; supported: mixtral"):
         hf_config(str(llama))
     # a DiT checkpoint of ours does not export; a model no family expresses names what is missing
-    from trainer.config import load_config
+    from trainer.recipe import load_config
 
     dit = load_config(None, ["model.preset=dit_tiny_moe"])
     state = zeros_state(dit)
@@ -272,7 +273,7 @@ def test_import_refuses_wrong_shapes(tmp_path):
 def test_init_from_a_checkpoint_of_ours(tmp_path):
     """model.init_from with a checkpoint directory of ours (LLM and DiT): the architecture keys
     come from its config.yaml over the recipe's, and the weights load whole."""
-    from trainer.config import load_config
+    from trainer.recipe import load_config
 
     for preset, arch in [("tiny", ["model.d_model=48", "model.num_layers=3", "moe.num_experts=6", "moe.top_k=3",
                                    "model.qkv_bias=true", "moe.aux_free=true"]),

@@ -21,7 +21,7 @@ from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 
 from models.moe import MoE  # noqa: E402
-from trainer.config import MoEConfig  # noqa: E402
+from models.config import MoEConfig  # noqa: E402
 
 D, E, F, S = 32, 6, 24, 40  # model dim, experts, expert ffn, shared-expert ffn
 TOL = dict(rtol=1e-5, atol=1e-6)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError, DataConfig, ModelConfig
+from models.config import ModelConfig
+from trainer.config import ConfigError, DataConfig
 from trainer.diffusion.image_data import (
     ImageData, _digits_arrays, build_image_data, dataset_to_tensors, preflight_image_data, split_examples,
 )

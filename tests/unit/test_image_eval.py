@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import DataConfig, ModelConfig
+from models.config import ModelConfig
+from trainer.config import DataConfig
 from trainer.diffusion.image_data import build_image_data
 from trainer.diffusion.image_eval import (
     FEATURE_DIM, InceptionUnavailable, classifier_cache_path, classifier_features, default_cache_dir,

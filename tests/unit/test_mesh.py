@@ -2,7 +2,7 @@
 import pytest
 
 from parallel.mesh import group_ranks, layout
-from trainer.config import ParallelConfig
+from parallel.config import ParallelConfig
 
 LAYOUTS = [(1, 1, 1), (1, 2, 2), (1, 4, 2), (1, 4, 4), (1, 8, 2), (2, 4, 2), (2, 2, 1), (4, 2, 2), (2, 8, 4)]
 
@@ -50,7 +50,8 @@ def test_dp_resolved_from_world_size():
 
 def test_parallel_config_validation():
     from parallel import EP_OVERLAPS
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError
+    from trainer.recipe import load_config
 
     for strategy in EP_OVERLAPS:
         cfg = load_config(None, ["parallel.ep=2", f"parallel.ep_overlap={strategy}"], world_size=4)

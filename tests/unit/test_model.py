@@ -9,7 +9,8 @@ from models import build_model, param_counts
 from models.llm import Attention, apply_rope, is_moe_layer, rope_tables
 from models.moe import MoE, expert_parameters, is_expert_param, moe_layers
 from models.registry import PRESETS, preset_overrides
-from trainer.config import ModelConfig, MoEConfig, load_config
+from models.config import MoEConfig, ModelConfig
+from trainer.recipe import load_config
 
 
 def configs(name="tiny", **model_kw):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from models.ffn import FeedForward
 from models.moe import (AttachAuxLoss, MoE, load_balancing_loss, moe_layers, pop_router_stats,
                         router_z_loss, set_aux_loss_scale)
-from trainer.config import MoEConfig
+from models.config import MoEConfig
 
 
 def make_moe(d=16, dtype=torch.float32, seed=0, **kw) -> MoE:

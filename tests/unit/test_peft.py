@@ -17,7 +17,7 @@ from models.peft import (ExpertLoRA, LoRALinear, PerftAdapters, adapter_paramete
                          zero_frozen_expert_grads)
 from parallel.expert_parallel import shard_experts
 from parallel.pipeline import layer_costs
-from trainer.config import ModelConfig, MoEConfig
+from models.config import MoEConfig, ModelConfig
 
 LLM = dict(family="llm", vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
            max_seq_len=16, init_std=0.2)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import models
-from launch.plan import a2a_bytes, a2a_rows, format_plan, moe_layer_ids
+from launch.plan import a2a_bytes, a2a_rows, format_plan
+from models.config import moe_layer_ids
 from models.moe import moe_layers
-from trainer.config import load_config
+from trainer.recipe import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLM = os.path.join(ROOT, "recipes", "llm", "pretrain_tiny.yaml")
@@ -68,8 +69,8 @@ def test_dit_tokens_are_patches():
     assert f"batch: 8 images x {tokens} tokens per step" in text
     rows = 4 * tokens * cfg.moe.top_k
     assert f"R = {rows} rows ({4 * tokens} tokens x top_k {cfg.moe.top_k})" in text
-    assert a2a_bytes(cfg, moe_layer_ids(cfg), 4 * tokens)["total"] == \
-        len(moe_layer_ids(cfg)) * 2 * rows * cfg.model.d_model * (4 + 4) // 2
+    assert a2a_bytes(cfg, moe_layer_ids(cfg.model, cfg.moe), 4 * tokens)["total"] == \
+        len(moe_layer_ids(cfg.model, cfg.moe)) * 2 * rows * cfg.model.d_model * (4 + 4) // 2
 
 
 def test_no_all_to_all_without_expert_parallelism():

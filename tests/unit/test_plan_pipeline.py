@@ -6,7 +6,8 @@ import re
 import pytest
 
 from launch.plan import activation_bytes, format_plan, param_breakdown, pipeline_plan
-from trainer.config import load_config, pp_microbatches
+from parallel.config import pp_microbatches
+from trainer.recipe import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes", "llm", "pretrain_tiny.yaml")

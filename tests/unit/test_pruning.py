@@ -16,7 +16,8 @@ from models.moe.router import _scores
 from models.pruning import (calibrate, choose_kept, dare, dare_state, darex, expert_scores, keep_counts,
                             last_hidden, magnitude_prune, magnitude_prune_experts, merge_experts, naee_kept,
                             nm_prune, prune_experts, pruned_config, skip_betas, ties_merge, tune_darex_q)
-from trainer.config import Config, DataConfig, ModelConfig, MoEConfig, validate
+from models.config import MoEConfig, ModelConfig
+from trainer.config import Config, DataConfig, validate
 
 VOCAB, SEQ = 64, 16
 LLM = dict(family="llm", vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=64,

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from models.moe import MoE, Routing, TopKRouter, pop_router_stats
-from trainer.config import ConfigError, MoEConfig, load_config
+from models.config import MoEConfig
+from trainer.config import ConfigError
+from trainer.recipe import load_config
 
 
 def make_moe(d=8, seed=0, **kw) -> MoE:

@@ -12,7 +12,9 @@ from models.moe import moe_layers
 from models.moe.upcycle import UpcycleError, upcycle_state_dict
 from parallel import build_mesh
 from trainer.checkpoint import save_checkpoint
-from trainer.config import ConfigError, MoEConfig, load_config
+from models.config import MoEConfig
+from trainer.config import ConfigError
+from trainer.recipe import load_config
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.adapt.upcycle import check_upcycle_source, load_dense_checkpoint, upcycle_into
 

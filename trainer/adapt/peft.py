@@ -1,7 +1,7 @@
 """PEFT runs in the trainer: the base checkpoint, ESFT's expert selection, loading and merging
 PEFT checkpoints (the methods themselves are models/peft).
 
-    check_peft(cfg)                     launcher preflight: the base's config.yaml and DCP
+    preflight_peft(cfg)                 launcher preflight: the base's config.yaml and DCP
                                         metadata, the adapters on a meta-device model
     prepare_peft(model, cfg, task, mesh, resume_path)
                                         base weights -> (ESFT) expert selection -> adapters, on
@@ -19,24 +19,24 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import yaml
 from torch import nn
 
 import models
+from models.config import shape_fields
 from models.moe import moe_layers
 from models.peft import (adapter_parameter_names, apply_peft, count_parameters, expert_scores, merge_adapters,
                          select_experts)
 from parallel import all_reduce_sum
-from trainer.checkpoint import (checkpoint_root, is_complete, is_step_dir, model_tensor_shapes, read_model_state,
-                                read_run_state)
-from trainer.config import Config, ConfigError, PeftConfig, load_config, save_config
+from trainer.adapt.config import PeftConfig
+from trainer.adapt.sources import check_full_model, resolve_checkpoint
+from trainer.checkpoint import check_stored_shapes, read_model_state, read_run_state, write_weights_checkpoint
+from trainer.checkpoint_files import checkpoint_root, is_complete, is_step_dir
+from trainer.config import Config, ConfigError
+from trainer.recipe import checkpoint_config
 
 _KEY = "peft.base"
 
@@ -60,76 +60,23 @@ class PeftState:
 
 
 def _read_base_config(path: str) -> Config:
-    if not os.path.isdir(path):
-        raise ConfigError(f"{_KEY}: checkpoint directory not found: {path}")
-    if not is_complete(path):
-        raise ConfigError(f"{_KEY}: {path} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
-    config_path = os.path.join(path, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise ConfigError(f"{_KEY}: {path} has no config.yaml")
-    with open(config_path) as f:
-        method = ((yaml.safe_load(f) or {}).get("peft") or {}).get("method", "none")
-    if method not in ("none", "full"):  # full fine-tuning saves every weight: a complete model
-        raise ConfigError(f"{_KEY}: {path} is a PEFT checkpoint (peft.method {method}) holding only its "
-                          f"adapters; merge it first: sparseforge merge-peft {path} --out DIR")
-    try:  # where its own weights came from does not matter here, only its shapes
-        return load_config(config_path, ["peft.method=none", "peft.base=", "model.upcycle_from=",
-                                         "model.init_from=", "prune.method=none"])
-    except ConfigError as e:
-        raise ConfigError(f"{_KEY}: {config_path}: {e}") from None
-
-
-def _shape_fields(cfg: Config) -> dict[str, object]:
-    """The config values that decide the weights' names and shapes, by config key."""
-    m, moe = cfg.model, cfg.moe
-    fields: dict[str, object] = {"model.family": m.family, "model.d_model": m.d_model,
-                                 "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
-                                 "model.head_dim": m.head_dim or m.d_model // m.num_heads,
-                                 "moe.num_experts": moe.num_experts}
-    if m.family == "llm":
-        fields.update({"model.vocab_size": m.vocab_size, "model.num_kv_heads": m.num_kv_heads,
-                       "model.tie_embeddings": m.tie_embeddings, "model.attention": m.attention,
-                       "model.qkv_bias": m.qkv_bias, "model.attn_out_bias": m.attn_out_bias,
-                       "model.qk_norm": m.qk_norm})
-        if m.attention == "mla":
-            fields.update({f"model.{k}": getattr(m, k) for k in (
-                "mla_q_lora_rank", "mla_kv_lora_rank", "mla_qk_nope_head_dim", "mla_qk_rope_head_dim",
-                "mla_v_head_dim")})
-    else:
-        fields.update({"model.image_size": m.image_size, "model.patch_size": m.patch_size,
-                       "model.in_channels": m.in_channels, "model.num_classes": m.num_classes,
-                       "model.learn_sigma": m.learn_sigma})
-    if moe.num_experts > 0:
-        shared = moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
-        fields.update({"moe.expert_ffn_dim": moe.expert_ffn_dim, "moe.moe_every": moe.moe_every,
-                       "moe.first_k_dense": moe.first_k_dense, "moe.num_shared_experts": moe.num_shared_experts,
-                       "moe.shared_expert_ffn_dim": shared, "moe.shared_expert_gate": moe.shared_expert_gate,
-                       "moe.aux_free": moe.aux_free, "moe.layer_num_experts": moe.layer_num_experts})
-    from models.llm import is_moe_layer
-
-    if not all(is_moe_layer(i, moe) for i in range(m.num_layers)):
-        fields["model.ffn_dim"] = m.ffn_dim  # only dense FFN layers have it
-    return fields
+    path = resolve_checkpoint(path, _KEY)
+    check_full_model(path, _KEY)
+    # Where its own weights came from does not matter here, only its shapes.
+    return checkpoint_config(path, _KEY, ["peft.method=none", "peft.base=", "model.upcycle_from=",
+                                          "model.init_from=", "prune.method=none"])
 
 
 def _compare(base: Config, cfg: Config, path: str) -> None:
     """Raise on the first config key, then the first tensor, the base cannot fill in this model."""
-    theirs, ours = _shape_fields(base), _shape_fields(cfg)
+    theirs, ours = shape_fields(base.model, base.moe), shape_fields(cfg.model, cfg.moe)
     for key, value in ours.items():
         if theirs.get(key) != value:
             raise ConfigError(f"{_KEY}: {key} is {theirs.get(key)} in the base checkpoint, {value} in this "
                               f"run; a base must have this model's shapes")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in models.build_model(cfg.model, cfg.moe).state_dict().items()}
-    stored = model_tensor_shapes(path)
-    for name, shape in expected.items():
-        if name not in stored:
-            raise ConfigError(f"{_KEY}: {path} has no tensor {name}, which this model needs")
-        if stored[name] != shape:
-            raise ConfigError(f"{_KEY}: {name} is {list(stored[name])} in the base checkpoint, {list(shape)} "
-                              f"in this model")
-    if extra := sorted(set(stored) - set(expected)):
-        raise ConfigError(f"{_KEY}: {path} holds {extra[0]}, which this model does not have")
+    check_stored_shapes(_KEY, path, expected)
 
 
 def check_peft_base(path: str, cfg: Config) -> Config:
@@ -148,7 +95,7 @@ def check_peft_base(path: str, cfg: Config) -> Config:
     return base
 
 
-def check_peft(cfg: Config) -> None:
+def preflight_peft(cfg: Config) -> None:
     """Launcher preflight of a PEFT run: the base, then the adapters applied to a meta-device
     model: a LoRA target that matches nothing, or a pipeline stage with nothing to train (its
     optimizer would be empty), is refused here rather than on the ranks. Raises `ConfigError`
@@ -170,7 +117,7 @@ def check_peft_model(cfg: Config) -> None:
     if cfg.parallel.pp > 1:
         from parallel.pipeline import stage_layer_counts, stage_layer_ids
 
-        stages = stage_layer_ids(stage_layer_counts(cfg, model))  # split as the trainer splits it
+        stages = stage_layer_ids(stage_layer_counts(cfg.parallel, model, cfg.moe))  # as the trainer splits it
         for s, ids in enumerate(stages):
             stage = model.pipeline_stage(ids, first=s == 0, last=s == len(stages) - 1)
             if not any(p.requires_grad for p in stage.parameters()):
@@ -265,7 +212,7 @@ def load_peft_model(ckpt_dir: str) -> tuple[Config, nn.Module]:
     """
     if not is_complete(ckpt_dir):
         raise ConfigError(f"{ckpt_dir}: not a complete checkpoint (step_XXXXXXXX with .metadata)")
-    cfg = load_config(os.path.join(ckpt_dir, "config.yaml"))
+    cfg = checkpoint_config(ckpt_dir, ckpt_dir)
     if cfg.peft.method == "none":
         raise ConfigError(f"{ckpt_dir}: not a PEFT checkpoint (peft.method none)")
     with torch.device("cpu"):
@@ -311,21 +258,10 @@ def merge_peft(ckpt_dir: str, out: str) -> tuple[str, str]:
     except ValueError as e:
         raise ConfigError(f"{ckpt_dir}: {e}") from None
     step = int(torch.load(os.path.join(ckpt_dir, "extra_rank0.pt"), weights_only=False)["step"])
-    final = _merged_dir(out, step)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
-        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp, no_dist=True)
-    torch.save({"step": step, "world_size": 1, "run_state": {"merged_from": os.path.abspath(ckpt_dir)}},
-               os.path.join(tmp, "extra_rank0.pt"))
     merged_cfg = copy.deepcopy(cfg)
     merged_cfg.peft = PeftConfig()
-    save_config(merged_cfg, os.path.join(tmp, "config.yaml"))
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = write_weights_checkpoint(_merged_dir(out, step), merged_cfg, model.state_dict(),
+                                     {"step": step, "run_state": {"merged_from": os.path.abspath(ckpt_dir)}})
     what = {"lora": f"{num_merged} LoRA modules merged", "esft": "ESFT experts (trained in place)",
             "full": "fully fine-tuned weights"}[cfg.peft.method]
     return final, f"merged {ckpt_dir} ({what}) into {final}"

@@ -1,7 +1,7 @@
 """Prune runs in the trainer: compress a checkpoint of ours, evaluate it before and after, save
 the result as step 0 of the run, then (train.steps > 0) let the ordinary loop fine-tune it.
 
-    check_prune(cfg)                       launcher preflight: every checkpoint the run reads holds
+    preflight_prune(cfg)                   launcher preflight: every checkpoint the run reads holds
                                            this model's tensors (DCP metadata only, no tensor read)
     resumed_prune_config(cfg, path)        a rerun: the compressed model's shapes from its checkpoint
     prune_model(model, cfg, task, mesh, run_dir) -> PruneResult
@@ -52,8 +52,11 @@ from models.pruning import (calibrate, choose_kept, dare_state, expert_scores, k
                             magnitude_prune_experts, merge_experts, naee_kept, parse_nm, prune_experts,
                             pruned_moe_config, skip_betas, tune_darex_q)
 from parallel import all_reduce_mean, all_reduce_sum
-from trainer.checkpoint import model_tensor_shapes, read_model_state
-from trainer.config import Config, ConfigError, PruneConfig, load_config, validate
+from trainer.adapt.config import PruneConfig, prune_checkpoints
+from trainer.adapt.sources import check_full_model, require_checkpoint
+from trainer.checkpoint import check_stored_shapes, read_model_state
+from trainer.config import Config, ConfigError, validate
+from trainer.recipe import checkpoint_config
 
 REPORT = "prune_report.json"
 
@@ -93,58 +96,24 @@ class PruneResult:
 # Checkpoints read by a prune run
 
 
-def _sources(p: PruneConfig) -> list[tuple[str, str]]:
-    """(config key, checkpoint directory) of every checkpoint the run reads."""
-    out = [("prune.checkpoint", p.checkpoint)]
-    if p.reference and (p.method in ("dare", "darex", "ties") or (p.method == "experts" and p.criterion == "router_norm")):
-        out.append(("prune.reference", p.reference))
-    if p.method == "ties":
-        out += [(f"prune.ties_checkpoints[{i}]", path) for i, path in enumerate(p.ties_checkpoints)]
-    return out
-
-
-def _check_source(key: str, path: str, expected: dict[str, tuple[int, ...]]) -> None:
-    config_path = os.path.join(path, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise ConfigError(f"{key}: {path} has no config.yaml")
-    import yaml
-
-    with open(config_path) as f:
-        peft_method = ((yaml.safe_load(f) or {}).get("peft") or {}).get("method", "none")
-    if peft_method not in ("none", "full"):
-        raise ConfigError(f"{key}: {path} is a PEFT checkpoint (peft.method {peft_method}) holding only its "
-                          f"adapters; merge it first: sparseforge merge-peft {path} --out DIR")
-    stored = model_tensor_shapes(path)
-    for name, shape in expected.items():
-        if name not in stored:
-            raise ConfigError(f"{key}: {path} has no tensor {name}, which this recipe's model needs "
-                              f"(the recipe's model and moe sections must describe the checkpoint's model)")
-        if stored[name] != shape:
-            raise ConfigError(f"{key}: {name} is {list(stored[name])} in {path}, {list(shape)} in this recipe's "
-                              f"model (the recipe's model and moe sections must describe the checkpoint's model)")
-    if extra := sorted(set(stored) - set(expected)):
-        raise ConfigError(f"{key}: {path} holds {extra[0]}, which this recipe's model does not have")
-
-
-def check_prune(cfg: Config) -> None:
+def preflight_prune(cfg: Config) -> None:
     """Launcher preflight of a fresh prune run: each checkpoint it reads is a full model of ours
     with exactly this recipe's tensors (names and shapes, from the DCP metadata). Raises
     `ConfigError` (one line naming the key)."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in models.build_model(cfg.model, cfg.moe).state_dict().items()}
-    for key, path in _sources(cfg.prune):
-        _check_source(key, path, expected)
+    hint = " (the recipe's model and moe sections must describe the checkpoint's model)"
+    for key, path in prune_checkpoints(cfg.prune):
+        require_checkpoint(path, key)
+        check_full_model(path, key)
+        check_stored_shapes(key, path, expected, hint)
 
 
 def resumed_prune_config(cfg: Config, path: str) -> Config:
     """A prune recipe rerun (or resumed from `path`): the model is the compressed one, so its
     expert counts, top_k and skip betas come from the checkpoint's config; the prune section is
     cleared (nothing is compressed twice)."""
-    config_path = os.path.join(path, "config.yaml")
-    try:
-        saved = load_config(config_path)
-    except ConfigError as e:
-        raise ConfigError(f"{config_path}: {e}") from None
+    saved = checkpoint_config(path, path)
     arch = {k: getattr(saved.moe, k) for k in ("num_experts", "top_k", "layer_num_experts", "skip_beta")}
     out = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **arch), prune=PruneConfig())
     validate(out)
@@ -417,7 +386,8 @@ def finish_prune(trainer, log) -> tuple[float, dict]:
         (val loss after compression, the family's evaluation after), the run's result when it
         trains no further (train.steps 0).
     """
-    from trainer.checkpoint import checkpoint_root, save_checkpoint
+    from trainer.checkpoint import save_checkpoint
+    from trainer.checkpoint_files import checkpoint_root
 
     result, cfg = trainer.adapt.prune, trainer.cfg
     if cfg.checkpoint.enabled:

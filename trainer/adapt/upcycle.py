@@ -10,32 +10,22 @@ same seeded generator, so all ranks end with identical weights without a broadca
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from models.llm import is_moe_layer
+from models.config import ModelConfig, moe_layer_ids
 from models.moe.upcycle import UpcycleError, upcycle_state_dict
 from parallel import unwrap
-from trainer.checkpoint import is_complete, read_model_state
-from trainer.config import Config, ConfigError, load_config
+from trainer.adapt.sources import resolve_checkpoint
+from trainer.checkpoint import read_model_state
+from trainer.config import Config, ConfigError
+from trainer.recipe import checkpoint_config
 
 _KEY = "model.upcycle_from"
 
 
 def _read_dense_config(path: str) -> Config:
-    if not os.path.isdir(path):
-        raise ConfigError(f"{_KEY}: checkpoint directory not found: {path}")
-    if not is_complete(path):
-        raise ConfigError(f"{_KEY}: {path} is not a complete checkpoint (step_XXXXXXXX with .metadata)")
-    config_path = os.path.join(path, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise ConfigError(f"{_KEY}: {path} has no config.yaml")
-    try:
-        dense = load_config(config_path)
-    except ConfigError as e:
-        raise ConfigError(f"{_KEY}: {config_path}: {e}") from None
+    dense = checkpoint_config(resolve_checkpoint(path, _KEY), _KEY)
     if dense.moe.num_experts > 0:
         raise ConfigError(f"{_KEY}: {path} is an MoE checkpoint (moe.num_experts={dense.moe.num_experts}); "
                           "upcycling starts from a dense one")
@@ -50,14 +40,14 @@ def _compare(dense: Config, cfg: Config) -> None:
         if getattr(dm, name) != getattr(m, name):
             raise ConfigError(f"model.{name}: the dense checkpoint has {getattr(dm, name)}, "
                               f"this model has {getattr(m, name)}")
-    dense_head, head = dm.head_dim or dm.d_model // dm.num_heads, m.head_dim or m.d_model // m.num_heads
+    dense_head, head = dm.resolved_head_dim, m.resolved_head_dim
     if dense_head != head:
         raise ConfigError(f"model.head_dim: the dense checkpoint has {dense_head}, this model has {head}")
     G = m.upcycle_granularity
     if cfg.moe.expert_ffn_dim * G != dm.ffn_dim:
         raise ConfigError(f"moe.expert_ffn_dim: {cfg.moe.expert_ffn_dim} × model.upcycle_granularity {G} "
                           f"does not match the dense checkpoint's model.ffn_dim={dm.ffn_dim}")
-    has_dense_layers = not all(is_moe_layer(i, cfg.moe) for i in range(m.num_layers))
+    has_dense_layers = len(moe_layer_ids(m, cfg.moe)) < m.num_layers
     if has_dense_layers and m.ffn_dim != dm.ffn_dim:
         raise ConfigError(f"model.ffn_dim: the dense checkpoint has {dm.ffn_dim}, this model's dense "
                           f"FFN layers have {m.ffn_dim}")

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.config import ConfigError, DataConfig, ModelConfig
+from models.config import ModelConfig
+from trainer.config import ConfigError, DataConfig
 from trainer.lm.data import _load_hub, _quiet_datasets, looks_like_local_path
 from trainer.lm.tokenizer import one_line
 
