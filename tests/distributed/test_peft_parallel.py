@@ -60,7 +60,7 @@ def _dump(trainer, path):
     experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts.w" in n}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"shards": expert_shards(model), "trainable": trainable, "experts": experts,
-                "selection": trainer.adapt.peft.esft_selection}, path)
+                "selection": trainer.peft.esft_selection}, path)
 
 
 def _peft_cfg(base, method, *extra):

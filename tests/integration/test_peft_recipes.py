@@ -96,14 +96,14 @@ def test_peft_recipe_counts_checkpoints_adapters_and_resumes_exactly(base, finet
     run = finetuned[method]
     trainer = run["trainer"]
     trainable, total = count_parameters(trainer.unwrapped_model)
-    assert (trainer.adapt.peft.trainable, trainer.adapt.peft.total) == (trainable, total)
+    assert (trainer.peft.trainable, trainer.peft.total) == (trainable, total)
     # Logged once at step 0 (the printed line: see the merge test).
     logged = [r for r in _records(run["straight"]) if "peft/trainable_params" in r]
     assert len(logged) == 1 and logged[0]["step"] == 0
     assert logged[0]["peft/trainable_params"] == trainable and logged[0]["peft/total_params"] == total
     assert logged[0]["peft/trainable_frac"] == pytest.approx(trainable / total)
     summary = f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
-    assert summary in trainer.adapt.peft.summary
+    assert summary in trainer.peft.summary
     # The checkpoint holds the trainable parameters and nothing of the frozen base.
     ckpt = os.path.join(run["straight"], "checkpoints", "step_00000004")
     saved = set(model_tensor_shapes(ckpt))

@@ -174,7 +174,7 @@ def test_unequal_layer_widths_in_router_stats_loads_and_heatmaps(tmp_path):
     gathered from pipeline stages of different widths) and heatmaps keep each layer's own experts."""
     import models
     from models.moe import pop_router_stats
-    from trainer.loop import _load_stats, _stack_rows
+    from trainer.router_stats import load_stats as _load_stats, stack_rows as _stack_rows
     from trainer.plots import overload_factors, save_expert_load_heatmap
 
     cfg = load_config("recipes/llm/pretrain_tiny.yaml", SHAPES + ["moe.layer_num_experts=[8,4]"])

@@ -389,9 +389,9 @@ def finish_prune(trainer, log) -> tuple[float, dict]:
     from trainer.checkpoint import save_checkpoint
     from trainer.checkpoint_files import checkpoint_root
 
-    result, cfg = trainer.adapt.prune, trainer.cfg
+    result, cfg = trainer.prune, trainer.cfg
     if cfg.checkpoint.enabled:
-        path = save_checkpoint(trainer.run_dir, 0, trainer.model, trainer.optimizer, trainer.scheduler, trainer.lm.data,
+        path = save_checkpoint(trainer.run_dir, 0, trainer.model, trainer.optimizer, trainer.scheduler, trainer.data,
                                cfg, trainer.mesh, extra_state=trainer._extra_state(),
                                run_state={**trainer._run_state(), "pruned_from": result.report["checkpoint"],
                                           "prune_method": result.report["method"]})
