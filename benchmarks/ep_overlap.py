@@ -1,7 +1,7 @@
 """Expert-parallel communication overlap on a cluster in a box: how much all-to-all each strategy
 hides, against DeepSpeed-MoE, per MoE layer and end to end.
 
-Setup: tests/cluster_box.py makes 2 hosts (network namespaces) x 2 ranks, a real c10d torchrun
+Setup: tests/helpers/cluster_box.py makes 2 hosts (network namespaces) x 2 ranks, a real c10d torchrun
 rendezvous across them, gloo bound to each host's link, every host link limited both ways by tc.
 
 1. MoE layer, forward + backward (the input needs a gradient, as inside a model, so backward
@@ -422,7 +422,7 @@ def main(argv=None) -> int:
     if args.worker:
         layer_worker(args)
         return 0
-    from tests.cluster_box import ClusterBox, unavailable_reason
+    from tests.helpers.cluster_box import ClusterBox, unavailable_reason
 
     reason = unavailable_reason()
     if reason is not None:

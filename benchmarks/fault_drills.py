@@ -2,7 +2,7 @@
 
     python benchmarks/fault_drills.py [--keep DIR]
 
-Drills (tests/fault_helpers.py holds them; tests/integration/test_faults.py runs the same ones):
+Drills (tests/helpers/faults.py holds them; tests/integration/test_faults.py runs the same ones):
   reference    an uninterrupted 2-rank run of the tiny recipe (24 steps, a checkpoint every 8)
   determinism  the same command again: identical losses, bit for bit
   kill-restart --resume of the reference's step 8, train.max_restarts=1, SIGKILL of rank 1 mid-interval:

@@ -419,7 +419,7 @@ def print_table(args, rows: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tests.dist_helper import run_distributed
+    from tests.helpers.dist import run_distributed
 
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()

@@ -132,7 +132,7 @@ def _check_deepspeed_args(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launch.plan import format_plan
+    from launch.plan_report import format_plan
     from launch.preflight import check_sources, preflight, starts_fresh
     from launch.spawn import NodeArgs, spawn_deepspeed, spawn_torchrun
 

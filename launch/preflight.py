@@ -117,11 +117,11 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
     if cfg.train.engine == "deepspeed":
         check_deepspeed_installed("train.engine=deepspeed")
     if cfg.model.family == "dit":
-        from trainer.diffusion.image_data import preflight_image_data
+        from trainer.diffusion.image_source import preflight_image_data
 
         preflight_image_data(cfg.data)
     else:
-        from trainer.lm.data import preflight_data
+        from trainer.lm.corpus import preflight_data
 
         preflight_data(cfg.data)
     check_resume(resume)

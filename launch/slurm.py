@@ -179,7 +179,7 @@ def snapshot_code(dest: str) -> None:
 def _pin_local_paths(cfg: Config) -> None:
     """The job runs inside the snapshot, not where this command ran: local data and tokenizer
     paths given relative to here become absolute (hub names stay as they are)."""
-    from trainer.lm.data import looks_like_local_path
+    from trainer.datasets_io import looks_like_local_path
 
     for section, key in (("data", "source"), ("data", "tokenizer")):
         value = getattr(getattr(cfg, section), key)

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Attention, apply_rope and rope_tables are re-exported: they lived here first.
-from models.attention import Attention, apply_rope, build_attention, rope_dim, rope_tables  # noqa: F401
+from models.attention import build_attention, rope_dim, rope_tables
 from models.config import is_moe_layer, moe_layer_config
 from models.ffn import FeedForward
 from models.moe import MoE

@@ -14,6 +14,7 @@ from importlib import metadata
 
 import torch
 
+from trainer.atomic import write_atomic
 from trainer.config import Config, config_to_dict
 
 _PACKAGES = ("torch", "datasets", "wandb", "numpy", "pyyaml", "matplotlib", "deepspeed", "transformers",
@@ -86,10 +87,7 @@ class MetricsLogger:
             return
         with open(self.path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, lambda f: f.writelines(kept), binary=False)
 
     @staticmethod
     def _start_wandb(run_dir: str, cfg: Config, info: dict):

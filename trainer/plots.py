@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from trainer.atomic import write_atomic
+
 HEATMAP_PREFIX = "expert_load_step_"
 
 
@@ -79,9 +81,5 @@ def _cells(values_LE):
 
 def save_expert_load_heatmap(loads_LE: torch.Tensor, step: int, run_dir: str, title: str = "") -> str:
     """Write the heatmap of `loads_LE` to `heatmap_path(run_dir, step)` (atomically); returns the path."""
-    path = heatmap_path(run_dir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    expert_load_figure(loads_LE, step, title).savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-    return path
+    figure = expert_load_figure(loads_LE, step, title)
+    return write_atomic(heatmap_path(run_dir, step), lambda f: figure.savefig(f, format="png", dpi=100))

@@ -15,13 +15,13 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import typing
 from typing import Any
 
 import yaml
 
 from models.config import ConfigError
+from trainer.atomic import write_atomic
 from trainer.config import Config, config_to_dict, validate
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -207,12 +207,4 @@ def _range_text(bounds: typing.Mapping) -> str:
 def save_config(cfg: Config, path: str) -> None:
     """Write atomically through a temporary file of our own, so concurrent writers (every node
     of a multi-node launch on a shared file system) never rename each other's file."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False), binary=False)

@@ -14,7 +14,7 @@ Tolerances (fp32; expert parallelism only changes summation order):
 import pytest
 import torch
 
-from tests.dist_helper import run_distributed
+from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -16,7 +16,7 @@ One spawn per world size runs every layout, case and strategy (spawning dominate
 import pytest
 import torch
 
-from tests.dist_helper import run_distributed
+from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -6,7 +6,7 @@ layer) and Qwen2-MoE (gated shared expert, q/k/v biases). One spawn runs both.""
 import pytest
 import torch
 
-from tests.dist_helper import run_distributed
+from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 

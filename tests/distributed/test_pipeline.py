@@ -25,7 +25,7 @@ import os
 import pytest
 import torch
 
-from tests.dist_helper import run_distributed
+from tests.helpers.dist import run_distributed
 from trainer.recipe import load_config
 
 pytestmark = pytest.mark.distributed

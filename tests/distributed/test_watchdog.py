@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.watchdog import CollectiveError, Watchdog, is_collective_error
-from tests.dist_helper import run_distributed
+from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 

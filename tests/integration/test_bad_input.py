@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from launch.cli import main
-from tests.fault_helpers import RECIPE, ROOT, TINY, cli_env, python_descendants, tagged_processes
+from tests.helpers.faults import RECIPE, ROOT, TINY, cli_env, python_descendants, tagged_processes
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Fault drills with real processes and signals (tests/fault_helpers.py runs them; so does
+"""Fault drills with real processes and signals (tests/helpers/faults.py runs them; so does
 benchmarks/fault_drills.py): a rank SIGKILLed mid-run, a save SIGKILLed midway, a corrupt
 checkpoint, a SIGSTOPped rank, and determinism. One uninterrupted 2-rank run is the reference."""
 import os

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, DataConfig
-from trainer.lm.data import (
-    ByteTokenizer, TextData, build_text_data, build_tokenizer, load_corpus, make_windows,
-    pack_documents, preflight_data, pydoc_topics, resolve_source, split_documents, unigram_entropy_nats,
-)
+from trainer.lm.corpus import load_corpus, preflight_data, pydoc_topics, resolve_source
+from trainer.lm.data import (TextData, build_text_data, make_windows, pack_documents, split_documents,
+                             unigram_entropy_nats)
+from trainer.lm.tokenizer import ByteTokenizer, build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

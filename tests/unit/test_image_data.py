@@ -7,9 +7,8 @@ import torch
 
 from models.config import ModelConfig
 from trainer.config import ConfigError, DataConfig
-from trainer.diffusion.image_data import (
-    ImageData, _digits_arrays, build_image_data, dataset_to_tensors, preflight_image_data, split_examples,
-)
+from trainer.diffusion.image_data import ImageData, build_image_data, split_examples
+from trainer.diffusion.image_source import _digits_arrays, dataset_to_tensors, preflight_image_data
 
 
 def _model(image_size=8, in_channels=1, num_classes=10):
@@ -155,12 +154,12 @@ def test_hflip_off_by_default_and_deterministic_when_on():
     plain = _synthetic(micro_batch_size=6)
     x_all, _ = plain.train_images()
     for n, (x, _) in enumerate(_take(plain.train_batches(), 5)):
-        assert torch.equal(x, x_all[torch.from_numpy(plain.global_batch_indices(n))])  # never flipped
+        assert torch.equal(x, x_all[torch.from_numpy(plain.sampler.global_batch(n))])  # never flipped
     flipped = 0
     on = _synthetic(micro_batch_size=6, hflip=True)
     again = _synthetic(micro_batch_size=6, hflip=True).train_batches()
     for n, (x, _) in enumerate(_take(on.train_batches(), 5)):
-        raw = x_all[torch.from_numpy(on.global_batch_indices(n))]
+        raw = x_all[torch.from_numpy(on.sampler.global_batch(n))]
         for row, ref, flip in zip(x, raw, on.global_batch_flips(n)):
             assert torch.equal(row, ref.flip(-1) if flip else ref)
             flipped += int(flip)

@@ -9,11 +9,10 @@ import torch
 from models.config import ModelConfig
 from trainer.config import DataConfig
 from trainer.diffusion.image_data import build_image_data
-from trainer.diffusion.image_eval import (
-    FEATURE_DIM, InceptionUnavailable, classifier_cache_path, classifier_features, default_cache_dir,
-    evaluate_samples, find_inception_weights, frechet_distance, grid_size, inception_fid,
-    load_or_train_classifier, save_sample_grid,
-)
+from trainer.diffusion.classifier import (FEATURE_DIM, classifier_cache_path, classifier_features, default_cache_dir,
+                                         load_or_train_classifier)
+from trainer.diffusion.image_eval import (InceptionUnavailable, evaluate_samples, find_inception_weights,
+                                          frechet_distance, grid_size, inception_fid, save_sample_grid)
 
 
 def _digits(image_size=8):

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, param_counts
-from models.llm import Attention, apply_rope, is_moe_layer, rope_tables
+from models.attention import Attention, apply_rope, rope_tables
+from models.config import is_moe_layer
 from models.moe import MoE, expert_parameters, is_expert_param, moe_layers
 from models.registry import PRESETS, preset_overrides
 from models.config import MoEConfig, ModelConfig

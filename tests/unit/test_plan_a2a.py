@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import models
-from launch.plan import a2a_bytes, a2a_rows, format_plan
+from launch.plan import a2a_bytes, a2a_rows
+from launch.plan_report import format_plan
 from models.config import moe_layer_ids
 from models.moe import moe_layers
 from trainer.recipe import load_config

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from launch.plan import activation_bytes, format_plan, param_breakdown, pipeline_plan
+from launch.plan import activation_bytes, param_breakdown, pipeline_plan
+from launch.plan_report import format_plan
 from parallel.config import pp_microbatches
 from trainer.recipe import load_config
 

@@ -32,13 +32,10 @@ its expert counts.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -47,15 +44,17 @@ import torch.distributed as dist
 from torch import nn
 
 import models
-from models.moe import moe_layers, pop_router_stats
+from models.moe import moe_layers
 from models.pruning import (calibrate, choose_kept, dare_state, expert_scores, keep_counts, last_hidden,
                             magnitude_prune_experts, merge_experts, naee_kept, parse_nm, prune_experts,
                             pruned_moe_config, skip_betas, tune_darex_q)
-from parallel import all_reduce_mean, all_reduce_sum
+from parallel import all_reduce_sum
 from trainer.adapt.config import PruneConfig, prune_checkpoints
+from trainer.adapt.prune_eval import evaluate
 from trainer.adapt.sources import check_full_model, require_checkpoint
 from trainer.checkpoint import check_stored_shapes, read_model_state
 from trainer.config import Config, ConfigError, validate
+from trainer.atomic import write_atomic
 from trainer.recipe import checkpoint_config
 
 REPORT = "prune_report.json"
@@ -137,78 +136,6 @@ def read_weights(path: str, family: str) -> tuple[dict[str, torch.Tensor], str]:
             state.update(ema)
             return state, "ema"
     return state, "model"
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation of the whole model (before parallelism)
-
-
-class _NoEMA:
-    """The model already holds the weights to sample with (the checkpoint's EMA)."""
-
-    @staticmethod
-    def applied():
-        return contextlib.nullcontext()
-
-
-@dataclass
-class _EvalView:
-    """The attributes of a Trainer that a task's `evaluate_extra` reads."""
-
-    unwrapped_model: nn.Module
-    run_dir: str
-    pipeline: object = None
-    ema: _NoEMA = field(default_factory=_NoEMA)
-    step: int = 0
-
-
-class _EvalLog:
-    """A MetricsLogger stand-in for `evaluate_extra`: prints tagged lines on rank 0 and keeps the
-    sample grid under its own name (plots/prune_<tag>_samples.png)."""
-
-    def __init__(self, enabled: bool, run_dir: str, tag: str):
-        self.enabled, self.run_dir, self.tag = enabled, run_dir, tag
-        self.renamed: dict[str, str] = {}
-
-    def print(self, message: str) -> None:
-        if self.enabled:
-            for old, new in self.renamed.items():
-                message = message.replace(old, new)
-            print(f"prune ({self.tag}): {message}", file=sys.stderr, flush=True)
-
-    def log_image(self, key: str, path: str, step: int) -> None:
-        if self.enabled and os.path.isfile(path):
-            self.renamed[path] = os.path.join(os.path.dirname(path), f"prune_{self.tag}_{key}.png")
-            os.replace(path, self.renamed[path])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, cfg: Config, task, mesh, run_dir: str, tag: str) -> tuple[dict, dict]:
-    """The loop's evaluation on the whole model: validation loss over eval.batches per dp rank
-    (mean over dp), then the task's own evaluation (DiT: samples, class accuracy and FD).
-
-    Returns:
-        ({"val_loss": ..., "ppl" | "acc", "fd", ...}, the task's eval/* dict (rank 0 only for DiT)).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
-    losses = []
-    for index, batch in enumerate(task.data.val_batches(cfg.eval.batches)):
-        with autocast:
-            losses.append(task.eval_loss(model, task.to_device(batch), index).float())
-    pop_router_stats(model)  # evaluation routing is not training routing
-    val_loss = all_reduce_mean(torch.stack(losses).mean(), mesh.dp_group).item()
-    out = {"val_loss": val_loss}
-    if cfg.model.family == "llm":
-        out["ppl"] = math.exp(min(val_loss, 50.0))
-    extra = task.evaluate_extra(_EvalView(model, run_dir), _EvalLog(mesh.is_main, run_dir, tag))
-    pop_router_stats(model)
-    model.eval()
-    out.update({k.split("/", 1)[1]: v for k, v in extra.items()})
-    if mesh.is_main:
-        print(f"prune ({tag}): val loss {val_loss:.4f}", file=sys.stderr, flush=True)
-    return out, extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +314,6 @@ def finish_prune(trainer, log) -> tuple[float, dict]:
         trains no further (train.steps 0).
     """
     from trainer.checkpoint import save_checkpoint
-    from trainer.checkpoint_files import checkpoint_root
 
     result, cfg = trainer.prune, trainer.cfg
     if cfg.checkpoint.enabled:
@@ -399,10 +325,8 @@ def finish_prune(trainer, log) -> tuple[float, dict]:
     else:
         result.report["checkpoint_out"] = None
     if trainer.mesh.is_main:
-        tmp = os.path.join(trainer.run_dir, REPORT + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(result.report, f, indent=1)
-        os.replace(tmp, os.path.join(trainer.run_dir, REPORT))
+        write_atomic(os.path.join(trainer.run_dir, REPORT), lambda f: json.dump(result.report, f, indent=1),
+                     binary=False)
     log.log({"step": 0, **result.metrics()})
     where = result.report["checkpoint_out"] or "checkpoint.enabled false: not saved"
     log.print(f"{result.summary} ({where}; {os.path.join(trainer.run_dir, REPORT)})")

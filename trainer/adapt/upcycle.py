@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelConfig, moe_layer_ids
+from models.config import moe_layer_ids
 from models.moe.upcycle import UpcycleError, upcycle_state_dict
 from parallel import unwrap
 from trainer.adapt.sources import resolve_checkpoint

@@ -29,10 +29,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from trainer.diffusion.config import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
 from trainer.diffusion.objectives import FlowMatching, GaussianDiffusion
 
-DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")
-FLOW_SAMPLERS = ("euler", "heun")
 SAMPLERS = {**{name: "diffusion" for name in DIFFUSION_SAMPLERS},
             **{name: "flow" for name in FLOW_SAMPLERS}}
 

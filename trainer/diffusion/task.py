@@ -126,7 +126,8 @@ class DiffusionTask:
 
     def score(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Conditional accuracy and Fréchet distance to the training images (rank 0 calls this)."""
-        from trainer.diffusion.image_eval import evaluate_samples, load_or_train_classifier
+        from trainer.diffusion.classifier import load_or_train_classifier
+        from trainer.diffusion.image_eval import evaluate_samples
 
         classifier = load_or_train_classifier(self.data)
         real, _ = self.data.train_images()

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from trainer.config import ConfigError, DataConfig
+from trainer.datasets_io import one_line
 
 HF_EXTRA_HINT = "pip install sparseforge[hf]"
 
@@ -89,8 +90,3 @@ def build_tokenizer(data_cfg: DataConfig) -> ByteTokenizer | HFTokenizer:
     if data_cfg.tokenizer == "byte":
         return ByteTokenizer()
     return HFTokenizer(os.path.expanduser(data_cfg.tokenizer))
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")

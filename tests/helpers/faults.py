@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes", "llm", "pretrain_tiny.yaml")
 # A tiny model that still trains for real (two ranks, a checkpoint every few steps, one log line
 # per step); no wandb, no heatmaps: the drills time the faults, not the extras.

@@ -2,7 +2,7 @@
 
 Used by tests/integration/test_multinode.py and benchmarks/ep_overlap.py:
 
-    from tests.cluster_box import ClusterBox, unavailable_reason
+    from tests.helpers.cluster_box import ClusterBox, unavailable_reason
 
     if (reason := unavailable_reason()) is not None:
         ...skip, printing reason...
