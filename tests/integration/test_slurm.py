@@ -1,6 +1,7 @@
-"""`sparseforge run --launcher slurm`: the sbatch script, its README copy, and the script run end to
-end with fake srun / scontrol / sbatch executables on PATH (srun starts the command once per
-"node" on this machine, so two torchrun agents meet at the c10d rendezvous the script names)."""
+"""`sparseforge run --launcher slurm`: the sbatch script, its copy in docs/deepspeed_slurm.md, and
+the script run end to end with fake srun / scontrol / sbatch executables on PATH (srun starts the
+command once per "node" on this machine, so two torchrun agents meet at the c10d rendezvous the
+script names)."""
 import json
 import os
 import pathlib
@@ -123,9 +124,9 @@ def test_script_for_two_nodes(tmp_path, capsys):
     assert seconds < 20
 
 
-def _readme_slurm_example():
-    """(the command, the script) of the README's SLURM section."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+def _docs_slurm_example():
+    """(the command, the script) of the SLURM section of docs/deepspeed_slurm.md."""
+    with open(os.path.join(ROOT, "docs", "deepspeed_slurm.md")) as f:
         section = f.read().split("\n## SLURM\n", 1)[1].split("\n## ", 1)[0]
     command = re.search(r"^sparseforge run recipes/\S+ --launcher slurm .*$", section, re.M).group(0)
     script = re.search(r"```bash\n(#!/bin/bash\n.*?)```", section, re.S).group(1)
@@ -133,15 +134,15 @@ def _readme_slurm_example():
 
 
 def test_readme_script_is_what_the_generator_writes(tmp_path, capsys, monkeypatch):
-    command, readme_script = _readme_slurm_example()
-    # The README's paths live under /shared; here under tmp_path (the interpreter: this one).
+    command, docs_script = _docs_slurm_example()
+    # The documented paths live under /shared; here under tmp_path (the interpreter: this one).
     args = command.replace("/shared", str(tmp_path)).split()[2:]
     assert args[0] == "recipes/llm/pretrain_tiny.yaml" and args[-2] == "--run-dir"
     monkeypatch.chdir(ROOT)
     script, _ = _generate(capsys, pathlib.Path(args[-1]), *args[1:-2], recipe=args[0])
     generated = script.read_text()
     generated = generated.replace(f"PYTHON={sys.executable}", "PYTHON=/shared/venv/bin/python")
-    assert generated.replace(str(tmp_path), "/shared") == readme_script
+    assert generated.replace(str(tmp_path), "/shared") == docs_script
 
 
 def test_script_runs_under_fake_slurm_and_a_rerun_resumes(tmp_path, capsys, fake_slurm):
