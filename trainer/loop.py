@@ -78,10 +78,10 @@ class Trainer:
     def unwrapped_model(self):
         return unwrap(self.model)
 
-    def _extra_state(self) -> dict:
+    def extra_state(self) -> dict:
         return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
-    def _run_state(self) -> dict:
+    def run_state(self) -> dict:
         """Saved with each checkpoint and read before the model is built on resume."""
         if self.peft is not None and self.peft.esft_selection is not None:
             return {"esft_selection": self.peft.esft_selection}
@@ -91,7 +91,7 @@ class Trainer:
         if path is None:
             return 0
         step = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.data, self.mesh,
-                               extra_state=self._extra_state(), engine=self.engine)
+                               extra_state=self.extra_state(), engine=self.engine)
         if self.mesh.is_main:
             print(f"resumed from {path} at step {step}", flush=True)
         return step
@@ -146,8 +146,8 @@ class Trainer:
                                                or self.step == cfg.train.steps or stopping):
                     self.watchdog.mark(self.step, "checkpoint save")
                     save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                    self.data, cfg, mesh, extra_state=self._extra_state(),
-                                    run_state=self._run_state(), engine=self.engine)
+                                    self.data, cfg, mesh, extra_state=self.extra_state(),
+                                    run_state=self.run_state(), engine=self.engine)
                 if stopping:
                     log.print(f"stopping at step {self.step} (train.stop_at_step); rerun to resume")
                     break

@@ -1,7 +1,7 @@
 """Router statistics and aux-loss-free balancing on 2 gloo ranks.
 
-Each rank records the loads its own router produced at every step (by wrapping the loop's
-`pop_step_loads`); the test then checks what the run did against references computed here from
+Each rank records the loads its own router produced at every step (by wrapping the router statistics'
+`pop_step_loads`, trainer/router_stats.py); the test then checks what the run did against references computed here from
 those per-rank loads: the bias of a single-process update on the summed loads, the logged loads
 and ratios of the global batch, and the loads behind each heatmap.
 """
@@ -28,12 +28,13 @@ SMALL = ["data.max_bytes=300000", "data.seq_len=32", "model.d_model=64", "model.
 def _train_recording(rank, world_size, overrides, run_dir):
     import trainer.loop as loop
     import trainer.plots as plots
+    import trainer.router_stats as router_stats
     from models.moe import moe_layers
     from parallel import unwrap
 
     torch.set_num_threads(1)
     step_loads, heatmaps = [], {}
-    real_pop, real_save = loop.pop_step_loads, plots.save_expert_load_heatmap
+    real_pop, real_save = router_stats.pop_step_loads, plots.save_expert_load_heatmap
 
     def pop_recording(model):
         loads_LE = real_pop(model)
@@ -44,7 +45,7 @@ def _train_recording(rank, world_size, overrides, run_dir):
         heatmaps[step] = loads_LE.clone()
         return real_save(loads_LE, step, run_dir, title)
 
-    loop.pop_step_loads = pop_recording
+    router_stats.pop_step_loads = pop_recording
     plots.save_expert_load_heatmap = save_recording
     os.makedirs(run_dir, exist_ok=True)
     trainer = loop.Trainer(load_config("recipes/llm/pretrain_tiny.yaml", SMALL + list(overrides)), run_dir)

@@ -318,8 +318,8 @@ def finish_prune(trainer, log) -> tuple[float, dict]:
     result, cfg = trainer.prune, trainer.cfg
     if cfg.checkpoint.enabled:
         path = save_checkpoint(trainer.run_dir, 0, trainer.model, trainer.optimizer, trainer.scheduler, trainer.data,
-                               cfg, trainer.mesh, extra_state=trainer._extra_state(),
-                               run_state={**trainer._run_state(), "pruned_from": result.report["checkpoint"],
+                               cfg, trainer.mesh, extra_state=trainer.extra_state(),
+                               run_state={**trainer.run_state(), "pruned_from": result.report["checkpoint"],
                                           "prune_method": result.report["method"]})
         result.report["checkpoint_out"] = path
     else:
