@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests import fault_helpers as fh  # noqa: E402
+from tests.helpers import faults as fh  # noqa: E402
 
 
 def main() -> int:

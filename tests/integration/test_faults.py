@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests import fault_helpers as fh
+from tests.helpers import faults as fh
 
 pytestmark = pytest.mark.integration
 

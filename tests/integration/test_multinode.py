@@ -13,7 +13,7 @@ import pytest
 
 from launch.cli import main as cli_main
 from launch.spawn import NodeArgs, rendezvous_args
-from tests import cluster_box
+from tests.helpers import cluster_box
 from tests.helpers.cluster_box import ClusterBox, ClusterBoxUnavailable, own_namespaces, unavailable_reason
 from tests.integration.test_cli import RECIPE, ROOT, SMALL, sparseforge
 

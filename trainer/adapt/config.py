@@ -70,6 +70,12 @@ def peft_shape_fields(p: PeftConfig) -> dict[str, object]:
                                                  "perft_num_adapters", "perft_rank")}
 
 
+def _weights_come_from(cfg: Config, method: str, key: str) -> None:
+    """A PEFT or prune run takes its weights from `key`: no other source of weights."""
+    for other in ("upcycle_from", "init_from"):
+        require(not getattr(cfg.model, other), f"model.{other}: not with {method}: the weights come from {key}")
+
+
 def check_peft(cfg: Config) -> None:
     """The peft section against the rest: a base is named, what a method needs of the model, what
     it cannot be combined with."""
@@ -79,8 +85,7 @@ def check_peft(cfg: Config) -> None:
     method = f"peft.method {p.method}"
     require(p.base != "", f"peft.base: required with {method} (the checkpoint directory step_XXXXXXXX "
                           f"of the model to fine-tune)")
-    for key in ("upcycle_from", "init_from"):
-        require(not getattr(cfg.model, key), f"model.{key}: not with {method}: the weights come from peft.base")
+    _weights_come_from(cfg, method, "peft.base")
     require(cfg.prune.method == "none", f"prune.method: not with {method}: prune first, then fine-tune the pruned "
                                         f"checkpoint as peft.base")
     require(not p.train_router or moe.num_experts > 0, "peft.train_router: needs an MoE model (moe.num_experts > 0)")
@@ -108,10 +113,7 @@ def check_prune(cfg: Config) -> None:
     method = f"prune.method {p.method}"
     require(p.checkpoint != "", f"prune.checkpoint: required with {method} (a checkpoint directory "
                                 f"step_XXXXXXXX of ours)")
-    require(cfg.peft.method == "none", f"peft.method {cfg.peft.method}: not with {method}; prune first, "
-                                       f"then fine-tune the pruned checkpoint")
-    for key in ("upcycle_from", "init_from"):
-        require(not getattr(cfg.model, key), f"model.{key}: not with {method}: the weights come from prune.checkpoint")
+    _weights_come_from(cfg, method, "prune.checkpoint")  # (and not peft: check_peft refuses the pair)
     if p.method in ("experts", "merge", "magnitude"):
         require(moe.num_experts > 0, f"{method}: needs an MoE model (moe.num_experts > 0)")
     if p.method in ("experts", "merge"):
