@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.init import Init
+
 ATTENTIONS = ("gqa", "mla")
 
 
@@ -29,6 +31,32 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+class RotaryTables(nn.Module):
+    """The RoPE tables of a model as non-persistent buffers, one module shared by the model and its
+    pipeline stages: materialising a stage materialises the tables every stage reads."""
+
+    def __init__(self, dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.dim, self.max_seq_len, self.theta = dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Derived from the config, small: computed whole on every rank (nothing on meta)."""
+        if not self.cos.is_meta:
+            cos, sin = rope_tables(self.dim, self.max_seq_len, self.theta, self.cos.device)
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+
+    def first(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions 0..num_positions-1."""
+        if num_positions > self.max_seq_len:
+            raise ValueError(f"sequence length {num_positions} exceeds max_seq_len={self.max_seq_len}")
+        return self.cos[:num_positions], self.sin[:num_positions]
 
 
 def apply_rope(x_BSHd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
@@ -57,10 +85,10 @@ def build_attention(cfg) -> nn.Module:
                      clip_qkv=cfg.clip_qkv, norm_eps=cfg.norm_eps)
 
 
-def _init_linear(linear: nn.Linear, std: float) -> None:
-    nn.init.normal_(linear.weight, std=std)
+def _init_linear(linear: nn.Linear, std: float, init: Init) -> None:
+    init.normal(linear.weight, std)
     if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
+        init.zeros(linear.bias)
 
 
 class Attention(nn.Module):
@@ -94,13 +122,13 @@ class Attention(nn.Module):
                                            is_causal=True, enable_gqa=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, std: float, out_std: float, init: Init) -> None:
         for w in (self.wq, self.wk, self.wv):
-            _init_linear(w, std)
-        _init_linear(self.wo, out_std)
+            _init_linear(w, std, init)
+        _init_linear(self.wo, out_std, init)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
-                norm.reset_parameters()
+                init.ones(norm.weight)
 
 
 class MLAttention(nn.Module):
@@ -147,12 +175,12 @@ class MLAttention(nn.Module):
                                            is_causal=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, H * V))
 
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, std: float, out_std: float, init: Init) -> None:
         projections = [self.wkv_a, self.wkv_b]
         projections += [self.wq_a, self.wq_b] if self.q_lora_rank > 0 else [self.wq]
         for w in projections:
-            _init_linear(w, std)
-        _init_linear(self.wo, out_std)
-        self.kv_a_norm.reset_parameters()
+            _init_linear(w, std, init)
+        _init_linear(self.wo, out_std, init)
+        init.ones(self.kv_a_norm.weight)
         if self.q_lora_rank > 0:
-            self.q_a_norm.reset_parameters()
+            init.ones(self.q_a_norm.weight)

@@ -1,6 +1,6 @@
 """Build a model from its config, and count its parameters.
 
-    build_model(model_cfg, moe_cfg) -> nn.Module     by model_cfg.family: "llm" MoETransformer,
+    build_model(model_cfg, moe_cfg, seed) -> nn.Module   by model_cfg.family: "llm" MoETransformer,
                                                      "dit" DiT; honours the current default
                                                      device (meta ok)
     param_counts(model, moe_cfg) -> (total, active)  active: each layer's routed experts count
@@ -13,20 +13,24 @@ from torch import nn
 from models.moe import moe_layers
 
 
-def build_model(model_cfg, moe_cfg) -> nn.Module:
-    """Build the model named by `model_cfg.family`.
+def build_model(model_cfg, moe_cfg, seed: int | None = None) -> nn.Module:
+    """Build the model named by `model_cfg.family`, its weights set from `seed`.
 
-    Under `with torch.device("meta"):` nothing is allocated; then use
-    `model.to_empty(device=...); model.init_weights()`.
+    Args:
+        seed: the weights' seed (models/init.py: the same seed gives the same weights on any
+            layout); None: drawn from torch's global generator, so torch.manual_seed decides.
+    Under `with torch.device("meta"):` nothing is allocated and nothing set; then
+    `model.to_empty(device=...)` (or parallel/'s per-rank materialisation) and
+    `models.init.initialize(model, seed)`.
     """
     if model_cfg.family == "llm":
         from models.llm import MoETransformer
 
-        return MoETransformer(model_cfg, moe_cfg)
+        return MoETransformer(model_cfg, moe_cfg, seed)
     if model_cfg.family == "dit":
         from models.dit import DiT
 
-        return DiT(model_cfg, moe_cfg)
+        return DiT(model_cfg, moe_cfg, seed)
     raise ValueError(f"unknown model family {model_cfg.family!r}; known: llm, dit")
 
 

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.init import Init, seed_from_global_rng
+
 
 class FeedForward(nn.Module):
     """y = W2 (silu(W1 x) * W3 x), no biases (Llama/Mixtral convention)."""
@@ -18,7 +20,10 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1.weight, std=std)
-        nn.init.normal_(self.w3.weight, std=std)
-        nn.init.normal_(self.w2.weight, std=out_std)
+    def init_weights(self, std: float, out_std: float, init: Init | None = None) -> None:
+        """N(0, std) for W1 and W3, N(0, out_std) for W2 (by name, models/init.py; standalone:
+        from torch's global generator)."""
+        init = init or Init(self, seed_from_global_rng())
+        init.normal(self.w1.weight, std)
+        init.normal(self.w3.weight, std)
+        init.normal(self.w2.weight, out_std)

@@ -3,7 +3,7 @@ and a SwiGLU FFN that is an MoE layer or dense depending on the layer index.
 
 Builds on the meta device (nothing data-dependent runs in a way that needs real storage), so
 huge presets can be counted without memory; `model.to_empty(device=...)` followed by
-`model.init_weights()` then gives a usable model.
+`models.init.initialize(model, seed)` then gives a usable model.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import build_attention, rope_dim, rope_tables
+from models.attention import RotaryTables, build_attention, rope_dim
 from models.config import is_moe_layer, moe_layer_config
 from models.ffn import FeedForward
+from models.init import Init, initialize, seed_from_global_rng
 from models.moe import MoE
 
 
@@ -43,11 +44,11 @@ class Block(nn.Module):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attn_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attn.init_weights(std, out_std)
-        self.ffn.init_weights(std, out_std)
+    def init_weights(self, std: float, out_std: float, init: Init) -> None:
+        init.ones(self.attn_norm.weight)
+        init.ones(self.ffn_norm.weight)
+        self.attn.init_weights(std, out_std, init)
+        self.ffn.init_weights(std, out_std, init)
 
 
 class MoETransformer(nn.Module):
@@ -56,9 +57,11 @@ class MoETransformer(nn.Module):
     Args:
         cfg: a `models.config.ModelConfig`.
         moe_cfg: a `models.config.MoEConfig` (num_experts 0: every FFN is dense).
+        seed: of the initial weights (models/init.py); None: from torch's global generator.
+            On the meta device nothing is set.
     """
 
-    def __init__(self, cfg, moe_cfg):
+    def __init__(self, cfg, moe_cfg, seed: int | None = None):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.rope_dim = rope_dim(cfg)  # channels per head that RoPE rotates
@@ -71,38 +74,33 @@ class MoETransformer(nn.Module):
         # Tied: the head reads tok_embeddings.weight in forward instead of sharing a Parameter
         # object, because to_empty()/_apply re-create parameters per module and would untie them.
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # Derived from the config, never saved; recomputed by init_weights after to_empty().
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.rope_dim // 2), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.rope_dim // 2), persistent=False)
-        self.init_weights()
+        self.rope = RotaryTables(self.rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        if not self.norm.weight.is_meta:
+            initialize(self, seed_from_global_rng() if seed is None else seed)
 
     @property
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """The one place where weights are set: N(0, init_std) for every matrix (router and
-        experts included), ones for norms, RoPE tables recomputed."""
+    def init_weights(self, init: Init) -> None:
+        """The one place where weights are set (models/init.py draws them by name): N(0, init_std)
+        for every matrix (router and experts included), ones for norms, RoPE tables recomputed."""
         std = self.cfg.init_std
         # Each block adds two residual branches; scaling their output projections by
         # 1/sqrt(2·num_layers) keeps the residual stream's variance from growing with depth.
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        cos, sin = rope_tables(self.rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        self.rope.init_buffers()
+        init.normal(self.tok_embeddings.weight, std)
         for block in self.layers.values():
-            block.init_weights(std, out_std)
-        self.norm.reset_parameters()
+            block.init_weights(std, out_std, init)
+        init.ones(self.norm.weight)
         if self.output is not None:
-            nn.init.normal_(self.output.weight, std=std)
+            init.normal(self.output.weight, std)
+
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        S = tokens_BS.shape[1]
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        cos, sin = self.rope.first(tokens_BS.shape[1])
         h_BSD = self.tok_embeddings(tokens_BS)
         for block in self.layers.values():
             h_BSD = block(h_BSD, cos, sin)
@@ -141,20 +139,14 @@ class TransformerStage(nn.Module):
     def __init__(self, model: MoETransformer, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
         self.layer_ids, self.first, self.last = list(layer_ids), first, last
-        self.max_seq_len = model.cfg.max_seq_len
         self.tok_embeddings = model.tok_embeddings if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         self.norm = model.norm if last else None
         self.output = model.output if last else None
-        # The model's RoPE tables, shared (not copied): init_weights on the model refreshes them.
-        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
-        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+        self.rope = model.rope  # the model's tables module, shared (not copied)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        S = x.shape[1]
-        if S > self.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.max_seq_len}")
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        cos, sin = self.rope.first(x.shape[1])
         h_BSD = self.tok_embeddings(x) if self.first else x
         for block in self.layers.values():
             h_BSD = block(h_BSD, cos, sin)

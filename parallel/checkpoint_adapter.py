@@ -17,8 +17,12 @@ Why DTensor rather than renamed per-expert keys: DCP already reshards DTensors, 
       DCP keeps one writer per (key, offset), as it does for replicated plain tensors;
     - consolidating a checkpoint with DCP's own tools gives full [E, ...] tensors, one key per
       parameter (not E × 3 keys per layer).
-The model itself never holds DTensors: they exist only between `get_state_dict` and `dcp.save`,
-and between `dcp.load` and `set_state_dict`, wrapping (not copying) the local tensors.
+Outside FSDP the model itself never holds DTensors: they exist only between `get_state_dict` and
+`dcp.save`, and between `dcp.load` and `set_state_dict`, wrapping (not copying) the local tensors.
+Under FSDP (parallel/fsdp.py) an expert parameter is already a DTensor over the expert shard mesh
+(the rank's [E/ep, ...] experts split along dim 1); it is presented over that mesh and the ep group
+(`mesh.expert_ckpt_mesh`), again the unsharded [E, ...] tensor. Non-expert FSDP parameters are
+DTensors of their global shape already and need nothing.
 
 Pipeline parallelism needs nothing here: stage modules keep the full model's parameter names, so a
 stage saves and loads only the keys it holds (each pp stage writes its own keys; any pp reads them).
@@ -45,8 +49,9 @@ def expert_shards(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shards
 
 
-def to_checkpoint(model: nn.Module, model_sd: dict, optim_sd: dict, mesh: ParallelMesh) -> None:
-    """Wrap the expert-sharded tensors of `get_state_dict`'s dicts as DTensors, in place.
+def to_checkpoint(model: nn.Module, model_sd: dict, optim_sd: dict, mesh: ParallelMesh) -> dict:
+    """Wrap the expert-sharded tensors of `get_state_dict`'s dicts as DTensors of the unsharded
+    [E, ...] tensor, in place; returns what `from_checkpoint` puts back.
 
     Args:
         model: the unwrapped (no DDP) model the state dicts come from.
@@ -55,40 +60,48 @@ def to_checkpoint(model: nn.Module, model_sd: dict, optim_sd: dict, mesh: Parall
         mesh: the run's mesh; a no-op when mesh.ep == 1.
     """
     shards = expert_shards(model)
+    originals: dict = {}
     if mesh.ep == 1 or not shards:
-        return
+        return originals
     device_mesh = DeviceMesh.from_group(mesh.ep_group, mesh.device.type, mesh_dim_names=("ep",))
     for fqn, (offset, num_global) in shards.items():
         if fqn not in model_sd:  # frozen (a PEFT run's base experts) or not in this extra state
             continue
-        local = model_sd[fqn].shape[0]
+        value = model_sd[fqn]
+        local = value.shape[0]  # experts this rank holds (FSDP shards them along another dim)
         # DTensor places shard r at rows [r·E/ep, (r+1)·E/ep): that must be what shard_experts kept.
-        if offset != device_mesh.get_local_rank() * local or num_global != local * mesh.ep:
+        if offset != mesh.ep_rank * local or num_global != local * mesh.ep:
             raise RuntimeError(f"{fqn}: experts [{offset}, {offset + local}) of {num_global} do not "
                                f"match ep_rank {mesh.ep_rank} of ep={mesh.ep}")
-        model_sd[fqn] = _shard(model_sd[fqn], device_mesh)
         # Optimizer state, flattened per parameter (`state.<fqn>.<name>`, see trainer/checkpoint.py):
         # moments have the parameter's shape; scalars (AdamW's `step`) are the same everywhere.
-        prefix = f"state.{fqn}."
-        for key, value in optim_sd.items():
-            if key.startswith(prefix) and _is_rows(value, local):
-                optim_sd[key] = _shard(value, device_mesh)
+        keys = [(model_sd, fqn)] + [(optim_sd, k) for k, v in optim_sd.items()
+                                    if k.startswith(f"state.{fqn}.") and _is_rows(v, local)]
+        for sd, key in keys:
+            originals[(id(sd), key)] = sd[key]
+            sd[key] = _global_experts(sd[key], device_mesh, mesh, num_global)
+    return originals
 
 
-def from_checkpoint(model_sd: dict, optim_sd: dict) -> None:
-    """Replace the DTensors of `to_checkpoint` by their local tensors (after `dcp.load`), in place."""
-    for fqn, value in model_sd.items():
-        if isinstance(value, DTensor):
-            model_sd[fqn] = value.to_local()
-    for key, value in optim_sd.items():
-        if isinstance(value, DTensor):
-            optim_sd[key] = value.to_local()
+def from_checkpoint(model_sd: dict, optim_sd: dict, originals: dict) -> None:
+    """Put back the tensors `to_checkpoint` wrapped (after `dcp.load` filled them in place)."""
+    for sd in (model_sd, optim_sd):
+        for key in list(sd):
+            if (id(sd), key) in originals:
+                sd[key] = originals[(id(sd), key)]
 
 
 def _is_rows(value, num_local: int) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == num_local
 
 
-def _shard(local: torch.Tensor, device_mesh: DeviceMesh) -> DTensor:
-    # run_check=False: no collective; shapes are equal across the ep group by construction.
-    return DTensor.from_local(local, device_mesh, [Shard(0)], run_check=False)
+def _global_experts(value: torch.Tensor, ep_mesh: DeviceMesh, mesh: ParallelMesh, num_global: int) -> DTensor:
+    """This rank's experts as a DTensor of the unsharded tensor: over the ep group (rows), and
+    under FSDP also over the expert shard mesh (its own placements: dim 1, replicas)."""
+    # run_check=False: no collective; shapes are equal across the groups by construction.
+    if not isinstance(value, DTensor):
+        return DTensor.from_local(value, ep_mesh, [Shard(0)], run_check=False)
+    shape = (num_global, *value.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(value.to_local(), mesh.expert_ckpt_mesh, [*value.placements, Shard(0)],
+                              run_check=False, shape=shape, stride=stride)

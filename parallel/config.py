@@ -14,6 +14,9 @@ from models.config import ConfigSection, ModelConfig, MoEConfig, bounded, requir
 EpOverlap = Literal["none", "async", "chunked", "shared_expert", "combinable"]
 # Pipeline schedules of torch.distributed.pipelining (parallel/pipeline.py).
 PpSchedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"]
+# Data parallelism: DDP replicates every parameter, FSDP2 shards them (parallel/fsdp.py).
+DataParallel = Literal["ddp", "fsdp"]
+Dtype = Literal["fp32", "bf16"]
 EP_OVERLAPS, PP_SCHEDULES = get_args(EpOverlap), get_args(PpSchedule)
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # one stage per rank
 V_SCHEDULES = ("zbv", "dualpipev")  # two stages per rank in a V: rank r holds r and 2·pp-1-r
@@ -31,12 +34,30 @@ class ParallelConfig(ConfigSection):
     pp_schedule: PpSchedule = "1f1b"
     pp_microbatches: int = bounded(0, ge=0)  # pipeline microbatches per micro step (0: the number of stages)
     pp_stages_per_rank: int = bounded(0, ge=0)  # virtual stages per rank (0: 1 for gpipe/1f1b, else 2)
-    pp_layers: list[int] = field(default_factory=list)  # layers per stage; empty: balanced by params
+    pp_layers: list[int] = field(default_factory=list)  # layers per stage; empty: balanced by FLOPs
+    # Data parallelism over the dp group: ddp (every rank holds every parameter) or fsdp (FSDP2:
+    # parameters, gradients and optimizer state sharded, each block gathered for its compute).
+    data_parallel: DataParallel = "ddp"
+    # fsdp: ranks each parameter is sharded over; -1: the whole dp group (full sharding); fewer:
+    # hybrid sharding (HSDP), shards in groups of dp_shard ranks, replicated over dp / dp_shard.
+    dp_shard: int = -1
+    fsdp_param_dtype: Dtype = "fp32"  # fsdp: dtype of the gathered parameters in forward/backward
+    fsdp_reduce_dtype: Dtype = "fp32"  # fsdp: dtype in which gradients are reduced
+    fsdp_cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state in CPU memory
+    fsdp_reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (gather again in backward)
 
 
 def resolved_dp(par: ParallelConfig, world_size: int) -> int:
     """The data-parallel size: explicit, or what the world leaves after pipeline stages."""
     return par.dp if par.dp > 0 else world_size // par.pp
+
+
+def resolved_dp_shard(par: ParallelConfig, world_size: int) -> int:
+    """FSDP's shard group size (the whole dp group when dp_shard is -1); 1 without FSDP."""
+    if par.data_parallel != "fsdp":
+        return 1
+    dp = resolved_dp(par, world_size)
+    return dp if par.dp_shard <= 0 else par.dp_shard
 
 
 def pp_stages_per_rank(par: ParallelConfig) -> int:
@@ -90,6 +111,18 @@ def check_parallel(par: ParallelConfig, model: ModelConfig, moe: MoEConfig, micr
         require(dp * par.pp == world_size,
                 f"parallel layout pp={par.pp} x dp={dp} = {dp * par.pp} ranks does not match world size {world_size}")
         require(dp % par.ep == 0, f"parallel.ep={par.ep} does not divide the data-parallel size {dp}")
+        if par.data_parallel == "fsdp":
+            shard = resolved_dp_shard(par, world_size)
+            require(shard >= 1 and dp % shard == 0,
+                    f"parallel.dp_shard={par.dp_shard} does not divide the data-parallel size {dp}")
+            # Expert-parallel groups sit inside a shard group: its ranks hold every expert once.
+            require(shard % par.ep == 0, f"parallel.ep={par.ep} does not divide parallel.dp_shard={shard} "
+                                         f"(the expert-parallel groups must fit in a shard group)")
+    require(par.dp_shard == -1 or par.dp_shard >= 1, f"parallel.dp_shard: -1 (all of dp) or >= 1, got {par.dp_shard}")
+    require(par.data_parallel == "fsdp" or par.dp_shard == -1,
+            f"parallel.dp_shard={par.dp_shard}: shards parameters under parallel.data_parallel=fsdp, not ddp")
+    require(par.data_parallel == "fsdp" or not par.fsdp_cpu_offload,
+            "parallel.fsdp_cpu_offload: needs parallel.data_parallel=fsdp")
 
 
 def _check_pipeline(par: ParallelConfig, m: ModelConfig, micro_batch_size: int) -> None:

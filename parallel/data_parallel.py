@@ -1,11 +1,11 @@
-"""Data-parallel wrapping: PyTorch DDP over the mesh's dp group.
+"""Data-parallel gradients: DDP wrapping over the mesh's dp group, the expert and replicated
+gradient reductions that DDP does not do, and the gradient norm of the whole sharded model.
 
-Why DDP and not FSDP2: at the model sizes this runs on CPU, replicating parameters costs little,
-DDP overlaps its bucketed all-reduce with backward, and gloo supports all of it.
-
-With expert parallelism (ep > 1) DDP skips the routed-expert parameters: each rank holds other
-experts. Their gradients are reduced by `sync_expert_grads` over the expert-data-parallel group
-only, and `clip_grad_norm` computes the norm of the whole (sharded) model.
+DDP (parallel.data_parallel ddp) replicates every non-expert parameter; FSDP2 (fsdp, parallel/fsdp.py)
+shards them and reduce-scatters their gradients itself. Either way, with expert parallelism
+(ep > 1) each rank holds other routed experts: gradients of experts FSDP does not manage are
+reduced by `sync_expert_grads` over the expert-data-parallel group, and `clip_grad_norm` computes
+the norm of the whole model from every rank's shards.
 """
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models.moe import expert_parameters, is_expert_param
+from parallel.fsdp import is_fsdp_managed, local_tensor
 from parallel.mesh import ParallelMesh
 
 
 def wrap_data_parallel(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
-    """DDP over the dp group, or the model itself when there is nothing to reduce over."""
-    if mesh.dp_group is None:
+    """DDP over the dp group, or the model itself when there is nothing to reduce over (or FSDP
+    reduces it)."""
+    if mesh.dp_group is None or mesh.fsdp:
         return model
     # Sharded experts (ep > 1) are reduced by sync_expert_grads, never broadcast from rank 0.
     ignored = [name for name, _ in expert_parameters(model)] if mesh.ep > 1 else []
@@ -62,7 +64,7 @@ def sync_expert_grads(model: nn.Module, mesh: ParallelMesh) -> None:
     """
     if mesh.ep == 1:
         return
-    grads = [p.grad for _, p in expert_parameters(unwrap(model)) if p.grad is not None]
+    grads = [p.grad for _, p in expert_parameters(unwrap(model)) if p.grad is not None and not is_fsdp_managed(p)]
     if not grads:
         return
     if mesh.edp_group is not None:  # one collective for all expert grads
@@ -81,7 +83,7 @@ def sync_replicated_grads(model: nn.Module, mesh: ParallelMesh) -> None:
     one flat all-reduce after the last of them is simpler than steering DDP's reducer through
     them. Call once per optimizer step, with `sync_expert_grads`, before clipping.
     """
-    if mesh.dp_group is None:
+    if mesh.dp_group is None or mesh.fsdp:  # FSDP reduce-scatters in backward
         return
     skip_experts = mesh.ep > 1  # sharded: reduced over their expert-data-parallel group instead
     grads = [p.grad for n, p in unwrap(model).named_parameters()
@@ -98,27 +100,44 @@ def sync_replicated_grads(model: nn.Module, mesh: ParallelMesh) -> None:
 def clip_grad_norm(model: nn.Module, mesh: ParallelMesh, max_norm: float) -> torch.Tensor:
     """Clip all gradients by the 2-norm of the whole model's gradient; returns that norm.
 
-    What torch.nn.utils.clip_grad_norm_ gives on the unsharded model: replicated parameters
-    count once, expert shards are summed over the ep group (after `sync_expert_grads` they are
-    equal across the expert-data-parallel group, so each expert counts once). Under pipeline
-    parallelism each rank holds some stages' parameters: the squares are summed over the pp
-    group too. `max_norm` inf: measure only, gradients untouched (even for a non-finite norm,
-    which clip_grad_norm_ would spread as NaN into every gradient).
+    What torch.nn.utils.clip_grad_norm_ gives on the unsharded model. The squares of this rank's
+    gradients are summed by kind, then over the ranks that hold other parts of the model:
+        replicated (DDP, or no dp)    counted once: every rank holds the same values
+        FSDP shards                   summed over the shard group (HSDP replicas hold the same)
+        experts (ep > 1)              FSDP's expert shards over their shard group, then every
+                                      rank's experts over the ep group (after `sync_expert_grads`
+                                      the expert-data-parallel replicas hold the same values)
+        pipeline stages (pp > 1)      disjoint parameters: summed over the pp group
+    `max_norm` inf: measure only, gradients untouched (even for a non-finite norm, which
+    clip_grad_norm_ would spread as NaN into every gradient).
     """
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.grad is not None]
-    if mesh.ep == 1 and mesh.pp == 1:
+    if mesh.ep == 1 and mesh.pp == 1 and not mesh.fsdp:
         if math.isinf(max_norm):  # what clip_grad_norm_ returns, without its scaling by inf / norm
             return torch.nn.utils.get_total_norm([p.grad for _, p in named], 2.0)
         return torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm)
-    grads = [p.grad for _, p in named]
+    grads = [local_tensor(p.grad) for _, p in named]
     dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)
-    sq = [torch.zeros((), dtype=dtype, device=mesh.device) for _ in range(2)]  # other, expert
-    for (name, _), g in zip(named, grads):
-        i = int(is_expert_param(name))
-        sq[i] = sq[i] + torch.linalg.vector_norm(g, dtype=dtype).square()
-    if mesh.ep > 1:
-        dist.all_reduce(sq[1], op=dist.ReduceOp.SUM, group=mesh.ep_group)
-    total_sq = sq[0] + sq[1]
+    # (expert?, DTensor mesh or None, its sharded mesh dims) -> sum of squares of this rank's part
+    sq: dict = {}
+    for (name, p), g in zip(named, grads):
+        grad = p.grad
+        shards = (grad.device_mesh, tuple(i for i, pl in enumerate(grad.placements) if pl.is_shard())) \
+            if is_fsdp_managed(grad) else (None, ())
+        key = (is_expert_param(name), *shards)
+        sq[key] = sq.get(key, 0.0) + torch.linalg.vector_norm(g, dtype=dtype).square()
+    experts = torch.zeros((), dtype=dtype, device=mesh.device)
+    total_sq = torch.zeros((), dtype=dtype, device=mesh.device)
+    for (expert, device_mesh, dims), value in sq.items():
+        for dim in dims:  # FSDP shards: summed over the mesh dims they are split along
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=device_mesh.get_group(dim))
+        if expert:
+            experts = experts + value
+        else:
+            total_sq = total_sq + value
+    if mesh.ep > 1:  # every rank of the ep group holds other experts
+        dist.all_reduce(experts, op=dist.ReduceOp.SUM, group=mesh.ep_group)
+    total_sq = total_sq + experts
     if mesh.pp > 1:  # stages hold disjoint parameters
         dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=mesh.pp_group)
     total = total_sq.sqrt()

@@ -14,6 +14,17 @@ Across stages:
          between stages (torch.distributed.pipelining), sum the squared gradient norm
 Contiguous ep groups keep an expert-parallel group on one node when ep divides the processes per
 node, so the all-to-all, the heaviest traffic, stays on the fastest links.
+
+FSDP (parallel.data_parallel fsdp) adds DeviceMeshes over the same layout, the world seen as
+    (pp, dp_replicate, efsdp, ep),  dp = dp_replicate x dp_shard,  dp_shard = efsdp x ep
+(row-major, so dp_rank = (replicate·efsdp + efsdp_rank)·ep + ep_rank as above):
+    fsdp_mesh          (dp_shard) or (dp_replicate, dp_shard): non-expert parameters are sharded
+                       over dp_shard consecutive dp ranks (their node, when it holds them) and,
+                       under HSDP, replicated over dp_replicate such groups
+    expert_fsdp_mesh   (efsdp) or (dp_replicate, efsdp): routed experts, already split over ep,
+                       are sharded over the ranks holding the same experts in a shard group
+    expert_ckpt_mesh   expert_fsdp_mesh's dims and ep: where each piece of an expert tensor lies in
+                       the unsharded [E, ...] tensor, for checkpoints
 """
 from __future__ import annotations
 
@@ -24,7 +35,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.config import ParallelConfig, resolved_dp
+from parallel.config import ParallelConfig, resolved_dp, resolved_dp_shard
 
 
 @dataclass
@@ -43,10 +54,28 @@ class ParallelMesh:
     ep_group: dist.ProcessGroup | None = None  # None when ep == 1
     edp_group: dist.ProcessGroup | None = None  # None when dp == ep; the dp group when ep == 1
     pp_group: dist.ProcessGroup | None = None  # None when pp == 1
+    dp_shard: int = 1  # FSDP's shard group size; 1 without FSDP
+    fsdp_mesh: object = None  # DeviceMesh of the non-expert parameters (FSDP only)
+    expert_fsdp_mesh: object = None  # DeviceMesh of the expert parameters (FSDP, ep > 1, replicas exist)
+    expert_ckpt_mesh: object = None  # expert_fsdp_mesh's dims + ep (FSDP, ep > 1)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def fsdp(self) -> bool:
+        return self.fsdp_mesh is not None
+
+    @property
+    def shard_group(self) -> dist.ProcessGroup | None:
+        """The group a non-expert parameter's FSDP shards span (None without FSDP)."""
+        return self.fsdp_mesh.get_group("dp_shard") if self.fsdp else None
+
+    @property
+    def efsdp_group(self) -> dist.ProcessGroup | None:
+        """The group an expert parameter's FSDP shards span (None when experts are not FSDP's)."""
+        return self.expert_fsdp_mesh.get_group("efsdp") if self.expert_fsdp_mesh is not None else None
 
     @property
     def edp(self) -> int:
@@ -117,9 +146,31 @@ def build_mesh(par: ParallelConfig, device: torch.device) -> ParallelMesh:
     else:
         edp_group = dp_group  # without expert parallelism the experts are plain data parallel
     pp_group = _own_group(members["pp"], rank) if par.pp > 1 else None
-    return ParallelMesh(world_size, rank, par.pp, dp, par.ep, coords["pp_rank"], coords["dp_rank"],
+    mesh = ParallelMesh(world_size, rank, par.pp, dp, par.ep, coords["pp_rank"], coords["dp_rank"],
                         device, dp_group, coords["ep_rank"], coords["edp_rank"], ep_group, edp_group,
                         pp_group)
+    if par.data_parallel == "fsdp":
+        _add_fsdp_meshes(mesh, par, device)
+    return mesh
+
+
+def _add_fsdp_meshes(mesh: ParallelMesh, par: ParallelConfig, device: torch.device) -> None:
+    """The DeviceMeshes of FSDP (see the module docstring); every rank builds all of them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard = resolved_dp_shard(par, mesh.world_size)
+    replicate, efsdp = mesh.dp // shard, shard // par.ep
+    world = init_device_mesh(device.type, (par.pp, replicate, efsdp, par.ep),
+                             mesh_dim_names=("pp", "dp_replicate", "efsdp", "ep"))
+    world["efsdp", "ep"]._flatten("dp_shard")
+    mesh.dp_shard = shard
+    mesh.fsdp_mesh = world["dp_replicate", "dp_shard"] if replicate > 1 else world["dp_shard"]
+    if par.ep > 1:
+        expert_dims = ("dp_replicate", "efsdp") if replicate > 1 else ("efsdp",)
+        # Experts held by one rank only (no replicas: dp == ep) stay plain tensors outside FSDP.
+        if replicate * efsdp > 1:
+            mesh.expert_fsdp_mesh = world[expert_dims]
+            mesh.expert_ckpt_mesh = world[(*expert_dims, "ep")]
 
 
 def _own_group(groups: list[list[int]], rank: int, reuse_world: bool = False) -> dist.ProcessGroup:

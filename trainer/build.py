@@ -1,16 +1,20 @@
 """The Trainer's construction, as named steps (trainer/loop.py calls them in this order):
 
-    build        the model from model/moe, with its aux-loss scale          (models/)
-    adapt        the recipe's whole-model transforms, before anything is sharded:
-                 prune (prune.*), upcycle (model.upcycle_from), init (model.init_from),
-                 PEFT (peft.*)                                             (trainer/adapt/)
-    parallelize  pipeline stages (parallel.pp), or expert parallelism + DDP, or expert
-                 parallelism under DeepSpeed (train.engine)                (parallel/)
+    build        the model from model/moe on the meta device: nothing allocated  (models/)
+    adapt        structural transforms, still on meta: PEFT adapters (peft.*); a fresh prune
+                 run instead compresses its checkpoint on the whole, materialised model
+    parallelize  expert shards, pipeline stages, FSDP shards, still on meta    (parallel/)
+    materialize  memory for this rank's share only, initial values from train.seed, the same
+                 on any layout (models/init.py, parallel/materialize.py)
+    load         what the run starts from, read for this rank's share: model.init_from,
+                 model.upcycle_from, peft.base (then ESFT's expert selection)  (trainer/adapt/)
+    wrap         DDP around the model (parallel.data_parallel ddp, pp 1): it needs real tensors
     optimize     the optimizer and lr schedule (DeepSpeed's, or AdamW), the DiT's EMA
-    load         resume from a checkpoint (trainer/checkpoint.py), in trainer/loop.py
+    resume       a checkpoint (trainer/checkpoint.py), in trainer/loop.py
 
 Every step runs on every rank alike (same seed, same sources read), so the ranks start from
-identical weights without a broadcast.
+identical weights without a broadcast, and no rank ever holds the whole model (but a fresh prune
+run, which compresses a checkpoint it reads whole).
 """
 from __future__ import annotations
 
@@ -21,21 +25,22 @@ from torch import nn
 
 import models
 from models.moe import moe_layers, set_aux_loss_scale
-from models.peft import partially_frozen_parameters
-from parallel import ParallelMesh, apply_expert_parallel, parallelize, parallelize_pipeline
+from models.peft import apply_peft, count_parameters, partially_frozen_parameters
+from parallel import ParallelMesh, apply_expert_parallel, parallelize, parallelize_pipeline, unwrap
 from parallel.config import pp_microbatches
-from trainer.adapt.peft import PeftState, prepare_peft
-from trainer.adapt.prune import PruneResult, prune_model
+from parallel.data_parallel import wrap_data_parallel
+from parallel.materialize import materialize
+from trainer.adapt.peft import PeftState
+from trainer.adapt.prune import PruneResult
 from trainer.config import Config
 from trainer.ema import EMA
 from trainer.optim import build_optimizer, build_scheduler
 
 
-def build(cfg: Config, mesh: ParallelMesh) -> nn.Module:
-    """The whole model on this rank's device, initialised from train.seed."""
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    with torch.device(mesh.device):
-        model = models.build_model(cfg.model, cfg.moe)
+def build(cfg: Config, mesh: ParallelMesh, whole: bool = False) -> nn.Module:
+    """The model on the meta device, or (`whole`) materialised on this rank's device from train.seed."""
+    with torch.device(mesh.device if whole else "meta"):
+        model = models.build_model(cfg.model, cfg.moe, seed=cfg.train.seed)
     # The aux-loss gradient of one forward: 1 / (forwards per optimizer step), as the LM loss.
     forwards = cfg.train.grad_accum_steps * (pp_microbatches(cfg.parallel) if mesh.pp > 1 else 1)
     set_aux_loss_scale(model, 1.0 / forwards)
@@ -48,45 +53,38 @@ class Adapted:
 
     cfg: Config  # a prune run's is the compressed model's
     prune: PruneResult | None
-    peft: PeftState | None
-    lines: list[str]  # for the log (rank 0 prints them)
+    peft: PeftState | None  # lora / perft / full: the adapters added (ESFT selects after `load`)
 
 
-def adapt(model: nn.Module, cfg: Config, task, mesh: ParallelMesh, run_dir: str,
-          resume_path: str | None) -> Adapted:
-    """The whole-model transforms of the recipe, in place, before experts are sharded, stages
-    split or an optimizer holds the parameters: every layout then starts from the same weights."""
+def adapt(model: nn.Module, cfg: Config, task, mesh: ParallelMesh, run_dir: str) -> Adapted:
+    """The structural transforms of the recipe on the whole model, before it is split: a fresh
+    prune run's compression (on the materialised whole model), PEFT adapters (on meta; ESFT's
+    selection needs the base's weights and comes after `load`)."""
     prune = peft = None
-    lines = []
     if cfg.prune.method != "none":  # the checkpoint compressed on the whole model (trainer/adapt/prune.py)
+        from trainer.adapt.prune import prune_model
+
         prune = prune_model(model, cfg, task, mesh, run_dir)
         cfg = prune.cfg
-    if resume_path is None and cfg.model.upcycle_from:  # a fresh MoE run from a dense checkpoint
-        from trainer.adapt.upcycle import upcycle_into
-
-        lines.append(upcycle_into(model, cfg.model.upcycle_from, granularity=cfg.model.upcycle_granularity,
-                                  seed=cfg.train.seed))
-    elif resume_path is None and cfg.model.init_from:  # a fresh run from an HF model or ours
-        from trainer.adapt.hf_bridge import init_model_from
-
-        lines.append(init_model_from(model, cfg.model.init_from))
-    if cfg.peft.method != "none":  # base weights, (ESFT) expert selection, adapters
-        peft, base_line = prepare_peft(model, cfg, task, mesh, resume_path)
-        lines += [base_line, peft.summary]
-    return Adapted(cfg, prune, peft, lines)
+    if cfg.peft.method not in ("none", "esft"):
+        summary = apply_peft(model, cfg.peft)
+        trainable, total = count_parameters(model)  # of the whole model, before it is split
+        peft = PeftState(summary, trainable, total, None)
+    return Adapted(cfg, prune, peft)
 
 
 @dataclass
 class Parallelized:
-    """This rank's part of the model. `model` holds this rank's parameters: DDP-wrapped, the
-    pipeline's stage module, or the expert-sharded model DeepSpeed wraps."""
+    """This rank's part of the model. `model` holds this rank's parameters: the model (FSDP-sharded,
+    or DDP-wrapped after `wrap`), the pipeline's stage module, or the expert-sharded model
+    DeepSpeed wraps."""
 
     model: nn.Module
     pipeline: object | None  # parallel.pipeline.Pipeline when parallel.pp > 1
 
 
 def parallelize_model(model: nn.Module, cfg: Config, mesh: ParallelMesh, task) -> Parallelized:
-    """Expert parallelism, then pipeline stages or data-parallel wrapping (parallel/apply.py)."""
+    """Expert parallelism, then pipeline stages or FSDP (parallel/apply.py); on meta or materialised."""
     par = cfg.parallel
     if mesh.pp > 1:  # this rank keeps its stages only
         pipeline = parallelize_pipeline(model, mesh, par, task.pipeline_loss_fn,
@@ -96,6 +94,19 @@ def parallelize_model(model: nn.Module, cfg: Config, mesh: ParallelMesh, task) -
     if cfg.train.engine == "deepspeed":  # experts sharded here; DeepSpeed wraps the rest, not DDP
         return Parallelized(apply_expert_parallel(model, mesh, par.ep_overlap, par.ep_chunks), None)
     return Parallelized(parallelize(model, mesh, par), None)
+
+
+def materialize_share(model: nn.Module, parts: Parallelized, cfg: Config, mesh: ParallelMesh) -> None:
+    """Memory and initial values for this rank's share (a no-op for a materialised model)."""
+    if any(p.is_meta for p in parts.model.parameters()):
+        materialize(model, parts.model, mesh.device, cfg.train.seed)
+
+
+def wrap(parts: Parallelized, cfg: Config, mesh: ParallelMesh) -> Parallelized:
+    """DDP around a pp-1 native run's model (FSDP, pipeline stages and DeepSpeed need none)."""
+    if parts.pipeline is not None or mesh.fsdp or cfg.train.engine == "deepspeed":
+        return parts
+    return Parallelized(wrap_data_parallel(unwrap(parts.model), mesh), None)
 
 
 @dataclass

@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from parallel import ParallelMesh, barrier, unwrap
 from parallel.checkpoint_adapter import from_checkpoint, to_checkpoint
@@ -82,7 +83,8 @@ def _set_rng_state(state: dict) -> None:
 
 def _wrapped_extra(target, extra_state: dict | None, mesh: ParallelMesh) -> dict:
     """Shallow copies of the extra state dicts ({fqn: tensor} per name, e.g. the EMA weights) with
-    expert shards wrapped as DTensors, like the model's own (parallel/checkpoint_adapter.py)."""
+    expert shards wrapped as DTensors, like the model's own (parallel/checkpoint_adapter.py). The
+    wrappers share the live tensors' storage: a load fills the live tensors in place."""
     out = {}
     for name, sd in (extra_state or {}).items():
         sd = dict(sd)
@@ -152,17 +154,11 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
     model_sd, optim_sd = get_state_dict(target, optimizer, options=options)
     # Expert shards are read as the rows of the experts this rank holds now, whatever the ep size
     # of the run that saved them.
-    to_checkpoint(target, model_sd, optim_sd, mesh)
+    originals = to_checkpoint(target, model_sd, optim_sd, mesh)
     extras = _wrapped_extra(target, extra_state, mesh)
     state = {"model": model_sd, "optim": optim_sd, **extras}
     dcp.load(state, checkpoint_id=path)
-    for name, live in (extra_state or {}).items():
-        for key, tensor in live.items():
-            loaded = state[name][key]
-            loaded = loaded.to_local() if hasattr(loaded, "to_local") else loaded
-            if loaded is not tensor:
-                tensor.copy_(loaded)
-    from_checkpoint(state["model"], state["optim"])
+    from_checkpoint(state["model"], state["optim"], originals)
     set_state_dict(target, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=options)
     if engine is not None:  # after the weights: ZeRO's fp32 master weights and moments (collective)
@@ -177,6 +173,38 @@ def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: Parallel
     if dist.is_initialized():
         dist.barrier()
     return int(extra["step"])
+
+
+def load_model_weights(path: str, model, mesh: ParallelMesh | None, section: str = "model",
+                       names=None) -> list[str]:
+    """Read the weights of checkpoint `path` into this rank's share of `model`, in place: only the
+    rows and shards this rank holds are read (DCP reshards to any ep / pp / FSDP layout).
+
+    Args:
+        model: this rank's module (unwrapped or DDP), materialised.
+        mesh: the run's mesh (None: one process).
+        section: "model", or another state saved beside it ("ema": a DiT's EMA weights).
+        names: which of the model's tensors to read (default: all it has); each must be stored.
+    Returns:
+        The names read. Collective: every rank of the job calls it.
+    """
+    target = unwrap(model)
+    stored = {k: tuple(m.size) for k, m in _model_metadata(FileSystemReader(path), section).items()}
+    sd = get_model_state_dict(target, options=StateDictOptions(ignore_frozen_params=False))
+    wanted = set(sd) if names is None else set(names)
+    if missing := sorted(wanted - set(stored)):
+        raise ConfigError(f"{path} has no tensor {missing[0]}, which this model needs")
+    sd = {k: v for k, v in sd.items() if k in wanted}
+    originals = to_checkpoint(target, sd, {}, mesh) if mesh is not None else {}
+    for key, value in sd.items():  # global shapes (expert and FSDP shards seen whole)
+        if tuple(value.shape) != stored[key]:
+            raise ConfigError(f"{key}: {path} has shape {list(stored[key])}, this model needs {list(value.shape)}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: no_dist
+        dcp.load({section: sd}, checkpoint_id=path, no_dist=not (dist.is_initialized() and dist.get_world_size() > 1))
+    from_checkpoint(sd, {}, originals)
+    set_model_state_dict(target, sd, options=StateDictOptions(strict=False))
+    return sorted(sd)
 
 
 def write_weights_checkpoint(final: str, cfg: Config, state: dict[str, torch.Tensor], extra: dict) -> str:
@@ -230,6 +258,11 @@ def check_stored_shapes(key: str, path: str, expected: dict[str, tuple[int, ...]
             raise ConfigError(f"{key}: {name} is {list(stored[name])} in {path}, {list(shape)} in this model{hint}")
     if extra := sorted(set(stored) - set(expected)):
         raise ConfigError(f"{key}: {path} holds {extra[0]}, which this model does not have{hint}")
+
+
+def stored_tensor_names(path: str, section: str = "model") -> list[str]:
+    """Names of the tensors of `section` that checkpoint `path` holds (from its DCP metadata)."""
+    return sorted(_model_metadata(FileSystemReader(path), section))
 
 
 def model_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:

@@ -150,8 +150,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 def _check_engine(cfg: Config) -> None:
     """train.engine and what DeepSpeed combines with (docs/deepspeed_slurm.md)."""
     tr = cfg.train
+    # ESFT zeroes unselected expert rows of whole expert tensors; FSDP holds shards of them.
+    require(cfg.parallel.data_parallel != "fsdp" or cfg.peft.method != "esft",
+            "peft.method=esft: not with parallel.data_parallel=fsdp (use ddp)")
     if tr.engine != "deepspeed":
         return
+    require(cfg.parallel.data_parallel == "ddp", "train.engine=deepspeed: not with parallel.data_parallel=fsdp "
+                                                 "(ZeRO shards the data-parallel state itself)")
     require(tr.zero_stage != 3, "train.zero_stage=3: ZeRO-3 would partition the expert parameters that "
                                 "parallel.ep shards; use 1 or 2")
     require(cfg.parallel.pp == 1, f"train.engine=deepspeed: not with parallel.pp={cfg.parallel.pp} (pipeline "

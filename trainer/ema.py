@@ -13,6 +13,8 @@ import contextlib
 import torch
 from torch import nn
 
+from parallel.fsdp import local_tensor
+
 
 class EMA:
     """shadow ← d·shadow + (1 − d)·param after every optimizer step.
@@ -31,8 +33,9 @@ class EMA:
     def update(self) -> None:
         n = int(self.num_updates)
         d = min(self.decay, (1 + n) / (10 + n))
-        shadows = list(self.shadow.values())
-        torch._foreach_lerp_(shadows, [self.params[k].detach() for k in self.shadow], 1.0 - d)
+        # On the local shards (FSDP: the shadow has the parameter's sharding; the EMA is elementwise).
+        shadows = [local_tensor(s) for s in self.shadow.values()]
+        torch._foreach_lerp_(shadows, [local_tensor(self.params[k].detach()) for k in self.shadow], 1.0 - d)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -43,12 +46,12 @@ class EMA:
     def applied(self):
         """Run the model with the EMA weights inside the block; the trained weights come back after."""
         with torch.no_grad():
-            saved = {k: p.detach().clone() for k, p in self.params.items()}
+            saved = {k: local_tensor(p.detach()).clone() for k, p in self.params.items()}
             for k, p in self.params.items():
-                p.copy_(self.shadow[k])
+                local_tensor(p.detach()).copy_(local_tensor(self.shadow[k]))
         try:
             yield
         finally:
             with torch.no_grad():
                 for k, p in self.params.items():
-                    p.copy_(saved[k])
+                    local_tensor(p.detach()).copy_(saved[k])

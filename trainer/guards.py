@@ -19,6 +19,8 @@ import re
 
 import torch
 
+from parallel.fsdp import local_tensor
+
 _LAYER_KEY = re.compile(r"^moe/layer(\d+)/load_max_over_mean$")
 
 
@@ -29,7 +31,7 @@ class NonFiniteError(RuntimeError):
 def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
     """The name of the first parameter (model order) whose gradient holds a NaN or an inf."""
     for name, param in model.named_parameters():
-        if param.grad is not None and not torch.isfinite(param.grad).all():
+        if param.grad is not None and not torch.isfinite(local_tensor(param.grad)).all():
             return name
     return None
 
@@ -123,7 +125,10 @@ class CollapseMonitor:
 
 def clip_with_norm(model: torch.nn.Module, max_norm: float, grad_norm: torch.Tensor) -> None:
     """Scale the gradients as `parallel.clip_grad_norm(model, mesh, max_norm)` does, given the norm
-    it measured (max_norm 0: no clipping); the guard reads the gradients in between."""
+    it measured (max_norm 0: no clipping); the guard reads the gradients in between. As torch's
+    clip_grads_with_norm_: by max_norm / (norm + 1e-6) when that is below 1, here on the local
+    shards (FSDP gradients live on several meshes, which one foreach over DTensors refuses)."""
     if max_norm > 0:
-        grads = [p for p in model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, grad_norm)
+        grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, (max_norm / (grad_norm.to(grads[0].device) + 1e-6)).clamp(max=1.0))

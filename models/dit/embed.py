@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.init import Init
+
 EMBED_STD = 0.02  # DiT's N(0, 0.02) for the label table and the timestep MLP
 
 
@@ -36,6 +38,23 @@ def sincos_2d_pos_embed(dim: int, grid_size: int, device=None) -> torch.Tensor:
     row_T, col_T = idx_T // grid_size, idx_T % grid_size
     emb_TD = torch.cat([sincos_1d(dim // 2, col_T), sincos_1d(dim // 2, row_T)], dim=1)
     return emb_TD.float()
+
+
+class SinCosPositions(nn.Module):
+    """The fixed positions of a DiT as a non-persistent buffer `table` [T, D], one module shared by
+    the model and its first pipeline stage (materialising the stage materialises the table)."""
+
+    def __init__(self, dim: int, grid_size: int):
+        super().__init__()
+        self.dim, self.grid_size = dim, grid_size
+        self.register_buffer("table", torch.empty(grid_size * grid_size, dim), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Derived from the config, small: computed whole on every rank (nothing on meta)."""
+        if not self.table.is_meta:
+            self.table.copy_(sincos_2d_pos_embed(self.dim, self.grid_size, self.table.device))
 
 
 def timestep_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -67,11 +86,10 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"DiT input has shape {list(x_BCHW.shape)}, expected [B, {', '.join(map(str, expected))}]")
         return self.proj(x_BCHW).flatten(2).transpose(1, 2)
 
-    def init_weights(self) -> None:
+    def init_weights(self, init: Init) -> None:
         # DiT: initialised like the linear map it is, xavier over the flattened C·p·p patch.
-        w = self.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.proj.bias)
+        init.xavier_uniform(self.proj.weight)
+        init.zeros(self.proj.bias)
 
 
 class TimestepEmbedder(nn.Module):
@@ -89,10 +107,10 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t_B: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t_B, self.frequency_dim))
 
-    def init_weights(self) -> None:
+    def init_weights(self, init: Init) -> None:
         for linear in (self.mlp[0], self.mlp[2]):
-            nn.init.normal_(linear.weight, std=EMBED_STD)
-            nn.init.zeros_(linear.bias)
+            init.normal(linear.weight, EMBED_STD)
+            init.zeros(linear.bias)
 
 
 class LabelEmbedder(nn.Module):
@@ -118,8 +136,8 @@ class LabelEmbedder(nn.Module):
     def forward(self, y_B: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(self.drop_labels(y_B))
 
-    def init_weights(self) -> None:
-        nn.init.normal_(self.embedding_table.weight, std=EMBED_STD)
+    def init_weights(self, init: Init) -> None:
+        init.normal(self.embedding_table.weight, EMBED_STD)
 
 
 def unpatchify(x_BTP: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:

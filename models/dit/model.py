@@ -14,8 +14,9 @@ Parameter names follow the DiT code (x_embedder, t_embedder, y_embedder, adaLN_m
 final_layer) except `layers.{i}` for its `blocks.{i}` and `ffn` for its `mlp`: the names the LLM
 uses, which expert parallelism, checkpoints and upcycling rely on.
 
-Builds on the meta device; `model.to_empty(device=...)` then `model.init_weights()` gives a
-usable model (init_weights is the one place where weights and the position table are set).
+Builds on the meta device; `model.to_empty(device=...)` then `models.init.initialize(model,
+seed)` gives a usable model (init_weights is the one place where weights and the position table
+are set).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dit.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_pos_embed,
+from models.dit.embed import (LabelEmbedder, PatchEmbed, SinCosPositions, TimestepEmbedder,
                               unpatchify)
 from models.ffn import FeedForward
+from models.init import Init, initialize, seed_from_global_rng
 from models.config import is_moe_layer, moe_layer_config
 from models.llm import configure_moe_layers
 from models.moe import MoE
@@ -43,9 +45,9 @@ def _ada_ln(d_model: int, num_outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.SiLU(), nn.Linear(d_model, num_outputs * d_model))
 
 
-def _zero_linear(linear: nn.Linear) -> None:
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
+def _zero_linear(linear: nn.Linear, init: Init) -> None:
+    init.zeros(linear.weight)
+    init.zeros(linear.bias)
 
 
 class SelfAttention(nn.Module):
@@ -63,10 +65,10 @@ class SelfAttention(nn.Module):
         o_BHTd = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(o_BHTd.transpose(1, 2).reshape(B, T, -1))
 
-    def init_weights(self) -> None:
+    def init_weights(self, init: Init) -> None:
         for linear in (self.qkv, self.proj):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
+            init.xavier_uniform(linear.weight)
+            init.zeros(linear.bias)
 
 
 class DiTBlock(nn.Module):
@@ -94,12 +96,12 @@ class DiTBlock(nn.Module):
         x_BTD = x_BTD + gate_attn * self.attn(modulate(self.norm1(x_BTD), shift_attn, scale_attn))
         return x_BTD + gate_ffn * self.ffn(modulate(self.norm2(x_BTD), shift_ffn, scale_ffn))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attn.init_weights()
-        self.ffn.init_weights(std, out_std)
+    def init_weights(self, std: float, out_std: float, init: Init) -> None:
+        self.attn.init_weights(init)
+        self.ffn.init_weights(std, out_std, init)
         # adaLN-Zero: zero gates make every block the identity at init, so the untrained network
         # is the identity map up to the (also zero) final layer, which DiT found trains best.
-        _zero_linear(self.adaLN_modulation[-1])
+        _zero_linear(self.adaLN_modulation[-1], init)
 
 
 class FinalLayer(nn.Module):
@@ -115,15 +117,15 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c_BD)[:, None, :].chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x_BTD), shift, scale))
 
-    def init_weights(self) -> None:
+    def init_weights(self, init: Init) -> None:
         # Zero output: the model predicts 0 at init (DiT's adaLN-Zero, applied to the head too).
-        _zero_linear(self.adaLN_modulation[-1])
-        _zero_linear(self.linear)
+        _zero_linear(self.adaLN_modulation[-1], init)
+        _zero_linear(self.linear, init)
 
 
 # The model and its pipeline stages run the same code over the same attribute names.
 def _embed(m, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h_BTD = m.x_embedder(x_BCHW) + m.pos_embed
+    h_BTD = m.x_embedder(x_BCHW) + m.positions.table
     c_BD = m.t_embedder(t_B) + m.y_embedder(y_B)
     return h_BTD, c_BD
 
@@ -143,9 +145,10 @@ class DiT(nn.Module):
     Args:
         cfg: a `models.config.ModelConfig` with family "dit".
         moe_cfg: a `models.config.MoEConfig` (num_experts 0: every FFN is dense).
+        seed: of the initial weights (models/init.py); None: from torch's global generator.
     """
 
-    def __init__(self, cfg, moe_cfg):
+    def __init__(self, cfg, moe_cfg, seed: int | None = None):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
         D = cfg.d_model
@@ -161,10 +164,9 @@ class DiT(nn.Module):
         self.layers = nn.ModuleDict({str(i): DiTBlock(i, cfg, moe_cfg) for i in range(cfg.num_layers)})
         configure_moe_layers([block.ffn for block in self.layers.values() if isinstance(block.ffn, MoE)], moe_cfg)
         self.final_layer = FinalLayer(D, cfg.patch_size ** 2 * self.out_channels, cfg.norm_eps)
-        # Fixed positions: derived from the config, never saved, recomputed by init_weights.
-        num_tokens = self.x_embedder.grid_size ** 2
-        self.register_buffer("pos_embed", torch.empty(num_tokens, D), persistent=False)
-        self.init_weights()
+        self.positions = SinCosPositions(D, self.x_embedder.grid_size)  # fixed, never saved
+        if not self.positions.table.is_meta:  # seed: as MoETransformer's
+            initialize(self, seed_from_global_rng() if seed is None else seed)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -172,7 +174,7 @@ class DiT(nn.Module):
         return self.final_layer.linear.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, init: Init) -> None:
         """The one place where weights are set, as DiT's initialize_weights: xavier-uniform for
         attention and the patch embedding, N(0, 0.02) for the label table and the timestep MLP,
         zeros for every adaLN modulation and the output linear, the FFNs (dense or MoE: router,
@@ -181,13 +183,14 @@ class DiT(nn.Module):
         # As MoETransformer: each block has two residual branches; 1/sqrt(2·num_layers) on the
         # FFN output projections keeps the residual stream's variance from growing with depth.
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        self.pos_embed.copy_(sincos_2d_pos_embed(self.cfg.d_model, self.x_embedder.grid_size, self.pos_embed.device))
-        self.x_embedder.init_weights()
-        self.t_embedder.init_weights()
-        self.y_embedder.init_weights()
+        self.positions.init_buffers()
+        self.x_embedder.init_weights(init)
+        self.t_embedder.init_weights(init)
+        self.y_embedder.init_weights(init)
         for block in self.layers.values():
-            block.init_weights(std, out_std)
-        self.final_layer.init_weights()
+            block.init_weights(std, out_std, init)
+        self.final_layer.init_weights(init)
+
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor) -> torch.Tensor:
         h_BTD, c_BD = _embed(self, x_BCHW, t_B, y_B)
@@ -244,8 +247,7 @@ class DiTStage(nn.Module):
         self.y_embedder = model.y_embedder if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         self.final_layer = model.final_layer if last else None
-        # The model's table, shared (not copied): init_weights on the model refreshes it.
-        self.register_buffer("pos_embed", model.pos_embed if first else None, persistent=False)
+        self.positions = model.positions if first else None  # the model's table module, shared
 
     def forward(self, *inputs: torch.Tensor):
         if self.first:

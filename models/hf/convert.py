@@ -1,6 +1,8 @@
 """State-dict conversion between Hugging Face checkpoints and our `MoETransformer`.
 
-    hf_to_ours(our_shapes, hf_names, read, spec)   our state dict (fp32) from HF tensors read by name
+    hf_tensor(key, shape, read, spec, where, experts)   one of our tensors (fp32), reading only what
+                                                    it needs (some experts: dim-0 slices)
+    hf_to_ours(our_shapes, hf_names, read, spec)   our whole state dict (fp32) from HF tensors
     ours_to_hf(state, spec)                         (HF name, tensor) pairs, one at a time
     detect_expert_layout(hf_names, where)           "fused" | "per_expert"
 
@@ -31,6 +33,8 @@ from typing import Callable, Iterator
 import torch
 
 from models.hf.families import HFFormatError
+
+Read = Callable[[str, "slice | None"], torch.Tensor]  # (HF name, dim-0 rows or None) -> tensor
 
 EXPERT_LAYOUTS = ("fused", "per_expert")
 _ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "q_norm": "q_norm", "k_norm": "k_norm",
@@ -137,63 +141,92 @@ def _rope_rows(key: str, spec: Spec, num_rows: int) -> torch.Tensor | None:
     return None
 
 
-def _expert_names(layer: str, spec: Spec, num_experts: int) -> dict[str, list[str]]:
-    """{our expert key suffix: HF names} for per-expert layouts (one name per expert)."""
-    base = f"model.layers.{layer}.{spec.moe_prefix}.experts"
-    names = _MIXTRAL_EXPERT if spec.model_type == "mixtral" else _FFN
-    return {w: [f"{base}.{e}.{names[w]}.weight" for e in range(num_experts)] for w in ("w1", "w3", "w2")}
-
-
-def _read_experts(key: str, shape: tuple, read: Callable[[str], torch.Tensor], spec: Spec) -> tuple[torch.Tensor, list[str]]:
-    """One of our stacked expert tensors (w1_EFD, w3_EFD, w2_EDF) and the HF names it used."""
+def _expert_source(key: str, spec: Spec, experts: range) -> tuple[str, list[str]]:
+    """(w1|w3|w2, the HF names holding experts `experts` of our stacked tensor `key`)."""
     layer, leaf = _LAYER_KEY.match(key).group(1), key.rsplit(".", 1)[1]
-    w, E = leaf.split("_")[0], shape[0]
+    w = leaf.split("_")[0]
     if spec.expert_layout == "per_expert":
-        names = _expert_names(layer, spec, E)[w]
-        return torch.stack([read(n) for n in names]), names
+        base = f"model.layers.{layer}.{spec.moe_prefix}.experts"
+        names = _MIXTRAL_EXPERT if spec.model_type == "mixtral" else _FFN
+        return w, [f"{base}.{e}.{names[w]}.weight" for e in experts]
     base = f"model.layers.{layer}.mlp.experts."
+    return w, [base + ("down_proj" if w == "w2" else "gate_up_proj")]
+
+
+def _read_experts(key: str, shape: tuple, read: Read, spec: Spec, experts: range) -> torch.Tensor:
+    """Experts `experts` of one of our stacked expert tensors (w1_EFD, w3_EFD, w2_EDF)."""
+    w, names = _expert_source(key, spec, experts)
+    if spec.expert_layout == "per_expert":
+        return torch.stack([read(n, None) for n in names])
+    rows = slice(experts.start, experts.stop)
     if w == "w2":
-        return read(base + "down_proj"), [base + "down_proj"]
-    gate_up = read(base + "gate_up_proj")  # [E, 2F, D]: gate rows first, then up
+        return read(names[0], rows)
+    gate_up = read(names[0], rows)  # [E, 2F, D]: gate rows first, then up
     F_ = shape[1]
-    if tuple(gate_up.shape) != (E, 2 * F_, shape[2]):
-        raise HFFormatError(f"{base}gate_up_proj has shape {tuple(gate_up.shape)}, expected {(E, 2 * F_, shape[2])}")
-    return (gate_up[:, :F_] if w == "w1" else gate_up[:, F_:]), [base + "gate_up_proj"]
+    if tuple(gate_up.shape) != (len(experts), 2 * F_, shape[2]):
+        raise HFFormatError(f"{names[0]} has shape {(-1, *gate_up.shape[1:])} per expert, expected "
+                            f"{(-1, 2 * F_, shape[2])}")
+    return gate_up[:, :F_] if w == "w1" else gate_up[:, F_:]
 
 
-def hf_to_ours(our_shapes: dict[str, tuple], hf_names, read: Callable[[str], torch.Tensor], spec: Spec,
+def hf_sources(key: str, shape: tuple, spec: Spec) -> list[str]:
+    """The HF tensor names our tensor `key` (of the unsharded `shape`) is made from."""
+    name = _simple_name(key, spec)
+    return [name] if name is not None else _expert_source(key, spec, range(shape[0]))[1]
+
+
+def hf_tensor(key: str, shape: tuple, read: Read, spec: Spec, where: str,
+              experts: range | None = None) -> torch.Tensor:
+    """Our tensor `key` (fp32, contiguous) from a Hugging Face checkpoint, reading only what it needs.
+
+    Args:
+        shape: its unsharded shape in our model.
+        read: (HF name, rows or None) -> tensor; rows a slice of dim 0 (a fused expert tensor).
+        experts: for a routed-expert tensor, the global expert ids to read (default all): the
+            result then has len(experts) rows, e.g. only the experts this rank holds.
+    """
+    name = _simple_name(key, spec)
+    if name is None:
+        experts = range(shape[0]) if experts is None else experts
+        tensor = _read_experts(key, shape, read, spec, experts)
+        shape = (len(experts), *shape[1:])
+        what = f"{re.sub(r'experts[.]0[.]', 'experts.*.', hf_sources(key, (1, *shape[1:]), spec)[0])} " \
+               f"stacked over experts have shape"
+    else:
+        tensor, what = read(name, None), f"{name} has shape"
+    if tuple(tensor.shape) != tuple(shape):
+        raise HFFormatError(f"{where}: {what} {tuple(tensor.shape)}, our {key} needs {tuple(shape)}")
+    rows = _rope_rows(key, spec, tensor.shape[0])
+    if rows is not None:
+        tensor = tensor[rows]
+    return tensor.to(torch.float32).contiguous()
+
+
+def unused_hf_names(our_shapes: dict[str, tuple], hf_names, spec: Spec, tied: bool = False) -> list[str]:
+    """HF tensors that no tensor of ours is made from (RoPE tables, a tied lm_head and DeepSeek's
+    multi-token-prediction layers excepted): sorted; empty when the checkpoint fits."""
+    used = {n for key, shape in our_shapes.items() for n in hf_sources(key, tuple(shape), spec)}
+    return sorted(n for n in set(hf_names) - used if not _ignorable(n, spec, tied))
+
+
+def hf_to_ours(our_shapes: dict[str, tuple], hf_names, read: Read, spec: Spec,
                where: str, tied: bool = False) -> dict[str, torch.Tensor]:
-    """Our state dict (fp32, contiguous) from a Hugging Face checkpoint.
+    """Our whole state dict (fp32, contiguous) from a Hugging Face checkpoint.
 
     Args:
         our_shapes: name -> shape of every tensor of our model's state dict (the target).
-        hf_names: every tensor name in the checkpoint (unused ones are an error, except RoPE
-            tables, a tied lm_head and DeepSeek's multi-token-prediction layers).
-        read: HF name -> tensor.
-        spec: the checkpoint's layout. where: the directory, for messages. tied: tie_embeddings.
+        hf_names: every tensor name in the checkpoint (unused ones are an error, see `unused_hf_names`).
+        read: as for `hf_tensor`. spec: the checkpoint's layout. where: the directory, for
+            messages. tied: tie_embeddings.
     """
-    hf_names, used, out = set(hf_names), set(), {}
+    hf_names = set(hf_names)
     for key, shape in our_shapes.items():
-        name = _simple_name(key, spec)
-        if name is None:
-            tensor, names = _read_experts(key, tuple(shape), read, spec)
-        else:
-            if name not in hf_names:
-                raise HFFormatError(f"{where}: tensor {name} is missing (for our {key})")
-            tensor, names = read(name), [name]
-        used.update(names)
-        if tuple(tensor.shape) != tuple(shape):
-            what = f"{names[0]} has shape" if len(names) == 1 else \
-                f"{re.sub(r'experts[.]0[.]', 'experts.*.', names[0])} stacked over experts have shape"
-            raise HFFormatError(f"{where}: {what} {tuple(tensor.shape)}, our {key} needs {tuple(shape)}")
-        rows = _rope_rows(key, spec, tensor.shape[0])
-        if rows is not None:
-            tensor = tensor[rows]
-        out[key] = tensor.to(torch.float32).contiguous()
-    extra = sorted(n for n in hf_names - used if not _ignorable(n, spec, tied))
-    if extra:
+        missing = [n for n in hf_sources(key, tuple(shape), spec) if n not in hf_names]
+        if missing:
+            raise HFFormatError(f"{where}: tensor {missing[0]} is missing (for our {key})")
+    if extra := unused_hf_names(our_shapes, hf_names, spec, tied):
         raise HFFormatError(f"{where}: {len(extra)} tensors have no place in our model, e.g. {extra[0]}")
-    return out
+    return {key: hf_tensor(key, tuple(shape), read, spec, where) for key, shape in our_shapes.items()}
 
 
 def _ignorable(name: str, spec: Spec, tied: bool) -> bool:
@@ -217,10 +250,10 @@ def ours_to_hf(state: dict[str, torch.Tensor], spec: Spec) -> Iterator[tuple[str
             continue  # written with w1 (fused) or below (per expert)
         layer, w = _LAYER_KEY.match(key).group(1), leaf.split("_")[0]
         if spec.expert_layout == "per_expert":
-            names = _expert_names(layer, spec, tensor.shape[0])
-            pairs = [(w, tensor)] + ([("w3", state[key.replace("w1_EFD", "w3_EFD")])] if w == "w1" else [])
+            pairs = [(key, tensor)] + ([(key.replace("w1_EFD", "w3_EFD"), state[key.replace("w1_EFD", "w3_EFD")])]
+                                       if w == "w1" else [])
             for which, stacked in pairs:
-                yield from zip(names[which], stacked.unbind(0))
+                yield from zip(_expert_source(which, spec, range(stacked.shape[0]))[1], stacked.unbind(0))
             continue
         base = f"model.layers.{layer}.mlp.experts."
         if w == "w2":

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.init import Init, seed_from_global_rng
+
 # Re-exported: the backends are chosen by name through this module.
 from models.moe.backends import (BACKEND_CHOICES, BACKENDS, ExpertBackend, compute_dtype,  # noqa: F401
                                  resolve_backend, select_backend)
@@ -67,10 +69,13 @@ class GroupedExperts(nn.Module):
         E, F_, D = self.w1_EFD.shape
         return select_backend(self.backend, x_sorted_ND.device, compute_dtype(x_sorted_ND), D, F_)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1_EFD, std=std)
-        nn.init.normal_(self.w3_EFD, std=std)
-        nn.init.normal_(self.w2_EDF, std=out_std)
+    def init_weights(self, std: float, out_std: float, init: Init | None = None) -> None:
+        """N(0, std) for w1 and w3, N(0, out_std) for w2, each expert from its own generator keyed
+        by its global index (models/init.py; standalone: from torch's global generator)."""
+        init = init or Init(self, seed_from_global_rng())
+        init.normal(self.w1_EFD, std)
+        init.normal(self.w3_EFD, std)
+        init.normal(self.w2_EDF, out_std)
 
     def extra_repr(self) -> str:
         E, F_, D = self.w1_EFD.shape

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.ffn import FeedForward
+from models.init import Init, seed_from_global_rng
 from models.moe.dispatcher import Dispatcher, LocalDispatcher
 from models.moe.experts import GroupedExperts
 from models.moe.losses import (expert_balance_loss, load_balancing_loss, router_entropy, router_z_loss,
@@ -196,12 +197,16 @@ class MoE(nn.Module):
         """The aux-loss-free selection bias, or None when the layer does not use it."""
         return self.router.expert_bias_E if isinstance(self.router, TopKRouter) else None
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.router.gate.weight, std=std)
-        if self.expert_bias_E is not None:
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float, init: Init | None = None) -> None:
+        """N(0, std) for the router, shared gate and experts (outputs N(0, out_std)), by name
+        (models/init.py; standalone: from torch's global generator); the aux-free bias zero."""
+        init = init or Init(self, seed_from_global_rng())
+        init.normal(self.router.gate.weight, std)
+        if self.expert_bias_E is not None and not self.expert_bias_E.is_meta:
             self.expert_bias_E.zero_()  # after to_empty() the buffer holds garbage
-        self.experts.init_weights(std, out_std)
+        self.experts.init_weights(std, out_std, init)
         if self.shared_experts is not None:
-            self.shared_experts.init_weights(std, out_std)
+            self.shared_experts.init_weights(std, out_std, init)
         if self.shared_expert_gate is not None:
-            nn.init.normal_(self.shared_expert_gate.weight, std=std)
+            init.normal(self.shared_expert_gate.weight, std)

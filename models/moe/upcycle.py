@@ -67,12 +67,23 @@ def _routed_scale(layer: MoE, G: int) -> float:
     return scale / getattr(router, "routed_scaling_factor", 1.0)
 
 
-def _upcycle_moe_layer(prefix: str, layer: MoE, dense_sd: Mapping[str, torch.Tensor], used: set[str],
-                       granularity: int, router_std: float, generator: torch.Generator | None) -> dict:
+def dense_ffn_keys(prefix: str) -> list[str]:
+    """The dense checkpoint's FFN weights that MoE layer `prefix` is made from."""
+    return [f"{prefix}.{n}.weight" for n in ("w1", "w3", "w2")]
+
+
+def upcycle_moe_layer(prefix: str, layer: MoE, dense_sd: Mapping[str, torch.Tensor], used: set[str],
+                      granularity: int, router_std: float, generator: torch.Generator | None) -> dict:
     """Entries of one MoE layer at `prefix` from the dense FFN at the same prefix. Entries left
-    out (router buffers, a shared expert that cannot be copied) keep the model's own init."""
-    w1_FD, w3_FD, w2_DF = (_take(dense_sd, f"{prefix}.{n}.weight", used) for n in ("w1", "w3", "w2"))
-    E, F, D = layer.experts.w1_EFD.shape
+    out (router buffers, a shared expert that cannot be copied) keep the model's own init.
+
+    The routed experts are those the layer holds: under expert parallelism its local experts
+    (`experts.expert_offset` is the global index of the first), so a rank builds only its own.
+    The router rows are the layer's all E, drawn from `generator` (seed it per layer, the same
+    on every rank)."""
+    w1_FD, w3_FD, w2_DF = (_take(dense_sd, key, used) for key in dense_ffn_keys(prefix))
+    E_local, F, D = layer.experts.w1_EFD.shape
+    E, offset = layer.num_experts, getattr(layer.experts, "expert_offset", 0)
     G = granularity
     if _shape(w1_FD)[1:] != [D] or _shape(w3_FD) != _shape(w1_FD) or _shape(w2_DF) != _shape(w1_FD)[::-1]:
         raise UpcycleError(f"{prefix}.w1.weight: dense FFN has shape {_shape(w1_FD)}, "
@@ -95,10 +106,11 @@ def _upcycle_moe_layer(prefix: str, layer: MoE, dense_sd: Mapping[str, torch.Ten
     copy_shared = shared is not None and shared.w1.weight.shape == w1_FD.shape
     if copy_shared:
         scale *= 0.5  # routed and shared branches each carry half of the dense FFN
-    # Expert e = g·G + s holds piece s: view the hidden units as [G, F], tile the groups.
-    w1_EFD = w1_FD.reshape(G, F, D).repeat(E // G, 1, 1)
-    w3_EFD = w3_FD.reshape(G, F, D).repeat(E // G, 1, 1)
-    w2_EDF = w2_DF.reshape(D, G, F).permute(1, 0, 2).repeat(E // G, 1, 1) * scale
+    # Expert e = g·G + s holds piece s: view the hidden units as [G, F], take each expert's piece.
+    pieces = torch.arange(offset, offset + E_local) % G
+    w1_EFD = w1_FD.reshape(G, F, D)[pieces]
+    w3_EFD = w3_FD.reshape(G, F, D)[pieces]
+    w2_EDF = w2_DF.reshape(D, G, F).permute(1, 0, 2)[pieces] * scale
     rows_gD = torch.randn(E // G, D, generator=generator, dtype=torch.float32) * router_std
     out = {
         f"{prefix}.router.gate.weight": rows_gD.repeat_interleave(G, dim=0).to(dtype),
@@ -147,7 +159,7 @@ def upcycle_state_dict(dense_sd: Mapping[str, torch.Tensor], moe_model: nn.Modul
     for prefix, layer in moe_model.named_modules():
         if isinstance(layer, MoE):
             moe_prefixes.append(prefix + ".")
-            out.update(_upcycle_moe_layer(prefix, layer, dense_sd, used, granularity, router_std, generator))
+            out.update(upcycle_moe_layer(prefix, layer, dense_sd, used, granularity, router_std, generator))
     for key, value in target.items():
         if key in out:
             continue

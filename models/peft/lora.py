@@ -28,15 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.init import Init, seed_from_global_rng
 from models.moe import GroupedExperts
 from models.moe.router import ExpertChoiceRouter, TopKRouter
 
 
-def _init_A(A: torch.Tensor, fan_in: int) -> None:
+def _init_A(A: torch.Tensor, fan_in: int, init: Init) -> None:
     # kaiming_uniform_(a=√5) on an [r, in] matrix is U(-1/√in, 1/√in); written out because on a
     # stacked [E, r, in] tensor torch would take r·in as the fan-in.
     bound = 1.0 / math.sqrt(fan_in)
-    nn.init.uniform_(A, -bound, bound)
+    init.uniform(A, -bound, bound)
 
 
 class LoRALinear(nn.Linear):
@@ -60,12 +61,14 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.train(base.training)
-        self.init_lora()
+        self.init_adapter()
 
     @torch.no_grad()
-    def init_lora(self) -> None:
-        _init_A(self.lora_A, self.in_features)
-        nn.init.zeros_(self.lora_B)  # zero update at init: the adapted model equals the base
+    def init_adapter(self, init: Init | None = None) -> None:
+        """A by name (models/init.py; standalone: from torch's global generator), B zero."""
+        init = init or Init(self, seed_from_global_rng())
+        _init_A(self.lora_A, self.in_features, init)
+        init.zeros(self.lora_B)  # zero update at init: the adapted model equals the base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
@@ -104,17 +107,19 @@ class ExpertLoRA(nn.Module):
         self.B_w3_EFR = nn.Parameter(torch.empty(E, F_, rank, **kw))
         self.A_w2_ERF = nn.Parameter(torch.empty(E, rank, F_, **kw))
         self.B_w2_EDR = nn.Parameter(torch.empty(E, D, rank, **kw))
-        self.init_lora()
+        self.init_adapter()
 
     def pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """(A, B) for w1, w3, w2, in that order."""
         return [(self.A_w1_ERD, self.B_w1_EFR), (self.A_w3_ERD, self.B_w3_EFR), (self.A_w2_ERF, self.B_w2_EDR)]
 
     @torch.no_grad()
-    def init_lora(self) -> None:
+    def init_adapter(self, init: Init | None = None) -> None:
+        """Each expert's A from its own generator (models/init.py), B zero."""
+        init = init or Init(self, seed_from_global_rng())
         for A, B in self.pairs():
-            _init_A(A, A.shape[-1])
-            nn.init.zeros_(B)  # zero update at init: the adapted experts equal the base ones
+            _init_A(A, A.shape[-1], init)
+            init.zeros(B)  # zero update at init: the adapted experts equal the base ones
 
     def forward(self, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import PERFT_VARIANTS
+from models.init import Init, seed_from_global_rng
 from models.moe import MoE, moe_layers
 from models.moe.router import RouterOutput
 
@@ -75,16 +76,18 @@ class PerftAdapters(nn.Module):
         self.w_down_NRD = nn.Parameter(torch.empty(num_adapters, rank, d_model, **kw))
         self.w_up_NRD = nn.Parameter(torch.empty(num_adapters, rank, d_model, **kw))
         self.router = nn.Linear(d_model, num_adapters, bias=False, **kw) if variant == "R" else None
-        self.init_adapters()
+        self.init_adapter()
 
     @torch.no_grad()
-    def init_adapters(self) -> None:
+    def init_adapter(self, init: Init | None = None) -> None:
+        """By name (models/init.py; standalone: from torch's global generator)."""
+        init = init or Init(self, seed_from_global_rng())
         D = self.w_down_NRD.shape[-1]
         # As LoRA's A: kaiming-uniform(a=√5) of each [R, D] matrix, i.e. U(-1/√D, 1/√D).
-        nn.init.uniform_(self.w_down_NRD, -1.0 / math.sqrt(D), 1.0 / math.sqrt(D))
-        nn.init.zeros_(self.w_up_NRD)  # zero output at init: the adapted layer equals the base
+        init.uniform(self.w_down_NRD, -1.0 / math.sqrt(D), 1.0 / math.sqrt(D))
+        init.zeros(self.w_up_NRD)  # zero output at init: the adapted layer equals the base
         if self.router is not None:
-            nn.init.normal_(self.router.weight, std=0.02)
+            init.normal(self.router.weight, 0.02)
 
     def gates(self, x_TD: torch.Tensor, route: RouterOutput) -> torch.Tensor | None:
         """[T, N] fp32 gate of every adapter for every token (zeros where off); None: all ones."""

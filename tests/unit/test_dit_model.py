@@ -13,6 +13,7 @@ from models.moe import moe_layers, pop_router_stats
 from models.moe.upcycle import upcycle_state_dict
 from models.registry import preset_overrides
 from models.config import MoEConfig, ModelConfig
+from models.init import initialize
 
 # Small shapes for CPU: 8x8 images, 2x2 patches (16 tokens), D 32.
 SMALL = dict(family="dit", d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, ffn_dim=64, norm_eps=1e-6,
@@ -88,8 +89,8 @@ def test_pos_embed_2x2_against_formula():
     expected = torch.tensor([axis(col) + axis(row) for row in range(2) for col in range(2)])
     torch.testing.assert_close(sincos_2d_pos_embed(D, 2), expected)
     model = small_dit(image_size=4)  # 2x2 tokens of 2x2 patches
-    torch.testing.assert_close(model.pos_embed, sincos_2d_pos_embed(32, 2))
-    assert "pos_embed" not in model.state_dict()
+    torch.testing.assert_close(model.positions.table, sincos_2d_pos_embed(32, 2))
+    assert not any("positions" in k for k in model.state_dict())
 
 
 def test_timestep_embedding_formula():
@@ -181,15 +182,12 @@ def test_meta_build_then_materialise():
         model = build_model(model_cfg, moe_cfg)
     assert isinstance(model, DiT) and all(p.is_meta for p in model.parameters())
     model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.init_weights()
-    torch.testing.assert_close(model.pos_embed, sincos_2d_pos_embed(128, 4))
+    initialize(model, seed=0)
+    torch.testing.assert_close(model.positions.table, sincos_2d_pos_embed(128, 4))
     out = model(*inputs())
     assert torch.equal(out, torch.zeros_like(out))
-    # init_weights alone sets every weight: same seed, same state as a model built on the CPU.
-    reference = build_model(model_cfg, moe_cfg)
-    torch.manual_seed(0)
-    reference.init_weights()
+    # initialize alone sets every weight: same seed, same state as a model built on the CPU.
+    reference = build_model(model_cfg, moe_cfg, seed=0)
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     std = model.layers["0"].ffn.experts.w1_EFD.std().item()

@@ -11,6 +11,7 @@ from models.config import is_moe_layer
 from models.moe import MoE, expert_parameters, is_expert_param, moe_layers
 from models.registry import PRESETS, preset_overrides
 from models.config import MoEConfig, ModelConfig
+from models.init import initialize
 from trainer.recipe import load_config
 
 
@@ -90,13 +91,16 @@ def test_meta_build_then_materialise():
         model = build_model(model_cfg, moe_cfg)
     assert all(p.is_meta for p in model.parameters())
     model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.init_weights()
+    initialize(model, seed=0)
     logits = model(torch.randint(0, 260, (1, 8)))
     assert torch.isfinite(logits).all()
     std = model.layers["0"].ffn.experts.w1_EFD.std().item()
     assert std == pytest.approx(model_cfg.init_std, rel=0.05)
-    torch.testing.assert_close(model.rope_cos, rope_tables(32, 512, 10000.0)[0])
+    torch.testing.assert_close(model.rope.cos, rope_tables(32, 512, 10000.0)[0])
+    # The same seed gives bitwise the same weights as a model built on the CPU directly.
+    reference = build_model(model_cfg, moe_cfg, seed=0)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_mixtral_param_counts_on_meta():

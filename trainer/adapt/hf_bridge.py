@@ -20,10 +20,11 @@ import os
 
 import torch
 
-from models.hf.convert import Spec, detect_expert_layout, hf_to_ours
+from models.hf.convert import Spec, detect_expert_layout, hf_tensor, hf_to_ours, unused_hf_names
 from models.hf.families import Family, HFFormatError
 from trainer.adapt.sources import INIT_FROM, read_hf_config, resolve_checkpoint, split_source
-from trainer.checkpoint import read_model_state, write_weights_checkpoint
+from parallel.materialize import expert_offsets, local_part, share_of
+from trainer.checkpoint import load_model_weights, write_weights_checkpoint
 from trainer.checkpoint_files import is_complete
 from trainer.config import Config, ConfigError, validate
 from trainer.recipe import checkpoint_config
@@ -68,13 +69,16 @@ class SafetensorsDir:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name`, or only its dim-0 `rows` (read from the file as a slice)."""
         file = self._files.get(name)
         if file is None:
             raise HFFormatError(f"{self.hf_dir}: tensor {name} is missing")
         if file not in self._open:
             self._open[file] = safetensors_open()(file, "pt")
-        return self._open[file].get_tensor(name)
+        if rows is None:
+            return self._open[file].get_tensor(name)
+        return self._open[file].get_slice(name)[rows]
 
 
 def _our_shapes(cfg: Config) -> dict[str, tuple]:
@@ -154,27 +158,58 @@ def check_init_source(source: str, key: str = INIT_FROM) -> None:
 
 
 @torch.no_grad()
-def init_model_from(model: torch.nn.Module, source: str, key: str = INIT_FROM) -> str:
-    """Overwrite every weight of a live model (unwrapped, not yet parallelised) with `source`.
+def init_model_from(model: torch.nn.Module, source: str, key: str = INIT_FROM, cfg: Config | None = None,
+                    mesh=None) -> str:
+    """Overwrite every weight of this rank's share of a live model with `source`, reading only
+    that share: tensor by tensor from a Hugging Face directory (only this rank's experts, only its
+    FSDP shard kept), or through DCP from a checkpoint of ours.
 
+    Args:
+        model: this rank's module (the whole model, its expert / FSDP shards, or its pipeline
+            stages), materialised.
+        cfg: the run's config (default: the model's own model/moe sections).
+        mesh: the run's mesh (None: one process). Collective for checkpoints of ours.
     Returns a one-line summary for the log; raises ConfigError on a mismatch.
     """
     is_hf, path = split_source(source)
     try:
         if is_hf:
-            state = load_hf_state(path, Config(model=model.cfg, moe=model.moe_cfg))
+            # A PEFT base fills the base tensors only: the adapters keep their initial values.
+            names = load_hf_weights(model, path, cfg or Config(model=model.cfg, moe=model.moe_cfg),
+                                    strict=key == INIT_FROM)
             what = f"Hugging Face {read_hf_config(path)[1].model_type} model"
         else:
             path = resolve_checkpoint(path, key)
-            state, what = read_model_state(path), "checkpoint"
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except HFFormatError as e:
-        raise ConfigError(f"{key}: {e}") from None
-    if missing or unexpected:
-        names = (missing or unexpected)[:3]
-        raise ConfigError(f"{key}: {path} does not fit this model: {'missing' if missing else 'unexpected'} "
-                          f"{', '.join(names)}{' ...' if len(missing or unexpected) > 3 else ''}")
-    return f"initialised from {what} {path} ({len(state)} tensors)"
+            names, what = load_model_weights(path, model, mesh), "checkpoint"
+    except (HFFormatError, ConfigError) as e:
+        raise ConfigError(f"{key}: {str(e).removeprefix(key + ': ')}") from None
+    return f"initialised from {what} {path} ({len(names)} tensors)"
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, hf_dir: str, cfg: Config, strict: bool = True) -> list[str]:
+    """Our tensors of this rank's share, converted one at a time from the Hugging Face model in
+    `hf_dir` (peak memory: one tensor, or one tensor's local experts); returns their names.
+    `strict` False: tensors the base model does not have (PEFT adapters) are left as they are."""
+    hf_cfg, family = read_hf_config(hf_dir)
+    tensors = SafetensorsDir(hf_dir)
+    spec = conversion_spec(family, hf_cfg, cfg, detect_expert_layout(tensors.names(), hf_dir))
+    shapes = _our_shapes(cfg)
+    if extra := unused_hf_names(shapes, tensors.names(), spec, tied=cfg.model.tie_embeddings):
+        raise HFFormatError(f"{hf_dir}: {len(extra)} tensors have no place in our model, e.g. {extra[0]}")
+    offsets = expert_offsets(model)
+    names = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name not in shapes:
+            if strict:
+                raise HFFormatError(f"{hf_dir} does not fit this model: missing {name}")
+            continue
+        first = offsets.get(name)
+        experts = None if first is None else range(first, first + t.shape[0])
+        value = hf_tensor(name, shapes[name], tensors.read, spec, hf_dir, experts)
+        local_part(t)[0].copy_(share_of(t, value, None))
+        names.append(name)
+    return names
 
 
 # -- import ------------------------------------------------------------------------------

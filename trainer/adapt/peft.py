@@ -3,9 +3,9 @@ PEFT checkpoints (the methods themselves are models/peft).
 
     preflight_peft(cfg)                 launcher preflight: the base's config.yaml and DCP
                                         metadata, the adapters on a meta-device model
-    prepare_peft(model, cfg, task, mesh, resume_path)
-                                        base weights -> (ESFT) expert selection -> adapters, on
-                                        the whole model before expert/pipeline/data parallelism
+    prepare_peft(model, cfg, task, mesh, resume_path, adapted)
+                                        base weights into this rank's share of the adapted,
+                                        split model -> (ESFT) expert selection
     load_peft_model(ckpt_dir)           (cfg, model): base + adapters + trained weights, no
                                         process group
     merge_peft(ckpt_dir, out)           an ordinary full checkpoint of the merged model
@@ -30,10 +30,11 @@ from models.config import shape_fields
 from models.moe import moe_layers
 from models.peft import (adapter_parameter_names, apply_peft, count_parameters, expert_scores, merge_adapters,
                          select_experts)
-from parallel import all_reduce_sum
+from parallel import all_reduce_sum, unwrap
 from trainer.adapt.config import PeftConfig
 from trainer.adapt.sources import check_full_model, resolve_checkpoint
-from trainer.checkpoint import check_stored_shapes, read_model_state, read_run_state, write_weights_checkpoint
+from trainer.checkpoint import (check_stored_shapes, load_model_weights, read_model_state, read_run_state,
+                                stored_tensor_names, write_weights_checkpoint)
 from trainer.checkpoint_files import checkpoint_root, is_complete, is_step_dir
 from trainer.config import Config, ConfigError
 from trainer.recipe import checkpoint_config
@@ -127,24 +128,24 @@ def check_peft_model(cfg: Config) -> None:
 
 
 @torch.no_grad()
-def load_base(model: nn.Module, path: str, cfg: Config) -> str:
-    """Fill the whole (not yet adapted, sharded or split) `model` with the base weights."""
+def load_base(model: nn.Module, path: str, cfg: Config, mesh=None) -> str:
+    """Fill this rank's share of `model` (adapted or not, split or not: adapter tensors keep their
+    values) with the base weights, reading only that share. Collective (mesh given)."""
     check_peft_base(path, cfg)
     if path.startswith("hf:"):
         from trainer.adapt.hf_bridge import init_model_from
 
-        return f"peft: base {init_model_from(model, path, _KEY)}"
-    state = read_model_state(path)
+        return f"peft: base {init_model_from(model, path, _KEY, cfg, mesh)}"
+    ours = set(unwrap(model).state_dict(keep_vars=True))
+    load_model_weights(path, model, mesh, names=sorted(ours & set(stored_tensor_names(path))))
     what = "base weights"
     if cfg.model.family == "dit":
         # A DiT is sampled with its EMA weights, and those are what fine-tuning starts from (as the
         # released DiT checkpoints, which are EMA weights); buffers come from the model section.
-        names = set(state)  # the EMA section also holds its update count
-        ema = {k: v for k, v in read_model_state(path, section="ema").items() if k in names}
+        ema = sorted(ours & set(stored_tensor_names(path, "ema")))  # the section also holds its update count
         if ema:
-            state.update(ema)
+            load_model_weights(path, model, mesh, section="ema", names=ema)
             what = "base EMA weights"
-    model.load_state_dict(state, strict=True)
     step = torch.load(os.path.join(path, "extra_rank0.pt"), weights_only=False)["step"]
     return f"peft: {what} from {path} (step {step})"
 
@@ -177,24 +178,28 @@ def calibrate_esft(model: nn.Module, cfg: Config, task, mesh) -> list[list[int]]
     return select_experts(scores_LE, p.esft_top_p)
 
 
-def prepare_peft(model: nn.Module, cfg: Config, task, mesh, resume_path: str | None) -> tuple[PeftState, str]:
-    """Base weights, then the ESFT selection (the resumed checkpoint's, else calibrated), then the
-    adapters, on the whole model (call before expert parallelism, pipeline split and DDP).
+def prepare_peft(model: nn.Module, cfg: Config, task, mesh, resume_path: str | None,
+                 adapted: PeftState | None) -> tuple[PeftState, str]:
+    """Base weights into this rank's share of the (adapted, split, materialised) model, then for
+    ESFT the expert selection (the resumed checkpoint's, else calibrated on the base) applied.
 
+    Args:
+        adapted: what `apply_peft` reported when it added the adapters (None for ESFT).
     Returns:
         (PeftState, the base's log line).
     """
-    base_line = load_base(model, cfg.peft.base, cfg)
-    selection = None
-    if cfg.peft.method == "esft":
-        if resume_path is not None:
-            selection = read_run_state(resume_path).get("esft_selection")
-        if selection is None:
-            selection = calibrate_esft(model, cfg, task, mesh)
-    # Adapter init from the run's seed: the same on every rank and whatever ran before.
-    torch.manual_seed(cfg.train.seed)
-    summary = apply_peft(model, cfg.peft, selection)
-    trainable, total = count_parameters(model)
+    base_line = load_base(model, cfg.peft.base, cfg, mesh)
+    if cfg.peft.method != "esft":
+        return adapted, base_line
+    selection = read_run_state(resume_path).get("esft_selection") if resume_path is not None else None
+    if selection is None:
+        selection = calibrate_esft(unwrap(model), cfg, task, mesh)
+    summary = apply_peft(unwrap(model), cfg.peft, selection)
+    # Counted on the whole model (this rank holds a share of the experts).
+    with torch.device("meta"):
+        whole = models.build_model(cfg.model, cfg.moe)
+    apply_peft(whole, cfg.peft, selection)
+    trainable, total = count_parameters(whole)
     return PeftState(summary, trainable, total, selection), base_line
 
 

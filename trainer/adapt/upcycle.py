@@ -1,23 +1,30 @@
 """Upcycling from a dense checkpoint of ours (`model.upcycle_from`): the I/O around
-`models.moe.upcycle.upcycle_state_dict`.
+`models.moe.upcycle` (what each MoE weight becomes).
 
     check_upcycle_source(path, cfg)      launcher preflight: config.yaml only, raises ConfigError
     load_dense_checkpoint(path)          (dense Config, CPU state dict), no process group needed
-    upcycle_into(model, path, ...)       fills a live MoE model in place; returns a log line
+    upcycle_into(model, path, ...)       fills this rank's share of a live MoE model in place;
+                                         returns a log line
 
-Every rank reads the checkpoint itself (no collectives) and draws the router init from the
-same seeded generator, so all ranks end with identical weights without a broadcast.
+Each rank reads what its share is made from: the shared weights through DCP (its shards), and
+one dense FFN at a time for its MoE layers' experts; every layer's router init comes from a
+generator keyed by the seed and the layer, so all ranks and layouts get identical weights
+without a broadcast.
 """
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
 
 from models.config import moe_layer_ids
-from models.moe.upcycle import UpcycleError, upcycle_state_dict
+from models.moe import MoE
+from models.moe.upcycle import DEFAULT_ROUTER_STD, UpcycleError, dense_ffn_keys, upcycle_moe_layer
 from parallel import unwrap
+from parallel.materialize import local_part, share_of
 from trainer.adapt.sources import resolve_checkpoint
-from trainer.checkpoint import read_model_state
+from trainer.checkpoint import load_model_weights, read_model_state, stored_tensor_names
 from trainer.config import Config, ConfigError
 from trainer.recipe import checkpoint_config
 
@@ -82,33 +89,57 @@ def load_dense_checkpoint(path: str) -> tuple[Config, dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def upcycle_into(model: nn.Module, path: str, *, granularity: int = 1, seed: int = 0) -> str:
-    """Overwrite every weight of a live MoE model with the upcycled dense checkpoint at `path`.
+def upcycle_into(model: nn.Module, path: str, *, granularity: int = 1, seed: int = 0, mesh=None) -> str:
+    """Overwrite every weight of this rank's share of a live MoE model with the upcycled dense
+    checkpoint at `path`, reading only what that share is made from.
 
     Args:
-        model: the MoE model (unwrapped, or wrapped by parallel/; its parameters are updated in
-            place, so an optimizer or DDP built on them stays valid).
+        model: this rank's module (the whole model, its expert / FSDP shards, its pipeline
+            stages; unwrapped or wrapped by parallel/). Parameters are updated in place, so an
+            optimizer or DDP built on them stays valid.
         path: the dense checkpoint directory.
         granularity: `model.upcycle_granularity`.
-        seed: seeds the router init; pass the same on every rank (e.g. train.seed).
+        seed: seeds each layer's router init (per layer: the same on every rank and layout).
+        mesh: the run's mesh (None: one process); reading the shared weights is collective.
 
     Returns:
         A one-line summary for the log. Raises `ConfigError` (one line) on a mismatch.
     """
     target = unwrap(model)
-    dense, dense_sd = load_dense_checkpoint(path)
-    generator = torch.Generator().manual_seed(seed)
+    dense = _read_dense_config(path)
+    stored = set(stored_tensor_names(path))
+    layers = [(prefix, m) for prefix, m in target.named_modules() if isinstance(m, MoE)]
+    moe_prefixes = tuple(prefix + "." for prefix, _ in layers)
+    # 1. every tensor outside the MoE layers: the dense model's, this rank's share through DCP.
+    shared = [k for k in target.state_dict(keep_vars=True) if not k.startswith(moe_prefixes)]
+    if missing := sorted(set(shared) - stored):
+        raise ConfigError(f"{_KEY}: {missing[0]}: missing from the dense checkpoint")
     try:
-        state = upcycle_state_dict(dense_sd, target, granularity=granularity, generator=generator)
-    except UpcycleError as e:
+        load_model_weights(path, target, mesh, names=shared)
+    except ConfigError as e:
         raise ConfigError(f"{_KEY}: {e}") from None
-    target.load_state_dict(state)
+    # 2. each MoE layer from its dense FFN (read whole: one FFN at a time), this rank's experts.
+    params = target.state_dict(keep_vars=True)
+    for prefix, layer in layers:
+        dense_ffn = read_model_state(path, dense_ffn_keys(prefix))
+        generator = torch.Generator().manual_seed(_layer_seed(seed, prefix))
+        try:
+            entries = upcycle_moe_layer(prefix, layer, dense_ffn, set(), granularity, DEFAULT_ROUTER_STD, generator)
+        except UpcycleError as e:
+            raise ConfigError(f"{_KEY}: {e}") from None
+        for key, value in entries.items():
+            t = params[key]
+            # Expert tensors come with this rank's experts only: no expert offset to apply.
+            local_part(t)[0].copy_(share_of(t, value.to(t.dtype), None))
     moe = getattr(target, "moe_cfg", None)
-    num_moe = sum(1 for name in state if name.endswith(".experts.w1_EFD"))
-    shared = ""
+    shared_line = ""
     if moe is not None and moe.num_shared_experts > 0:
         width = moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
-        shared = ("; shared experts: the dense FFN, routed/shared halves" if width == dense.model.ffn_dim
-                  else "; shared experts: own init (width differs from the dense FFN)")
+        shared_line = ("; shared experts: the dense FFN, routed/shared halves" if width == dense.model.ffn_dim
+                       else "; shared experts: own init (width differs from the dense FFN)")
     grain = f", granularity {granularity}" if granularity > 1 else ""
-    return f"upcycled {num_moe} MoE layers from dense checkpoint {path}{grain}{shared}"
+    return f"upcycled {len(layers)} MoE layers from dense checkpoint {path}{grain}{shared_line}"
+
+
+def _layer_seed(seed: int, prefix: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/router/{prefix}".encode(), digest_size=8).digest(), "little") >> 1

@@ -5,6 +5,7 @@ scoring the samples offline (samplers.py, image_eval.py).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -18,8 +19,8 @@ class DiffusionTask:
 
     Training: x0, labels -> t (uniform, or logit-normal for flow), noise -> x_t -> model(x_t, time,
     labels) -> the objective's loss (with the learned-variance VLB term for DDPM + learn_sigma).
-    Timesteps and noise come from a generator keyed by the batch (`_generator`); label dropout
-    from the rank's torch RNG stream, which checkpoints save and restore.
+    Timesteps and noise come from generators keyed by each image's place in the data stream
+    (`_draw`); label dropout from the rank's torch RNG stream, which checkpoints save and restore.
     Evaluation: the validation loss at fixed seeds, then `diffusion.num_samples` class-balanced
     samples with the EMA weights, guided with `diffusion.cfg_scale`, drawn by every dp rank for its
     share (expert parallelism needs every rank in each forward), gathered, and scored on rank 0:
@@ -46,20 +47,28 @@ class DiffusionTask:
     def to_device(self, batch):
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
-    def _generator(self, eval_index: int | None) -> torch.Generator:
-        """Timesteps and noise of a batch come from a generator keyed by (seed, which batch, dp
-        rank): the first and the last pipeline stage draw the same ones without talking, resume
-        needs no RNG state, and the same batch gets the same noise whatever the pipeline layout.
-        Training batch n is the n-th global micro batch of the data stream; evaluation batches
-        have their own keys, the same at every evaluation."""
-        which = self.data.consumed - 1 if eval_index is None else -1 - eval_index
-        seed = (self.cfg.train.seed * 1_000_003 + which * 1009 + self.mesh.dp_rank) % 2**63
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def _positions(self, eval_index: int | None) -> tuple[str, range]:
+        """Where this rank's rows of the current batch sit in the global stream: training batch n
+        is the n-th global micro batch (the one just taken), evaluation batch i the i-th of the
+        validation pass; rank r holds rows [r·B, (r+1)·B) of each."""
+        sampler = self.data.sampler
+        kind, n = ("train", self.data.consumed - 1) if eval_index is None else ("eval", eval_index)
+        first = n * sampler.global_batch_size + sampler.rank_rows.start
+        return kind, range(first, first + sampler.micro_batch_size)
 
     def _draw(self, x0: torch.Tensor, eval_index: int | None):
-        g = self._generator(eval_index)
-        t = self.objective.sample_t(x0.shape[0], generator=g, device=x0.device)
-        noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype, device=x0.device)
+        """Timestep and noise of every image from a generator keyed by (seed, the image's global
+        position in the batch stream): the first and the last pipeline stage draw the same ones
+        without talking, resume needs no RNG state, and an image gets the same noise whatever the
+        layout (dp size, accumulation, pipeline). Evaluation draws the same at every evaluation."""
+        kind, positions = self._positions(eval_index)
+        ts, noises = [], []
+        for position in positions:
+            key = hashlib.blake2b(f"{self.cfg.train.seed}/{kind}/{position}".encode(), digest_size=8).digest()
+            g = torch.Generator(device=self.device).manual_seed(int.from_bytes(key, "little") >> 1)
+            ts.append(self.objective.sample_t(1, generator=g, device=x0.device))
+            noises.append(torch.randn(x0.shape[1:], generator=g, dtype=x0.dtype, device=x0.device))
+        t, noise = torch.cat(ts), torch.stack(noises)
         return t, noise, self.objective.q_sample(x0, t, noise)
 
     def _loss_terms(self, model, batch, eval_index: int | None = None) -> dict[str, torch.Tensor]:
