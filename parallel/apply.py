@@ -10,6 +10,7 @@ from parallel.config import ParallelConfig
 from parallel.data_parallel import wrap_data_parallel
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.mesh import ParallelMesh
+from parallel.recompute import apply_activation_checkpointing
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig) -> nn.Module:
@@ -26,6 +27,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig) -> nn
         raise ValueError("parallelize: use parallelize_pipeline for pipeline parallelism (pp > 1)")
     if mesh.ep > 1:
         apply_expert_parallel(model, mesh, par.ep_overlap, par.ep_chunks)
+    apply_activation_checkpointing(model, par)
     return wrap_data_parallel(model, mesh)
 
 
@@ -38,4 +40,5 @@ def parallelize_pipeline(model: nn.Module, mesh: ParallelMesh, par: ParallelConf
 
     if mesh.ep > 1:
         apply_expert_parallel(model, mesh, par.ep_overlap, par.ep_chunks)
+    apply_activation_checkpointing(model, par)
     return build_pipeline(model, mesh, par, loss_fn, **batch)
