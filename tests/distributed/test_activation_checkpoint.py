@@ -18,6 +18,7 @@ step loads and router statistics (one count per training forward, not two).
 Each checkpointing mode is also checked to drop saved tensors (an activation checkpoint that did
 nothing would pass every equality above).
 """
+import gc
 import json
 import os
 
@@ -126,20 +127,24 @@ class _CountAllToAll:
 
 def _step(model, run):
     """`run(model)`: one forward + backward, returning the loss. Returns the loss, every gradient,
-    the saved-tensor count, the all-to-alls and the MoE layers' loads and statistics."""
+    the saved-tensor count, the all-to-alls, the MoE layers' loads and statistics, and how many
+    exchange tapes outlive the step (they must go with the graph)."""
     from models.moe import pop_router_stats, pop_step_loads
     from parallel import unwrap
+    from parallel.recompute import ExchangeTape
 
     with _CountSaved() as saved, _CountAllToAll() as a2a:
-        loss = run(model)
+        loss = run(model).item()
     inner = unwrap(model)
     grads = {n: p.grad.clone() for n, p in inner.named_parameters() if p.requires_grad}
-    return {"loss": loss.item(), "grads": grads, "saved": saved.count, "a2a": a2a.count,
+    tapes = sum(type(o) is ExchangeTape for o in gc.get_objects())
+    return {"loss": loss, "grads": grads, "saved": saved.count, "a2a": a2a.count, "tapes": tapes,
             "loads": pop_step_loads(inner), "stats": pop_router_stats(inner)}
 
 
 def _close(got, ref, what):
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=0), f"{what}: loss"
+    assert got["tapes"] == 0, f"{what}: {got['tapes']} exchange tapes outlived their graph"
     assert got["grads"].keys() == ref["grads"].keys(), what
     for name, grad in got["grads"].items():
         torch.testing.assert_close(grad, ref["grads"][name], rtol=1e-6, atol=1e-7,
@@ -238,6 +243,8 @@ def test_config_rules():
     with pytest.raises(ConfigError, match="pp_schedule=zbv"):
         load_config(recipe, ["parallel.activation_checkpoint=block", "parallel.pp=2", "parallel.pp_schedule=zbv",
                              "model.tie_embeddings=false"], world_size=2)
+    with pytest.raises(ConfigError, match="train.engine=deepspeed: not with parallel.activation_checkpoint"):
+        load_config(recipe, ["parallel.activation_checkpoint=moe_ffn", "train.engine=deepspeed"])
 
 
 # -- expert and pipeline parallelism ---------------------------------------------------------------------
