@@ -28,10 +28,11 @@ experts) has its backward run while the reverse exchange is in flight.
 
 Activation checkpointing (parallel/recompute.py) re-runs a checkpointed block's forward during
 backward. Its backward is the original graph's (the recompute only re-creates saved tensors), so
-the reverse exchanges run once, as always; the recompute must not exchange again, and cannot
-(the other ranks are not exchanging then). While a checkpointed forward runs, the block's
-dispatchers record into an `ExchangeTape` (parallel/recompute.py) what they received (steps 2, 3
-and 5); its recompute takes the same steps on the recorded rows, without communicating.
+the reverse exchanges run once, as always; the recompute must not exchange again (twice the
+forward traffic, and it would pair up only while every ep rank recomputes the same layer at the
+same moment). While a checkpointed forward runs, the block's dispatchers record into an
+`ExchangeTape` (parallel/recompute.py) what they received (steps 2, 3 and 5); its recompute takes
+the same steps on the recorded rows, without communicating.
 """
 from __future__ import annotations
 

@@ -21,6 +21,10 @@ Recomputing a block re-runs its MoE layers. Two things must then not happen twic
                 what they received in forward and its recompute replays it without communicating
                 (parallel/expert_parallel.py), so a step issues exactly the all-to-alls it issues
                 without recompute; the tape lives with that call's autograd graph
+
+The composable checkpoint re-creates a region's tensors once per backward pass and cannot run its
+recompute a second time, so the zero-bubble schedules (zbv, dualpipev), whose input- and
+weight-gradient passes are two backward passes over one graph, are refused by the config rules.
 """
 from __future__ import annotations
 
