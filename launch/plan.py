@@ -1,12 +1,13 @@
 """The numbers of a run's plan, computed before any process starts: parameters (on a meta-device
-model), memory per rank, the pipeline stages and their ranks, all-to-all volumes. The text that
+model), memory per rank (activations under each activation-checkpointing mode), the pipeline
+stages and their ranks, all-to-all volumes, the extra compute of recomputation. The text that
 `sparseforge run --dry-run` prints from them is launch/plan_report.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.config import moe_layer_config, moe_layer_ids
-from parallel.config import pp_microbatches, pp_stages_per_rank, stage_owners
+from models.config import is_moe_layer, moe_layer_config, moe_layer_ids
+from parallel.config import checkpointed_layers, pp_microbatches, pp_stages_per_rank, stage_owners
 from trainer.config import Config
 
 
@@ -39,32 +40,120 @@ def param_breakdown(cfg: Config) -> tuple[int, int, int]:
     return module_breakdown(meta_model(cfg), cfg.moe)
 
 
-def activation_bytes(cfg: Config, layer_ids: list[int] | None = None, head: bool = True,
-                     sequences: int | None = None) -> int:
-    """Activations kept for backward by `sequences` sequences (default train.micro_batch_size)
-    through the layers `layer_ids` (default all) and, when `head`, the LM head; without
-    recomputation (an estimate).
+def _layer_elements(cfg: Config, layer_id: int) -> tuple[int, int]:
+    """Activation elements per token that layer `layer_id` keeps for backward without recomputation,
+    and how many of them are the routed experts' intermediates (0 for a dense layer).
 
-    Per layer and token: attention keeps its normed input, q/k/v, the SDPA output and the
-    residual; a dense FFN its input and three F-wide tensors (w1, w3, their SwiGLU product); an MoE
-    FFN the router logits plus, for each of its top_k copies, the permuted input and three
-    F-wide tensors. The LM head keeps fp32 logits and their gradient.
+    Attention keeps its normed input, q/k/v, the SDPA output and the residual; a dense FFN its input
+    and three F-wide tensors (w1, w3, their SwiGLU product); an MoE FFN its input, the router
+    logits, the shared experts' three F-wide tensors and, for each of its top_k copies of a token,
+    the permuted input and the expert's F-wide intermediates: two with moe.backend=loop (w1 and w3
+    outputs; it recomputes their product in backward), four with grouped GEMM (the fused w1|w3
+    output, silu, the product), three for `auto` (the loop on CPU, grouped GEMM on GPUs).
     """
-    m, moe, tr = cfg.model, cfg.moe, cfg.train
-    layer_ids = range(m.num_layers) if layer_ids is None else layer_ids
-    tokens = (tr.micro_batch_size if sequences is None else sequences) * tokens_per_sample(cfg)
+    m = cfg.model
     head_dim = m.head_dim or m.d_model // m.num_heads
     attention = 3 * m.d_model + (m.num_heads + 2 * m.num_kv_heads) * head_dim + m.num_heads * head_dim
-    dense_ffn = m.d_model + 3 * m.ffn_dim
+    if not is_moe_layer(layer_id, cfg.moe):
+        return attention + m.d_model + 3 * m.ffn_dim, 0
+    moe = moe_layer_config(layer_id, cfg.moe)
     shared = moe.num_shared_experts * 3 * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
-    moe_ffn = m.d_model + moe.num_experts + moe.top_k * (m.d_model + 3 * moe.expert_ffn_dim) + shared
-    moe_ids = set(moe_layer_ids(cfg.model, cfg.moe))
-    per_token = sum(attention + (moe_ffn if i in moe_ids else dense_ffn) for i in layer_ids)
+    intermediates = moe.top_k * {"loop": 2, "auto": 3}.get(moe.backend, 4) * moe.expert_ffn_dim
+    return attention + m.d_model + moe.num_experts + moe.top_k * m.d_model + intermediates + shared, intermediates
+
+
+def replay_bytes(cfg: Config, layer_id: int, tokens: int) -> int:
+    """The all-to-all rows that the `ExchangeTape` of a checkpointed block keeps for its recompute
+    (parallel/recompute.py), for MoE layer `layer_id` and `tokens` tokens of this rank, ep > 1:
+    R rows received by each token exchange (`a2a_rows`, uniform routing), d_model values, fp32
+    for the dispatched rows and the experts' output dtype for the combined ones (as `a2a_bytes`)."""
+    if cfg.parallel.ep == 1 or not is_moe_layer(layer_id, cfg.moe):
+        return 0
+    b_out = 2 if cfg.train.dtype == "bf16" else 4
+    return a2a_rows(cfg, layer_id, tokens) * cfg.model.d_model * (4 + b_out)
+
+
+@dataclass
+class Activations:
+    """Activation bytes of one microbatch through some layers, under the run's checkpointing mode."""
+
+    kept: int  # held from forward to backward: saved tensors (a checkpointed block: its input) and logits
+    replay: int  # all-to-all rows kept for the recompute of checkpointed blocks (ep > 1)
+    recompute: int  # how far a recompute in backward lifts the peak above kept + replay (0 if it does not)
+
+    def peak(self, in_flight: int = 1) -> int:
+        """With `in_flight` microbatches held at once (pipeline schedules), one recomputing."""
+        return (self.kept + self.replay) * in_flight + self.recompute
+
+
+def activations(cfg: Config, layer_ids: list[int] | None = None, head: bool = True,
+                sequences: int | None = None) -> Activations:
+    """Activations of `sequences` sequences (default train.micro_batch_size) through the layers
+    `layer_ids` (default all, ascending) and, when `head`, the output head (an estimate, see
+    `_layer_elements`).
+
+    Without recomputation every layer keeps all it saves until its backward, so the peak is the end
+    of the forward. parallel.activation_checkpoint=block keeps, of each checkpointed block, only
+    its fp32 input (the residual stream; a DiT block also the image's conditioning) and, under
+    ep > 1, its MoE layer's replayed all-to-all rows (`replay_bytes`); moe_ffn keeps every layer but
+    the experts' intermediates. Backward runs the layers in reverse and frees each one's
+    activations as it goes, so when it recomputes layer i, the layers after i are gone: it holds
+    what the layers before i keep, the replay rows of the layers up to i, and layer i's activations
+    in full (block) or its intermediates (moe_ffn); the peak is the larger of that and the end of
+    the forward. The head keeps fp32 logits (patch values for a DiT) and their gradient.
+    """
+    m, tr, par = cfg.model, cfg.train, cfg.parallel
+    layer_ids = range(m.num_layers) if layer_ids is None else layer_ids
+    sequences = tr.micro_batch_size if sequences is None else sequences
+    tokens = sequences * tokens_per_sample(cfg)
     elem = 2 if tr.dtype == "bf16" else 4
+    block_input = (tokens + (sequences if m.family == "dit" else 0)) * m.d_model * 4
+    checkpointed = set(checkpointed_layers(par, m.num_layers))
+    kept = replay = recomputing = 0  # recomputing: the most held while a layer recomputes
+    for i in layer_ids:
+        full, intermediates = _layer_elements(cfg, i)
+        if i in checkpointed:
+            replay += replay_bytes(cfg, i, tokens)
+            recomputing = max(recomputing, kept + replay + tokens * full * elem)
+            kept += block_input
+        elif par.activation_checkpoint == "moe_ffn" and intermediates:
+            kept += tokens * (full - intermediates) * elem
+            recomputing = max(recomputing, kept + replay + tokens * intermediates * elem)
+        else:
+            kept += tokens * full * elem
     # A DiT's head outputs patch_size² x channels (x 2 with learned sigma) per token, not logits.
     out_width = m.patch_size ** 2 * m.in_channels * (2 if m.learn_sigma else 1) if m.family == "dit" else m.vocab_size
-    logits = tokens * out_width * 4 * 2 if head else 0
-    return tokens * per_token * elem + logits
+    kept += tokens * out_width * 4 * 2 if head else 0
+    return Activations(kept, replay, max(0, recomputing - kept - replay))
+
+
+def activation_bytes(cfg: Config, layer_ids: list[int] | None = None, head: bool = True,
+                     sequences: int | None = None) -> int:
+    """The peak of `activations` for one microbatch in flight (bytes)."""
+    return activations(cfg, layer_ids, head, sequences).peak()
+
+
+def recompute_macs(cfg: Config, model) -> tuple[float, float]:
+    """(multiply-adds per token of one forward, those that activation checkpointing runs a second
+    time in backward), on a (meta-device) model: each layer's active parameters (routed experts
+    counted top_k/E) plus its attention scores (q·k and p·v, 2·S·heads·head_dim, halved by the
+    LLM's causal mask), and the output head. A step costs about three forwards (backward two), so
+    recomputation adds again / (3 · forward) to it."""
+    from models.moe import is_expert_param
+
+    m, par = cfg.model, cfg.parallel
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    scores = 2 * tokens_per_sample(cfg) * m.num_heads * head_dim / (2 if m.family == "llm" else 1)
+    checkpointed = set(checkpointed_layers(par, m.num_layers))
+    forward, again = float(model.output_weight.numel()), 0.0
+    for key, block in model.layers.items():
+        moe = moe_layer_config(int(key), cfg.moe) if is_moe_layer(int(key), cfg.moe) else None
+        share = moe.top_k / moe.num_experts if moe else 0.0
+        experts = sum(p.numel() for n, p in block.named_parameters() if is_expert_param(n)) * share
+        cost = sum(p.numel() for n, p in block.named_parameters() if not is_expert_param(n)) + experts + scores
+        forward += cost
+        again += cost if int(key) in checkpointed else experts if par.activation_checkpoint == "moe_ffn" else 0
+    return forward, again
 
 
 def activation_bytes_per_rank(cfg: Config) -> int:
@@ -179,9 +268,10 @@ def pipeline_memory_per_rank(cfg: Config, plan: PipelinePlan, pp_rank: int) -> d
     total = sum(s.total for s in held)
     routed = sum(s.routed for s in held)
     in_flight = microbatches_in_flight(plan, pp_rank)
-    activations = sum(activation_bytes(cfg, s.layer_ids, head=s.last, sequences=plan.microbatch_size)
-                      for s in held) * in_flight
-    return {**_state_bytes(total, routed, cfg.parallel.ep), "activations": activations}
+    parts = [activations(cfg, s.layer_ids, head=s.last, sequences=plan.microbatch_size) for s in held]
+    # Each stage holds its microbatches in flight; the rank recomputes one layer at a time.
+    held_bytes = sum((a.kept + a.replay) * in_flight for a in parts) + max(a.recompute for a in parts)
+    return {**_state_bytes(total, routed, cfg.parallel.ep), "activations": held_bytes}
 
 
 def tokens_per_sample(cfg: Config) -> int:

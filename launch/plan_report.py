@@ -1,15 +1,17 @@
 """The plan of a run as `sparseforge run --dry-run` prints it: the resolved config, the layout,
-parameters, memory per rank, and with pipeline parallelism (parallel.pp > 1) the stages, their
-ranks and the schedule's bubble; the numbers come from launch/plan.py."""
+parameters, memory per rank, what activation checkpointing saves and costs, and with pipeline
+parallelism (parallel.pp > 1) the stages, their ranks and the schedule's bubble; the numbers come
+from launch/plan.py."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import yaml
 
-from launch.plan import (PipelinePlan, a2a_bytes, a2a_rows, memory_per_rank, meta_model, microbatches_in_flight, module_breakdown, pipeline_memory_per_rank, pipeline_plan, tokens_per_sample)
+from launch.plan import (PipelinePlan, a2a_bytes, a2a_rows, activations, memory_per_rank, meta_model, microbatches_in_flight, module_breakdown, pipeline_memory_per_rank, pipeline_plan, recompute_macs, tokens_per_sample)
 from models.config import moe_layer_ids
-from parallel.config import resolved_dp
+from parallel.config import checkpointed_layers, resolved_dp
 from trainer.config import Config, config_to_dict
 
 
@@ -158,6 +160,32 @@ def a2a_text(cfg: Config, plan: PipelinePlan | None) -> str:
     return out.getvalue()
 
 
+def recompute_text(cfg: Config, model, plan: PipelinePlan | None) -> str:
+    """What activation checkpointing recomputes, the activations per rank with and without it (per
+    pipeline rank with pp > 1), and the forward compute it adds to a step; "" when it is off."""
+    par = cfg.parallel
+    if par.activation_checkpoint == "none":
+        return ""
+    if par.activation_checkpoint == "block":
+        k = par.activation_checkpoint_every
+        what = f"whole blocks{f' (every {k})' if k > 1 else ''}, layers {checkpointed_layers(par, cfg.model.num_layers)}"
+    else:
+        what = f"the routed experts of MoE layers {moe_layer_ids(cfg.model, cfg.moe)}"
+    without = dataclasses.replace(cfg, parallel=dataclasses.replace(par, activation_checkpoint="none"))
+    if plan is None:
+        held, replay = activations(cfg), activations(cfg).replay
+        sizes = f"{_human(held.peak(), 'B')} instead of {_human(activations(without).peak(), 'B')} per rank"
+    else:
+        sizes = "; ".join(f"pp rank {r} {_human(pipeline_memory_per_rank(cfg, plan, r)['activations'], 'B')} instead of "
+                          f"{_human(pipeline_memory_per_rank(without, plan, r)['activations'], 'B')}" for r in range(plan.pp))
+        replay = sum(activations(cfg, s.layer_ids, s.last, plan.microbatch_size).replay for s in plan.stages)
+    kept = f", of which all-to-all rows kept for the recompute {_human(replay, 'B')}" if replay else ""
+    forward, again = recompute_macs(cfg, model)
+    return (f"activation checkpointing ({par.activation_checkpoint}): recomputes {what} in backward; "
+            f"activations {sizes}{kept}; compute: {again / forward:.0%} of a forward again, "
+            f"about +{again / (3 * forward):.1%} per step (a step ~ 3 forwards)\n")
+
+
 def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
     par = cfg.parallel
     dp = resolved_dp(par, world_size)
@@ -209,6 +237,7 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
                   f"within {_groups(groups['edp'])}; overlap {par.ep_overlap}{chunks}\n")
         if moe_layer_ids(cfg.model, cfg.moe):
             out.write(a2a_text(cfg, plan))
+    out.write(recompute_text(cfg, model, plan))
     if plan is not None:
         out.write(format_pipeline(cfg, plan, dp))
         return out.getvalue()

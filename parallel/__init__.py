@@ -5,6 +5,7 @@
     apply.py             parallelize(): EP, PP and DP applied to a model, in a fixed order
     expert_parallel.py   the all-to-all dispatcher and its overlap strategies
     pipeline.py          stages and schedules (torch.distributed.pipelining)
+    recompute.py         activation checkpointing, and the all-to-alls its recompute replays
     data_parallel.py     DDP wrapping, expert and replicated gradient reduction, clipping
     checkpoint_adapter.py, watchdog.py   expert shards in DCP; naming the rank that hangs
 
@@ -34,6 +35,7 @@ _LAZY = {
     "pick_device": "parallel.mesh",
     "parallelize": "parallel.apply",
     "parallelize_pipeline": "parallel.apply",
+    "apply_activation_checkpointing": "parallel.recompute",
     "EP_OVERLAPS": "parallel.config",
     "ParallelConfig": "parallel.config",
 }

@@ -1,6 +1,7 @@
 """Apply the mesh's parallelism to a plain-torch model, in a fixed order (as torchtitan): expert
-parallelism (shard the routed experts, swap in the all-to-all dispatcher), pipeline split, then
-data parallelism: FSDP2 (parallel/fsdp.py) or DDP. With pp > 1 the stages are not wrapped in DDP:
+parallelism (shard the routed experts, swap in the all-to-all dispatcher), activation
+checkpointing (parallel/recompute.py), pipeline split, then data parallelism: FSDP2
+(parallel/fsdp.py) or DDP. With pp > 1 the stages are not wrapped in DDP:
 `sync_replicated_grads` reduces their gradients once per step."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from parallel.data_parallel import wrap_data_parallel
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh
+from parallel.recompute import apply_activation_checkpointing
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig) -> nn.Module:
@@ -22,14 +24,15 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig) -> nn
             parameters): build the optimizer afterwards, on `unwrap(result)`.
         mesh: from `build_mesh`, with pp == 1.
         par: the parallel section (ep_overlap, ep_chunks, data_parallel, fsdp_*).
-    Order: expert parallelism, then FSDP (on meta too: parallel/materialize.py allocates the
-    shards) or DDP (only for a materialised model: DDP needs real tensors; a meta model is
-    wrapped later with `wrap_data_parallel`).
+    Order: expert parallelism, activation checkpointing, then FSDP (on meta too:
+    parallel/materialize.py allocates the shards) or DDP (only for a materialised model: DDP
+    needs real tensors; a meta model is wrapped later with `wrap_data_parallel`).
     """
     if mesh.pp > 1:
         raise ValueError("parallelize: use parallelize_pipeline for pipeline parallelism (pp > 1)")
     if mesh.ep > 1:
         apply_expert_parallel(model, mesh, par.ep_overlap, par.ep_chunks)
+    apply_activation_checkpointing(model, par)
     if mesh.fsdp:
         apply_fsdp(model, [model], mesh, par)
         return model
@@ -48,6 +51,7 @@ def parallelize_pipeline(model: nn.Module, mesh: ParallelMesh, par: ParallelConf
 
     if mesh.ep > 1:
         apply_expert_parallel(model, mesh, par.ep_overlap, par.ep_chunks)
+    apply_activation_checkpointing(model, par)
     pipeline = build_pipeline(model, mesh, par, loss_fn, **batch)
     if mesh.fsdp:
         apply_fsdp(model, pipeline.stage_modules, mesh, par)

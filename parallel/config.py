@@ -17,6 +17,9 @@ PpSchedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"]
 # Data parallelism: DDP replicates every parameter, FSDP2 shards them (parallel/fsdp.py).
 DataParallel = Literal["ddp", "fsdp"]
 Dtype = Literal["fp32", "bf16"]
+# What activation checkpointing recomputes in backward (parallel/recompute.py): nothing, every k-th
+# whole block, or the routed experts of every MoE layer.
+ActivationCheckpoint = Literal["none", "block", "moe_ffn"]
 EP_OVERLAPS, PP_SCHEDULES = get_args(EpOverlap), get_args(PpSchedule)
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # one stage per rank
 V_SCHEDULES = ("zbv", "dualpipev")  # two stages per rank in a V: rank r holds r and 2·pp-1-r
@@ -45,6 +48,8 @@ class ParallelConfig(ConfigSection):
     fsdp_reduce_dtype: Dtype = "fp32"  # fsdp: dtype in which gradients are reduced
     fsdp_cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state in CPU memory
     fsdp_reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (gather again in backward)
+    activation_checkpoint: ActivationCheckpoint = "none"
+    activation_checkpoint_every: int = bounded(1, ge=1)  # block mode: layers 0, k, 2k, ... are recomputed
 
 
 def resolved_dp(par: ParallelConfig, world_size: int) -> int:
@@ -90,6 +95,14 @@ def stage_owners(par: ParallelConfig) -> list[int]:
     return [owner[s] for s in range(num_pp_stages(par))]
 
 
+def checkpointed_layers(par: ParallelConfig, num_layers: int) -> list[int]:
+    """The layers whose whole block activation checkpointing recomputes: every
+    activation_checkpoint_every-th from layer 0 in block mode, none otherwise."""
+    if par.activation_checkpoint != "block":
+        return []
+    return list(range(0, num_layers, par.activation_checkpoint_every))
+
+
 def check_parallel(par: ParallelConfig, model: ModelConfig, moe: MoEConfig, micro_batch_size: int,
                    world_size: int | None = None) -> None:
     """The layout against the model (experts per ep rank, layers per stage) and, when given, the
@@ -102,6 +115,8 @@ def check_parallel(par: ParallelConfig, model: ModelConfig, moe: MoEConfig, micr
             f"moe.layer_num_experts={counts}: every count must be divisible by parallel.ep={par.ep}")
     require(par.ep == 1 or moe.num_experts > 0,
             f"parallel.ep={par.ep}: expert parallelism needs an MoE model (moe.num_experts > 0)")
+    require(par.activation_checkpoint != "moe_ffn" or moe.num_experts > 0,
+            "parallel.activation_checkpoint=moe_ffn: the model has no MoE layer (moe.num_experts=0); use block")
     if par.pp > 1:
         _check_pipeline(par, model, micro_batch_size)
     if world_size is not None:
@@ -150,5 +165,10 @@ def _check_pipeline(par: ParallelConfig, m: ModelConfig, micro_batch_size: int) 
     require(mb >= par.pp, f"parallel.pp_microbatches={mb} must be >= parallel.pp={par.pp} to fill the pipeline")
     if par.pp_schedule == "dualpipev":
         require(mb >= stages, f"parallel.pp_microbatches={mb}: dualpipev needs >= {stages} (2 x pp)")
+    # torch's composable checkpoint recomputes a region once per backward pass and cannot run its
+    # recompute a second time; the zero-bubble schedules run two (input, then weight gradients).
+    require(par.activation_checkpoint == "none" or par.pp_schedule not in V_SCHEDULES,
+            f"parallel.activation_checkpoint={par.activation_checkpoint}: not with pp_schedule={par.pp_schedule} "
+            f"(its split backward would recompute twice); use gpipe, 1f1b or interleaved_1f1b")
     require(not m.tie_embeddings,
             "model.tie_embeddings: pipeline stages need untied embeddings (the first and last stage would share a weight)")

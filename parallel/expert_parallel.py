@@ -25,11 +25,19 @@ start (launch, async) and a wait. In backward the wait node launches the reverse
 the start node waits for it, and PyTorch's engine runs ready nodes in reverse creation order, so
 whatever was computed between start and wait in forward (another chunk's experts, the shared
 experts) has its backward run while the reverse exchange is in flight.
+
+Activation checkpointing (parallel/recompute.py) re-runs a checkpointed block's forward during
+backward. Its backward is the original graph's (the recompute only re-creates saved tensors), so
+the reverse exchanges run once, as always; the recompute must not exchange again (twice the
+forward traffic, and it would pair up only while every ep rank recomputes the same layer at the
+same moment). While a checkpointed forward runs, the block's dispatchers record into an
+`ExchangeTape` (parallel/recompute.py) what they received (steps 2, 3 and 5); its recompute takes
+the same steps on the recorded rows, without communicating.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -39,20 +47,33 @@ from torch.autograd.function import once_differentiable
 from models.moe import Dispatcher, Routing, moe_layers, padded_slots, unpermute_combine
 from parallel.config import EP_OVERLAPS
 
+if TYPE_CHECKING:
+    from parallel.recompute import ExchangeTape, Record
 
 
 # -- one all-to-all as an autograd start/wait pair ------------------------------------------------
 
 
 class _Exchange:
-    """An all-to-all of rows, shared by its start and wait nodes (forward and backward)."""
+    """An all-to-all of rows, shared by its start and wait nodes (forward and backward).
 
-    def __init__(self, group: dist.ProcessGroup, send_splits: list[int], recv_splits: list[int]):
+    `replayed`: the rows this exchange received in the forward that a recompute re-runs; the
+    forward launch then returns them and communicates nothing (the backward never runs on a
+    recompute's nodes: autograd uses the original graph)."""
+
+    def __init__(self, group: dist.ProcessGroup, send_splits: list[int], recv_splits: list[int],
+                 replayed: torch.Tensor | None = None):
         self.group, self.send_splits, self.recv_splits = group, send_splits, recv_splits
+        self.replayed = replayed
         self._work = None
         self._buffers = None  # output and input, alive until the exchange is waited for
 
     def launch(self, x_ND: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        if self.replayed is not None and not reverse:
+            # A new alias: autograd makes the returned tensor a graph output, never the tape's own.
+            out = self.replayed.detach()
+            self._work, self._buffers = _Replayed(), (out, None)
+            return out
         send, recv = (self.recv_splits, self.send_splits) if reverse else (self.send_splits, self.recv_splits)
         x_ND = x_ND.contiguous()
         out = x_ND.new_empty((sum(recv), x_ND.shape[1]))
@@ -65,6 +86,13 @@ class _Exchange:
         out = self._buffers[0]
         self._work = self._buffers = None
         return out
+
+
+class _Replayed:
+    """A finished collective: what a recompute waits for instead of an exchange."""
+
+    def wait(self) -> None:
+        pass
 
 
 class _StartAllToAll(torch.autograd.Function):
@@ -119,6 +147,7 @@ class _Chunk:
     counts_L: torch.Tensor | None = None
     exchanges: list = field(default_factory=list)  # dispatch, then combine
     buffer: torch.Tensor | None = None  # receive buffer of the exchange in flight
+    received: list = field(default_factory=list)  # what steps 3 and 5 received, for an ExchangeTape
     y_TD: torch.Tensor | None = None
 
 
@@ -141,6 +170,9 @@ class AllToAllDispatcher(Dispatcher):
     as the local dispatcher pads it, so the token all-to-all has fixed, even splits. Chunked
     strategies send the kept rows only (a chunk's rows are data dependent anyway); padding never
     changes the output or any gradient.
+
+    `tape`: an `ExchangeTape` while a checkpointed forward or its recompute runs (set from
+    outside, by parallel/recompute.py), else None.
     """
 
     def __init__(self, group: dist.ProcessGroup, num_experts: int, overlap: str = "none",
@@ -156,6 +188,7 @@ class AllToAllDispatcher(Dispatcher):
         self.use_async = overlap in ("async", "combinable")
         self.num_chunks = max(1, num_chunks) if overlap in ("chunked", "combinable") else 1
         self.overlap_shared = overlap in ("shared_expert", "combinable")
+        self.tape: ExchangeTape | None = None
 
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(ep={self.num_ranks}, experts={self.num_experts}, "
@@ -166,12 +199,14 @@ class AllToAllDispatcher(Dispatcher):
         if experts.num_experts != self.num_local:
             raise ValueError(f"experts hold {experts.num_experts} experts, the dispatcher expects "
                              f"{self.num_local} (E={self.num_experts} over {self.num_ranks} ranks)")
+        # A recompute takes every step below on what its forward's exchanges received (no exchange).
+        replay = self.tape.next_record() if self.tape is not None and self.tape.replaying else None
         chunks = self._split(x_TD, routing)
         # 1. permute locally by (global) expert: the order and counts first, for step 2 ...
         for c in chunks:
             self._route(c)
-        # 2. exchange per-expert counts (one all-to-all for every chunk) ...
-        counts_work, recv_counts = self._start_count_exchange(chunks)
+        # 2. exchange per-expert counts (one all-to-all for every chunk; replayed by a recompute) ...
+        counts_work, send_counts, recv_counts = self._start_count_exchange(chunks, replay)
         if not self.use_async:
             counts_work.wait()
         # ... 1 (cont.) gathering the rows meanwhile when async.
@@ -179,7 +214,7 @@ class AllToAllDispatcher(Dispatcher):
             self._gather(c)
         if self.use_async:
             counts_work.wait()
-        self._set_splits(chunks, recv_counts)
+        splits = self._set_splits(chunks, recv_counts, replay)
         if not self.use_async:
             for c in chunks:
                 self._local_order(c)
@@ -195,6 +230,8 @@ class AllToAllDispatcher(Dispatcher):
             if i > 0:
                 self._combine(chunks[i - 1], x_TD.dtype)
         self._combine(chunks[-1], x_TD.dtype)
+        if self.tape is not None and not self.tape.replaying:  # a checkpointed forward: for its recompute
+            self.tape.record(send_counts, recv_counts, splits, [c.received for c in chunks])
         y_TD = chunks[0].y_TD if len(chunks) == 1 else torch.cat([c.y_TD for c in chunks])
         if overlap_fn is not None:
             y_TD = y_TD + (shared_TD if shared_TD is not None else overlap_fn())
@@ -228,12 +265,18 @@ class AllToAllDispatcher(Dispatcher):
             counts_E = torch.full_like(counts_E, c.pad)
         c.send_counts_PL = counts_E.view(self.num_ranks, self.num_local)
 
-    def _start_count_exchange(self, chunks: list[_Chunk]):
-        """Step 2: rank p receives, from every rank, its rows per local expert for every chunk."""
+    def _start_count_exchange(self, chunks: list[_Chunk], replay: Record | None):
+        """Step 2: rank p receives, from every rank, its rows per local expert for every chunk (a
+        recompute: what its forward received). Returns (work, sent counts, received counts)."""
         send_PCL = torch.stack([c.send_counts_PL for c in chunks], dim=1).contiguous()
+        if replay is not None:
+            if not torch.equal(send_PCL, replay.send_PCL):  # the recorded rows would be the wrong ones
+                raise RuntimeError("activation checkpointing: the recompute routed other tokens than the "
+                                   "forward it re-runs (a non-deterministic forward?)")
+            return _Replayed(), send_PCL, replay.recv_PCL
         recv_PCL = torch.empty_like(send_PCL)
         work = dist.all_to_all_single(recv_PCL, send_PCL, group=self.group, async_op=True)
-        return work, recv_PCL
+        return work, send_PCL, recv_PCL
 
     def _gather(self, c: _Chunk) -> None:
         """Step 1b: one row per assignment, in expert order (and in its padded slot)."""
@@ -243,15 +286,21 @@ class AllToAllDispatcher(Dispatcher):
             x_sorted_ND = buf.index_copy(0, c.slot_N, x_sorted_ND)
         c.x_send_ND = x_sorted_ND
 
-    def _set_splits(self, chunks: list[_Chunk], recv_PCL: torch.Tensor) -> None:
-        """Row counts per peer for every chunk, read back to the host in one go."""
-        send_PC = torch.stack([c.send_counts_PL.sum(1) for c in chunks], dim=1)
-        both = torch.stack([send_PC, recv_PCL.sum(2)]).tolist()  # split sizes must be host ints
+    def _set_splits(self, chunks: list[_Chunk], recv_PCL: torch.Tensor, replay: Record | None) -> list:
+        """Row counts per peer for every chunk, read back to the host in one go (a recompute
+        reuses its forward's, and its exchanges return the recorded rows); returns them."""
+        if replay is None:
+            send_PC = torch.stack([c.send_counts_PL.sum(1) for c in chunks], dim=1)
+            both = torch.stack([send_PC, recv_PCL.sum(2)]).tolist()  # split sizes must be host ints
+        else:
+            both = replay.splits
         for i, c in enumerate(chunks):
             c.recv_counts_PL = recv_PCL[:, i]
             send = [row[i] for row in both[0]]
             recv = [row[i] for row in both[1]]
-            c.exchanges = [_Exchange(self.group, send, recv), _Exchange(self.group, recv, send)]
+            dispatched, combined = replay.received[i] if replay is not None else (None, None)
+            c.exchanges = [_Exchange(self.group, send, recv, dispatched), _Exchange(self.group, recv, send, combined)]
+        return both
 
     def _local_order(self, c: _Chunk) -> None:
         """Received rows come as (source rank, local expert); the experts want local-expert order."""
@@ -272,12 +321,14 @@ class AllToAllDispatcher(Dispatcher):
     def _compute(self, c: _Chunk, experts: nn.Module) -> None:
         """Step 4: wait for the rows, run the local experts, and 5. start the reverse all-to-all."""
         x_recv_MD = _WaitAllToAll.apply(c.buffer, c.exchanges[0])
+        c.received.append(x_recv_MD.detach())  # no graph reference: a tape lives as long as the graph
         y_MD = experts(x_recv_MD[c.sort_M], c.counts_L)[c.unsort_M]
         c.buffer = _StartAllToAll.apply(y_MD, c.exchanges[1])
 
     def _combine(self, c: _Chunk, out_dtype: torch.dtype) -> None:
         """Step 6: wait for the expert outputs, drop padding, unpermute and combine with the gates."""
         y_sorted_ND = _WaitAllToAll.apply(c.buffer, c.exchanges[1])
+        c.received.append(y_sorted_ND.detach())
         if c.pad:
             y_sorted_ND = y_sorted_ND[c.slot_N]
         c.y_TD = unpermute_combine(y_sorted_ND, c.order_N, c.routing, out_dtype)

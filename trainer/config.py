@@ -161,6 +161,9 @@ def _check_engine(cfg: Config) -> None:
                                 "parallel.ep shards; use 1 or 2")
     require(cfg.parallel.pp == 1, f"train.engine=deepspeed: not with parallel.pp={cfg.parallel.pp} (pipeline "
                                   f"stages run on torch.distributed.pipelining; use train.engine=native)")
+    require(cfg.parallel.activation_checkpoint == "none",
+            f"train.engine=deepspeed: not with parallel.activation_checkpoint={cfg.parallel.activation_checkpoint} "
+            f"(applied by parallel.parallelize, which DeepSpeed replaces); use train.engine=native")
     # ESFT zeroes unselected expert rows before the step, ZeRO-2 reduces gradients inside backward.
     require(cfg.peft.method != "esft", "train.engine=deepspeed: not with peft.method=esft (use train.engine=native)")
     # A prune run writes its compressed model as a step-0 checkpoint without ZeRO state.

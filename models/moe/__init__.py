@@ -8,6 +8,7 @@ Helpers over a model (any nn.Module containing `MoE` layers):
                                    rows zero-padded to the widest layer in a pruned model)
     update_aux_free_bias(model, loads_LE)   aux-loss-free balancing step (after optimizer.step)
     expert_parameters(model)       (name, param) of routed experts (sharded by expert parallel)
+    is_recomputing()               a forward is activation checkpointing's re-run (count nothing)
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from models.moe.experts import BACKENDS, GroupedExperts, is_expert_param, resolv
 from models.moe.layer import LOSS_NAMES, MoE, AttachAuxLoss
 from models.moe.losses import (expert_balance_loss, load_balancing_loss, router_entropy, router_z_loss,
                                sequence_load_balancing_loss)
+from models.moe.recompute import is_recomputing
 from models.moe.router import (ROUTINGS, SCORE_FUNCS, ExpertChoiceRouter, RouterOutput, Routing,
                                TopKRouter, build_router)
 
@@ -27,9 +29,9 @@ __all__ = [
     "AttachAuxLoss", "BACKENDS", "DROP_POLICIES", "Dispatcher", "ExpertChoiceRouter", "GroupedExperts",
     "LOSS_NAMES", "LocalDispatcher", "MoE", "ROUTINGS", "RouterOutput", "Routing", "SCORE_FUNCS",
     "TopKRouter", "build_router", "expert_balance_loss", "expert_capacity", "expert_parameters",
-    "is_expert_param", "keep_within_capacity", "load_balancing_loss", "moe_layer_indices", "moe_layers", "padded_slots",
-    "permute", "pop_router_stats", "pop_step_loads", "resolve_backend", "router_entropy",
-    "router_z_loss", "sequence_load_balancing_loss", "set_aux_loss_scale", "unpermute_combine",
+    "is_expert_param", "is_recomputing", "keep_within_capacity", "load_balancing_loss", "moe_layer_indices",
+    "moe_layers", "padded_slots", "permute", "pop_router_stats", "pop_step_loads", "resolve_backend",
+    "router_entropy", "router_z_loss", "sequence_load_balancing_loss", "set_aux_loss_scale", "unpermute_combine",
     "update_aux_free_bias",
 ]
 

@@ -20,6 +20,7 @@ from models.moe.dispatcher import Dispatcher, LocalDispatcher
 from models.moe.experts import GroupedExperts
 from models.moe.losses import (expert_balance_loss, load_balancing_loss, router_entropy, router_z_loss,
                                sequence_load_balancing_loss)
+from models.moe.recompute import is_recomputing
 from models.moe.router import RouterOutput, TopKRouter, build_router
 
 # Aux losses by their stats/log name (moe/<name>), each with its own coefficient moe.<name>_coeff.
@@ -64,7 +65,8 @@ class MoE(nn.Module):
 
     Statistics (training forwards only, detached, reset by `pop_stats`): each active loss,
     router entropy, tokens per expert chosen by the router, dropped assignments. A forward re-run
-    by activation checkpointing records twice; means and max/mean ratios are unaffected.
+    by activation checkpointing in backward (`is_recomputing`) records nothing: every forward is
+    counted once, so the step loads that drive aux-free balancing stay exact.
     """
 
     def __init__(self, d_model: int, moe_cfg):
@@ -137,7 +139,8 @@ class MoE(nn.Module):
 
     def _aux_loss(self, route: RouterOutput, num_seqs: int) -> torch.Tensor | None:
         losses = self.aux_losses(route, num_seqs)
-        self._record(route, {k: v.detach() for k, v in losses.items()})
+        if not is_recomputing():  # the original forward counted these tokens already
+            self._record(route, {k: v.detach() for k, v in losses.items()})
         return sum(losses.values()) if losses else None
 
     # -- statistics ----------------------------------------------------------------------------

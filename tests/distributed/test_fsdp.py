@@ -64,6 +64,8 @@ def llm_references(tmp_path_factory):
     ("fsdp dp=4 ep=2", 4, 2, ["parallel.data_parallel=fsdp", "parallel.ep=2"]),
     ("pp=2 x fsdp dp=2", 4, 2, ["parallel.data_parallel=fsdp", "parallel.pp=2", "train.micro_batch_size=4",
                                 "parallel.pp_microbatches=2"]),
+    ("fsdp dp=2 ep=2, blocks recomputed", 2, 4, ["parallel.data_parallel=fsdp", "parallel.ep=2",
+                                                 "train.micro_batch_size=4", "parallel.activation_checkpoint=block"]),
 ])
 def test_llm_matches_one_process(tmp_path, llm_references, name, world, per_forward, overrides):
     records = _run(tmp_path, "run", world, LLM + overrides)
