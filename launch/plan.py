@@ -187,10 +187,16 @@ def fsdp_units(module, ep: int) -> tuple[int, int]:
     return root, largest
 
 
+def _ema_copies(cfg: Config) -> int:
+    """A DiT keeps an EMA of the weights this rank holds (trainer/ema.py), counted with the
+    optimizer state: one more copy of them in their dtype. An LLM keeps none."""
+    return 1 if cfg.model.family == "dit" else 0
+
+
 def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, root: int = 0,
                 largest_block: int = 0) -> dict[str, int]:
-    """Weights, gradients and AdamW's two moments on one rank (bytes), fp32, for `total_params`
-    of which `expert_params` are routed experts (a model, or a pipeline rank's stages).
+    """Weights, gradients and AdamW's two moments (and a DiT's EMA) on one rank (bytes), fp32, for
+    `total_params` of which `expert_params` are routed experts (a model, or a pipeline rank's stages).
 
     DDP: every rank holds all but the routed experts, of which expert parallelism keeps 1/ep.
     FSDP (parallel.data_parallel fsdp, parallel/fsdp.py): each rank keeps a 1/dp_shard shard of
@@ -205,7 +211,7 @@ def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, roo
     routed_here = expert_params // ep if ep > 1 else expert_params
     if par.data_parallel != "fsdp":
         params = (total_params - expert_params + routed_here) * 4
-        return {"params": params, "grads": params, "optimizer": 2 * params}
+        return {"params": params, "grads": params, "optimizer": (2 + _ema_copies(cfg)) * params}
     shard = dp if par.dp_shard <= 0 else par.dp_shard
     expert_shard = shard if ep == 1 else max(1, shard // ep)  # 1: no other rank holds these experts
     held = (-(-(total_params - expert_params) // shard) + -(-routed_here // expert_shard)) * 4
@@ -214,7 +220,7 @@ def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, roo
     unsharded_grads = largest_block * width[par.fsdp_reduce_dtype]
     on_device = 0 if par.fsdp_cpu_offload else 1
     return {"params": held * on_device + gathered, "grads": held * on_device + unsharded_grads,
-            "optimizer": 2 * held * on_device}
+            "optimizer": (2 + _ema_copies(cfg)) * held * on_device}
 
 
 def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int) -> dict[str, int]:
@@ -228,7 +234,7 @@ def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: in
     width = 2 if cfg.train.dtype == "bf16" else 4
     grads = zero * width // (dp if cfg.train.zero_stage == 2 else 1)
     return {"params": zero * width + zero * 4 // dp + ours * 4, "grads": grads + ours * 4,
-            "optimizer": 8 * (zero // dp + ours)}
+            "optimizer": 8 * (zero // dp + ours) + _ema_copies(cfg) * (zero * width + ours * 4)}
 
 
 def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0, dp: int = 1,
@@ -330,7 +336,8 @@ def pipeline_memory_per_rank(cfg: Config, plan: PipelinePlan, pp_rank: int, dp: 
     parts = [activations(cfg, s.layer_ids, head=s.last, sequences=plan.microbatch_size) for s in held]
     # Each stage holds its microbatches in flight; the rank recomputes one layer at a time.
     held_bytes = sum((a.kept + a.replay) * in_flight for a in parts) + max(a.recompute for a in parts)
-    return {**state_bytes(cfg, total, routed, dp, root, largest), "activations": held_bytes}
+    state = state_bytes(cfg, total, routed, dp, root, largest)
+    return {**state, "activations": held_bytes}
 
 
 def tokens_per_sample(cfg: Config) -> int:
