@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.config import is_moe_layer, moe_layer_config, moe_layer_ids
-from parallel.config import checkpointed_layers, pp_microbatches, pp_stages_per_rank, stage_owners
+from parallel.config import checkpointed_layers, pp_microbatches, pp_stages_per_rank, resolved_dp, stage_owners
 from trainer.config import Config
 
 
@@ -175,16 +175,19 @@ def activation_bytes_per_rank(cfg: Config) -> int:
     return activation_bytes(cfg)
 
 
-def fsdp_units(module, ep: int) -> tuple[int, int]:
+def fsdp_units(module, ep: int) -> tuple[int, int, int]:
     """(parameters outside the blocks, the largest block's parameters as FSDP gathers them on one
-    rank: its routed experts divided by ep) of a model or pipeline stage (`layers` its blocks)."""
+    rank: its routed experts divided by ep, the largest block's without its routed experts) of a
+    model or pipeline stage (`layers` its blocks)."""
     from models.moe import is_expert_param
 
     in_blocks = {id(p) for block in module.layers.values() for p in block.parameters()}
     root = sum(p.numel() for p in module.parameters() if id(p) not in in_blocks)
-    largest = max((sum(p.numel() // (ep if is_expert_param(n) else 1) for n, p in block.named_parameters())
-                   for block in module.layers.values()), default=0)
-    return root, largest
+    blocks = [[(p.numel(), is_expert_param(n)) for n, p in block.named_parameters()]
+              for block in module.layers.values()]
+    largest = max((sum(n // ep if expert else n for n, expert in b) for b in blocks), default=0)
+    largest_dense = max((sum(n for n, expert in b if not expert) for b in blocks), default=0)
+    return root, largest, largest_dense
 
 
 def _ema_copies(cfg: Config) -> int:
@@ -194,16 +197,18 @@ def _ema_copies(cfg: Config) -> int:
 
 
 def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, root: int = 0,
-                largest_block: int = 0) -> dict[str, int]:
+                largest_block: int = 0, largest_dense_block: int = 0) -> dict[str, int]:
     """Weights, gradients and AdamW's two moments (and a DiT's EMA) on one rank (bytes), fp32, for
     `total_params` of which `expert_params` are routed experts (a model, or a pipeline rank's stages).
 
     DDP: every rank holds all but the routed experts, of which expert parallelism keeps 1/ep.
     FSDP (parallel.data_parallel fsdp, parallel/fsdp.py): each rank keeps a 1/dp_shard shard of
-    the others and of its experts 1/(dp_shard/ep) (none when no other rank holds them); on top, the
-    working set: the root's parameters (`root`: embedding, head) gathered for the whole step and two
-    blocks gathered at a time (the one running and the one prefetched), in fsdp_param_dtype, and one
-    block's unsharded gradients in fsdp_reduce_dtype before they are reduce-scattered. With
+    the others and of its experts 1/(dp_shard/ep) (none when no other rank holds them); on top,
+    "gathered", the working set of a step: the root's parameters (`root`: embedding, head) gathered
+    for the whole step and two blocks gathered at a time (the one running and the one prefetched),
+    in fsdp_param_dtype, and one block's unsharded gradients in fsdp_reduce_dtype before they are
+    reduce-scattered. Routed experts no other rank holds (ep = dp_shard, no replicas) stay outside
+    FSDP, whole: a block then gathers only its other parameters (`largest_dense_block`). With
     fsdp_cpu_offload the shards, their gradients and moments live in CPU memory: only the working
     set is on the device.
     """
@@ -216,11 +221,13 @@ def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, roo
     expert_shard = shard if ep == 1 else max(1, shard // ep)  # 1: no other rank holds these experts
     held = (-(-(total_params - expert_params) // shard) + -(-routed_here // expert_shard)) * 4
     width = {"fp32": 4, "bf16": 2}
-    gathered = (root + 2 * largest_block) * width[par.fsdp_param_dtype]
-    unsharded_grads = largest_block * width[par.fsdp_reduce_dtype]
+    experts_in_fsdp = ep == 1 or dp // shard * expert_shard > 1  # as parallel/mesh.py builds the meshes
+    block = largest_block if experts_in_fsdp else largest_dense_block
+    gathered = (root + 2 * block) * width[par.fsdp_param_dtype]
+    unsharded_grads = block * width[par.fsdp_reduce_dtype]
     on_device = 0 if par.fsdp_cpu_offload else 1
-    return {"params": held * on_device + gathered, "grads": held * on_device + unsharded_grads,
-            "optimizer": (2 + _ema_copies(cfg)) * held * on_device}
+    return {"params": held * on_device, "grads": held * on_device,
+            "optimizer": (2 + _ema_copies(cfg)) * held * on_device, "gathered": gathered + unsharded_grads}
 
 
 def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int) -> dict[str, int]:
@@ -249,7 +256,7 @@ def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0, dp: 
         state = _zero_state_bytes(cfg, total_params, expert_params, dp)
     else:
         units = fsdp_units(model if model is not None else meta_model(cfg), cfg.parallel.ep) \
-            if cfg.parallel.data_parallel == "fsdp" else (0, 0)
+            if cfg.parallel.data_parallel == "fsdp" else (0, 0, 0)
         state = state_bytes(cfg, total_params, expert_params, dp, *units)
     return {**state, "activations": activation_bytes_per_rank(cfg)}
 
@@ -266,6 +273,7 @@ class StagePlan:
     routed: int  # routed-expert parameters (divided by ep on each rank)
     root: int = 0  # parameters outside its blocks (embedding, head): what FSDP gathers for the step
     largest_block: int = 0  # its largest block as FSDP gathers it on one rank (experts / ep)
+    largest_dense_block: int = 0  # the same without routed experts (when FSDP leaves them whole)
 
 
 @dataclass
@@ -331,13 +339,25 @@ def pipeline_memory_per_rank(cfg: Config, plan: PipelinePlan, pp_rank: int, dp: 
     held = plan.rank_stages(pp_rank)
     total = sum(s.total for s in held)
     routed = sum(s.routed for s in held)
-    root, largest = sum(s.root for s in held), max(s.largest_block for s in held)
+    root = sum(s.root for s in held)
+    largest, dense = max(s.largest_block for s in held), max(s.largest_dense_block for s in held)
     in_flight = microbatches_in_flight(plan, pp_rank)
     parts = [activations(cfg, s.layer_ids, head=s.last, sequences=plan.microbatch_size) for s in held]
     # Each stage holds its microbatches in flight; the rank recomputes one layer at a time.
     held_bytes = sum((a.kept + a.replay) * in_flight for a in parts) + max(a.recompute for a in parts)
-    state = state_bytes(cfg, total, routed, dp, root, largest)
+    state = state_bytes(cfg, total, routed, dp, root, largest, dense)
     return {**state, "activations": held_bytes}
+
+
+def memory_by_pp_rank(cfg: Config, world_size: int) -> list[dict[str, int]]:
+    """The estimate for every pipeline rank (one entry when pp == 1); its dp ranks, global ranks
+    pp_rank·dp … pp_rank·dp + dp − 1, are alike. What --dry-run prints, as numbers."""
+    dp, model = resolved_dp(cfg.parallel, world_size), meta_model(cfg)
+    if cfg.parallel.pp == 1:
+        total, _, routed = module_breakdown(model, cfg.moe)
+        return [memory_per_rank(cfg, total, routed, dp, model)]
+    plan = pipeline_plan(cfg, model)
+    return [pipeline_memory_per_rank(cfg, plan, r, dp) for r in range(plan.pp)]
 
 
 def tokens_per_sample(cfg: Config) -> int:

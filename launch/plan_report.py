@@ -108,7 +108,8 @@ def fsdp_text(cfg: Config, world_size: int) -> str:
                    else "; routed experts not sharded further (each is held by one rank of a shard group)")
     offload = "; shards, gradients and optimizer state in CPU memory" if par.fsdp_cpu_offload else ""
     return (f"data parallel: FSDP2, {how}{experts}; gathered parameters {par.fsdp_param_dtype}, gradients "
-            f"reduced in {par.fsdp_reduce_dtype}{offload}\n")
+            f"reduced in {par.fsdp_reduce_dtype}{offload}; memory 'gathered': the weights a step gathers (the "
+            f"root's, two blocks at a time) and one block's unsharded gradients\n")
 
 
 def peft_text(cfg: Config) -> str:
