@@ -197,20 +197,25 @@ def _ema_copies(cfg: Config) -> int:
 
 
 def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, root: int = 0,
-                largest_block: int = 0, largest_dense_block: int = 0) -> dict[str, int]:
+                largest_block: int = 0, largest_dense_block: int = 0, pipelined: bool = False) -> dict[str, int]:
     """Weights, gradients and AdamW's two moments (and a DiT's EMA) on one rank (bytes), fp32, for
     `total_params` of which `expert_params` are routed experts (a model, or a pipeline rank's stages).
 
     DDP: every rank holds all but the routed experts, of which expert parallelism keeps 1/ep.
     FSDP (parallel.data_parallel fsdp, parallel/fsdp.py): each rank keeps a 1/dp_shard shard of
-    the others and of its experts 1/(dp_shard/ep) (none when no other rank holds them); on top,
-    "gathered", the working set of a step: the root's parameters (`root`: embedding, head) gathered
-    for the whole step and two blocks gathered at a time (the one running and the one prefetched),
-    in fsdp_param_dtype, and one block's unsharded gradients in fsdp_reduce_dtype before they are
-    reduce-scattered. Routed experts no other rank holds (ep = dp_shard, no replicas) stay outside
-    FSDP, whole: a block then gathers only its other parameters (`largest_dense_block`). With
-    fsdp_cpu_offload the shards, their gradients and moments live in CPU memory: only the working
-    set is on the device.
+    the others and of its experts 1/(dp_shard/ep); routed experts no other rank holds (ep =
+    dp_shard, no replicas) stay outside FSDP, whole. On top, "gathered", the working set of a step
+    in fsdp_param_dtype (weights) and fsdp_reduce_dtype (unsharded gradients):
+        without a pipeline   the root's parameters (`root`: embedding, head) gathered for the whole
+                             step, two blocks at a time (the one running and the one prefetched;
+                             `largest_block`, or `largest_dense_block` when the experts stay
+                             outside), and the unsharded gradients of the root (reduced at the end
+                             of backward) and of one block
+        pipelined            all that FSDP manages on the rank: torch's pipeline schedules keep
+                             every stage gathered and accumulate its unsharded gradients over the
+                             microbatches, reducing them once after the last
+    With fsdp_cpu_offload the shards, their gradients and moments live in CPU memory: only the
+    working set is on the device.
     """
     par, ep = cfg.parallel, cfg.parallel.ep
     routed_here = expert_params // ep if ep > 1 else expert_params
@@ -222,12 +227,15 @@ def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, roo
     held = (-(-(total_params - expert_params) // shard) + -(-routed_here // expert_shard)) * 4
     width = {"fp32": 4, "bf16": 2}
     experts_in_fsdp = ep == 1 or dp // shard * expert_shard > 1  # as parallel/mesh.py builds the meshes
-    block = largest_block if experts_in_fsdp else largest_dense_block
-    gathered = (root + 2 * block) * width[par.fsdp_param_dtype]
-    unsharded_grads = block * width[par.fsdp_reduce_dtype]
+    if pipelined:
+        weights = grads = total_params - expert_params + (routed_here if experts_in_fsdp else 0)
+    else:
+        block = largest_block if experts_in_fsdp else largest_dense_block
+        weights, grads = root + 2 * block, root + block
+    gathered = weights * width[par.fsdp_param_dtype] + grads * width[par.fsdp_reduce_dtype]
     on_device = 0 if par.fsdp_cpu_offload else 1
     return {"params": held * on_device, "grads": held * on_device,
-            "optimizer": (2 + _ema_copies(cfg)) * held * on_device, "gathered": gathered + unsharded_grads}
+            "optimizer": (2 + _ema_copies(cfg)) * held * on_device, "gathered": gathered}
 
 
 def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int) -> dict[str, int]:
@@ -345,7 +353,7 @@ def pipeline_memory_per_rank(cfg: Config, plan: PipelinePlan, pp_rank: int, dp: 
     parts = [activations(cfg, s.layer_ids, head=s.last, sequences=plan.microbatch_size) for s in held]
     # Each stage holds its microbatches in flight; the rank recomputes one layer at a time.
     held_bytes = sum((a.kept + a.replay) * in_flight for a in parts) + max(a.recompute for a in parts)
-    state = state_bytes(cfg, total, routed, dp, root, largest, dense)
+    state = state_bytes(cfg, total, routed, dp, root, largest, dense, pipelined=True)
     return {**state, "activations": held_bytes}
 
 
