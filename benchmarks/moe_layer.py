@@ -120,11 +120,13 @@ def build_dense(c):
     return ffn
 
 
-def build_hf(c, ref, implementation="eager"):
+def build_hf(c, ref, implementation="eager", d_model=D_MODEL):
+    """transformers' Mixtral block with `ref`'s router and expert weights (on `ref`'s device when
+    built under `with torch.device(...)`)."""
     from transformers.models.mixtral.configuration_mixtral import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = MixtralConfig(hidden_size=D_MODEL, intermediate_size=c["expert_ffn_dim"],
+    cfg = MixtralConfig(hidden_size=d_model, intermediate_size=c["expert_ffn_dim"],
                         num_local_experts=c["num_experts"], num_experts_per_tok=c["top_k"],
                         router_jitter_noise=0.0, hidden_act="silu")
     cfg._experts_implementation = implementation
@@ -225,6 +227,7 @@ def fwd_bwd(name: str, module, x, dy) -> torch.Tensor:
                                                               device=l_aux.device)])
     else:
         y = module(x)
+        y = y[0] if isinstance(y, tuple) else y  # some transformers versions add the router logits
         y.backward(dy)
     return y.detach()
 

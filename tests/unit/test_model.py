@@ -121,6 +121,16 @@ def test_qwen2_moe_param_counts_on_meta():
     assert active == pytest.approx(2.7e9, rel=0.02)
 
 
+def test_olmoe_2b_16e_param_counts_on_meta():
+    """The GPU suite's LLM: ~2B total (fits weights, gradients and AdamW on one GPU), 1/8 active."""
+    model_cfg, moe_cfg = configs("olmoe_2b_16e")
+    with torch.device("meta"):
+        model = build_model(model_cfg, moe_cfg)
+    total, active = param_counts(model, moe_cfg)
+    assert total == pytest.approx(2.086e9, rel=0.005)
+    assert active == pytest.approx(0.676e9, rel=0.005)
+
+
 def test_tiny_dense_matches_tiny_active_ffn():
     dense_model, dense_moe = configs("tiny_dense")
     _, tiny_moe = configs("tiny")
