@@ -52,7 +52,8 @@ def reference(x, ws, dy, counts):
     return [y.detach(), x.grad] + [w.grad for w in ws]
 
 
-def _inputs(case: dict, device, dtype, seed: int):
+def make_inputs(case: dict, device, dtype, seed: int):
+    """x, [w1, w3, w2], dy (fresh draws, in `dtype` on `device`) and the rows per expert."""
     gen = torch.Generator().manual_seed(seed)
     E, N, D, F = len(case["counts"]), sum(case["counts"]), case["D"], case["F"]
     x = torch.randn(N, D, generator=gen)
@@ -117,7 +118,7 @@ def run_parity(device: torch.device, smoke: bool, log) -> dict:
     entries = []
     for i, case in enumerate(cases(smoke)):
         for dtype in (torch.float32, torch.bfloat16):
-            x, ws, dy, counts = _inputs(case, device, dtype, seed=100 + i)
+            x, ws, dy, counts = make_inputs(case, device, dtype, seed=100 + i)
             want = reference(x, ws, dy, case["counts"])
             for name in backends_to_check(device):
                 entry = {"case": case["name"], "backend": name, "dtype": str(dtype).replace("torch.", ""),

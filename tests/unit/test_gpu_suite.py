@@ -84,7 +84,7 @@ def test_parity_fails_a_wrong_kernel_and_one_that_must_run_but_raises(monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_parity_reference_is_the_loop_backend_in_float64(dtype):
     case = _gpu_parity.cases(smoke=True)[0]
-    x, ws, dy, counts = _gpu_parity._inputs(case, torch.device("cpu"), dtype, seed=3)
+    x, ws, dy, counts = _gpu_parity.make_inputs(case, torch.device("cpu"), dtype, seed=3)
     got = _gpu_parity.run_backend("loop", x.double(), [w.double() for w in ws], dy.double(), counts)
     verdict = _gpu_parity.compare(got, _gpu_parity.reference(x, ws, dy, case["counts"]), case["counts"], 1e-12)
     assert verdict["status"] == "pass" and max(verdict["rel_err"].values()) < 1e-12
