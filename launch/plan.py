@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.config import is_moe_layer, moe_layer_config, moe_layer_ids
-from parallel.config import checkpointed_layers, pp_microbatches, pp_stages_per_rank, stage_owners
+from parallel.config import checkpointed_layers, pp_microbatches, pp_stages_per_rank, resolved_dp, stage_owners
 from trainer.config import Config
 
 
@@ -62,15 +62,29 @@ def _layer_elements(cfg: Config, layer_id: int) -> tuple[int, int]:
     return attention + m.d_model + moe.num_experts + moe.top_k * m.d_model + intermediates + shared, intermediates
 
 
+def stream_width(cfg: Config) -> int:
+    """Bytes per value of the residual stream (block inputs, the dispatched all-to-all rows): fp32,
+    as bf16 autocast leaves norms and residual adds in fp32, unless FSDP gathers the weights in
+    bf16 (parallel.fsdp_param_dtype), which makes the whole forward bf16."""
+    par = cfg.parallel
+    return 2 if par.data_parallel == "fsdp" and par.fsdp_param_dtype == "bf16" else 4
+
+
+def compute_width(cfg: Config) -> int:
+    """Bytes per value of what the matmuls output (saved activations, the combined rows): 2 under
+    bf16 autocast or bf16 FSDP parameters, else 4."""
+    return 2 if cfg.train.dtype == "bf16" else stream_width(cfg)
+
+
 def replay_bytes(cfg: Config, layer_id: int, tokens: int) -> int:
     """The all-to-all rows that the `ExchangeTape` of a checkpointed block keeps for its recompute
     (parallel/recompute.py), for MoE layer `layer_id` and `tokens` tokens of this rank, ep > 1:
-    R rows received by each token exchange (`a2a_rows`, uniform routing), d_model values, fp32
-    for the dispatched rows and the experts' output dtype for the combined ones (as `a2a_bytes`)."""
+    R rows received by each token exchange (`a2a_rows`, uniform routing), d_model values, the
+    residual stream's width for the dispatched rows and the experts' output width for the combined
+    ones (as `a2a_bytes`)."""
     if cfg.parallel.ep == 1 or not is_moe_layer(layer_id, cfg.moe):
         return 0
-    b_out = 2 if cfg.train.dtype == "bf16" else 4
-    return a2a_rows(cfg, layer_id, tokens) * cfg.model.d_model * (4 + b_out)
+    return a2a_rows(cfg, layer_id, tokens) * cfg.model.d_model * (stream_width(cfg) + compute_width(cfg))
 
 
 @dataclass
@@ -106,8 +120,8 @@ def activations(cfg: Config, layer_ids: list[int] | None = None, head: bool = Tr
     layer_ids = range(m.num_layers) if layer_ids is None else layer_ids
     sequences = tr.micro_batch_size if sequences is None else sequences
     tokens = sequences * tokens_per_sample(cfg)
-    elem = 2 if tr.dtype == "bf16" else 4
-    block_input = (tokens + (sequences if m.family == "dit" else 0)) * m.d_model * 4
+    elem = compute_width(cfg)
+    block_input = (tokens + (sequences if m.family == "dit" else 0)) * m.d_model * stream_width(cfg)
     checkpointed = set(checkpointed_layers(par, m.num_layers))
     kept = replay = recomputing = 0  # recomputing: the most held while a layer recomputes
     for i in layer_ids:
@@ -161,11 +175,59 @@ def activation_bytes_per_rank(cfg: Config) -> int:
     return activation_bytes(cfg)
 
 
-def _state_bytes(total_params: int, expert_params: int, ep: int) -> dict[str, int]:
-    """fp32 weights, their gradients and AdamW's two fp32 moments; expert parallelism keeps 1/ep
-    of the routed experts (`expert_params` of `total_params`) on each rank."""
-    params = (total_params - expert_params + expert_params // ep) * 4
-    return {"params": params, "grads": params, "optimizer": 2 * params}
+def fsdp_units(module, ep: int) -> tuple[int, int, int]:
+    """(parameters outside the blocks, the largest block's parameters as FSDP gathers them on one
+    rank: its routed experts divided by ep, the largest block's without its routed experts) of a
+    model or pipeline stage (`layers` its blocks)."""
+    from models.moe import is_expert_param
+
+    in_blocks = {id(p) for block in module.layers.values() for p in block.parameters()}
+    root = sum(p.numel() for p in module.parameters() if id(p) not in in_blocks)
+    blocks = [[(p.numel(), is_expert_param(n)) for n, p in block.named_parameters()]
+              for block in module.layers.values()]
+    largest = max((sum(n // ep if expert else n for n, expert in b) for b in blocks), default=0)
+    largest_dense = max((sum(n for n, expert in b if not expert) for b in blocks), default=0)
+    return root, largest, largest_dense
+
+
+def _ema_copies(cfg: Config) -> int:
+    """A DiT keeps an EMA of the weights this rank holds (trainer/ema.py), counted with the
+    optimizer state: one more copy of them in their dtype. An LLM keeps none."""
+    return 1 if cfg.model.family == "dit" else 0
+
+
+def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, root: int = 0,
+                largest_block: int = 0, largest_dense_block: int = 0) -> dict[str, int]:
+    """Weights, gradients and AdamW's two moments (and a DiT's EMA) on one rank (bytes), fp32, for
+    `total_params` of which `expert_params` are routed experts (a model, or a pipeline rank's stages).
+
+    DDP: every rank holds all but the routed experts, of which expert parallelism keeps 1/ep.
+    FSDP (parallel.data_parallel fsdp, parallel/fsdp.py): each rank keeps a 1/dp_shard shard of
+    the others and of its experts 1/(dp_shard/ep) (none when no other rank holds them); on top,
+    "gathered", the working set of a step: the root's parameters (`root`: embedding, head) gathered
+    for the whole step and two blocks gathered at a time (the one running and the one prefetched),
+    in fsdp_param_dtype, and one block's unsharded gradients in fsdp_reduce_dtype before they are
+    reduce-scattered. Routed experts no other rank holds (ep = dp_shard, no replicas) stay outside
+    FSDP, whole: a block then gathers only its other parameters (`largest_dense_block`). With
+    fsdp_cpu_offload the shards, their gradients and moments live in CPU memory: only the working
+    set is on the device.
+    """
+    par, ep = cfg.parallel, cfg.parallel.ep
+    routed_here = expert_params // ep if ep > 1 else expert_params
+    if par.data_parallel != "fsdp":
+        params = (total_params - expert_params + routed_here) * 4
+        return {"params": params, "grads": params, "optimizer": (2 + _ema_copies(cfg)) * params}
+    shard = dp if par.dp_shard <= 0 else par.dp_shard
+    expert_shard = shard if ep == 1 else max(1, shard // ep)  # 1: no other rank holds these experts
+    held = (-(-(total_params - expert_params) // shard) + -(-routed_here // expert_shard)) * 4
+    width = {"fp32": 4, "bf16": 2}
+    experts_in_fsdp = ep == 1 or dp // shard * expert_shard > 1  # as parallel/mesh.py builds the meshes
+    block = largest_block if experts_in_fsdp else largest_dense_block
+    gathered = (root + 2 * block) * width[par.fsdp_param_dtype]
+    unsharded_grads = block * width[par.fsdp_reduce_dtype]
+    on_device = 0 if par.fsdp_cpu_offload else 1
+    return {"params": held * on_device, "grads": held * on_device,
+            "optimizer": (2 + _ema_copies(cfg)) * held * on_device, "gathered": gathered + unsharded_grads}
 
 
 def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int) -> dict[str, int]:
@@ -179,18 +241,23 @@ def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: in
     width = 2 if cfg.train.dtype == "bf16" else 4
     grads = zero * width // (dp if cfg.train.zero_stage == 2 else 1)
     return {"params": zero * width + zero * 4 // dp + ours * 4, "grads": grads + ours * 4,
-            "optimizer": 8 * (zero // dp + ours)}
+            "optimizer": 8 * (zero // dp + ours) + _ema_copies(cfg) * (zero * width + ours * 4)}
 
 
-def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0, dp: int = 1) -> dict[str, int]:
+def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0, dp: int = 1,
+                    model=None) -> dict[str, int]:
     """fp32 weights and gradients, AdamW's two fp32 moments, and activations (bytes), for pp == 1.
 
-    Data parallelism replicates everything (DDP); expert parallelism keeps 1/ep of the routed
-    experts on each rank; the DeepSpeed engine partitions over `dp` what ZeRO holds. With pp > 1
-    see `pipeline_memory_per_rank`.
+    `state_bytes` for DDP and FSDP (`model`: the meta-device model, for FSDP's working set; built
+    when None); the DeepSpeed engine partitions over `dp` what ZeRO holds. With pp > 1 see
+    `pipeline_memory_per_rank`.
     """
-    state = (_zero_state_bytes(cfg, total_params, expert_params, dp) if cfg.train.engine == "deepspeed"
-             else _state_bytes(total_params, expert_params, cfg.parallel.ep))
+    if cfg.train.engine == "deepspeed":
+        state = _zero_state_bytes(cfg, total_params, expert_params, dp)
+    else:
+        units = fsdp_units(model if model is not None else meta_model(cfg), cfg.parallel.ep) \
+            if cfg.parallel.data_parallel == "fsdp" else (0, 0, 0)
+        state = state_bytes(cfg, total_params, expert_params, dp, *units)
     return {**state, "activations": activation_bytes_per_rank(cfg)}
 
 
@@ -204,6 +271,9 @@ class StagePlan:
     total: int  # parameters
     active: int  # parameters active per token
     routed: int  # routed-expert parameters (divided by ep on each rank)
+    root: int = 0  # parameters outside its blocks (embedding, head): what FSDP gathers for the step
+    largest_block: int = 0  # its largest block as FSDP gathers it on one rank (experts / ep)
+    largest_dense_block: int = 0  # the same without routed experts (when FSDP leaves them whole)
 
 
 @dataclass
@@ -239,8 +309,10 @@ def pipeline_plan(cfg: Config, model=None) -> PipelinePlan:
     stages = []
     for s, ids in enumerate(layer_ids):
         # The trainer's own stage module: it decides which of embedding / norm / head a stage has.
-        total, active, routed = module_breakdown(model.pipeline_stage(ids, first=s == 0, last=s == last), cfg.moe)
-        stages.append(StagePlan(s, owner[s], ids, s == 0, s == last, total, active, routed))
+        stage = model.pipeline_stage(ids, first=s == 0, last=s == last)
+        total, active, routed = module_breakdown(stage, cfg.moe)
+        stages.append(StagePlan(s, owner[s], ids, s == 0, s == last, total, active, routed,
+                                *fsdp_units(stage, cfg.parallel.ep)))
     return PipelinePlan(par.pp_schedule, par.pp, v, m, cfg.train.micro_batch_size // m, stages)
 
 
@@ -260,18 +332,32 @@ def microbatches_in_flight(plan: PipelinePlan, pp_rank: int) -> int:
     return min(m, plan.num_stages)
 
 
-def pipeline_memory_per_rank(cfg: Config, plan: PipelinePlan, pp_rank: int) -> dict[str, int]:
+def pipeline_memory_per_rank(cfg: Config, plan: PipelinePlan, pp_rank: int, dp: int = 1) -> dict[str, int]:
     """Bytes on each rank of pipeline rank `pp_rank` (its dp ranks are alike): weights, gradients
-    and AdamW moments of its stages only, and the activations of its stages' layers for the
-    microbatches in flight."""
+    and AdamW moments of its stages only (`state_bytes`, sharded over its dp group under FSDP),
+    and the activations of its stages' layers for the microbatches in flight."""
     held = plan.rank_stages(pp_rank)
     total = sum(s.total for s in held)
     routed = sum(s.routed for s in held)
+    root = sum(s.root for s in held)
+    largest, dense = max(s.largest_block for s in held), max(s.largest_dense_block for s in held)
     in_flight = microbatches_in_flight(plan, pp_rank)
     parts = [activations(cfg, s.layer_ids, head=s.last, sequences=plan.microbatch_size) for s in held]
     # Each stage holds its microbatches in flight; the rank recomputes one layer at a time.
     held_bytes = sum((a.kept + a.replay) * in_flight for a in parts) + max(a.recompute for a in parts)
-    return {**_state_bytes(total, routed, cfg.parallel.ep), "activations": held_bytes}
+    state = state_bytes(cfg, total, routed, dp, root, largest, dense)
+    return {**state, "activations": held_bytes}
+
+
+def memory_by_pp_rank(cfg: Config, world_size: int) -> list[dict[str, int]]:
+    """The estimate for every pipeline rank (one entry when pp == 1); its dp ranks, global ranks
+    pp_rank·dp … pp_rank·dp + dp − 1, are alike. What --dry-run prints, as numbers."""
+    dp, model = resolved_dp(cfg.parallel, world_size), meta_model(cfg)
+    if cfg.parallel.pp == 1:
+        total, _, routed = module_breakdown(model, cfg.moe)
+        return [memory_per_rank(cfg, total, routed, dp, model)]
+    plan = pipeline_plan(cfg, model)
+    return [pipeline_memory_per_rank(cfg, plan, r, dp) for r in range(plan.pp)]
 
 
 def tokens_per_sample(cfg: Config) -> int:
@@ -308,12 +394,12 @@ def a2a_bytes(cfg: Config, layer_ids, tokens: int) -> dict[str, int]:
     rank when its expert does (1/ep of them under uniform routing), so (ep-1)/ep of them cross.
         dispatch  R·D·b_in·(ep-1)/ep forward (the tokens) + the same backward (their gradients)
         combine   R·D·b_out·(ep-1)/ep forward (expert outputs) + the same backward
-    b_in = 4: the dispatched rows are the MoE input, which stays fp32 (the weights are fp32 and
-    bf16 autocast leaves norms and residual adds in fp32); b_out = 2 with train.dtype bf16 (the
-    experts' matmul output), else 4. The count exchange (E integers) is left out.
+    b_in = `stream_width`: the dispatched rows are the MoE input, the residual stream (fp32 unless
+    FSDP gathers bf16 weights); b_out = `compute_width`, the experts' matmul output. The count
+    exchange (E integers) is left out.
     """
     ep, D = cfg.parallel.ep, cfg.model.d_model
-    b_in, b_out = 4, (2 if cfg.train.dtype == "bf16" else 4)
+    b_in, b_out = stream_width(cfg), compute_width(cfg)
     moe_ids = set(moe_layer_ids(cfg.model, cfg.moe))
     rows = sum(a2a_rows(cfg, i, tokens) for i in layer_ids if i in moe_ids)
     dispatch = 2 * rows * D * b_in * (ep - 1) // ep

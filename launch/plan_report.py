@@ -9,9 +9,11 @@ import io
 
 import yaml
 
-from launch.plan import (PipelinePlan, a2a_bytes, a2a_rows, activations, memory_per_rank, meta_model, microbatches_in_flight, module_breakdown, pipeline_memory_per_rank, pipeline_plan, recompute_macs, tokens_per_sample)
+from launch.plan import (PipelinePlan, a2a_bytes, a2a_rows, activations, memory_per_rank, meta_model,
+                         microbatches_in_flight, module_breakdown, pipeline_memory_per_rank, pipeline_plan,
+                         recompute_macs, stream_width, compute_width, tokens_per_sample)
 from models.config import moe_layer_ids
-from parallel.config import checkpointed_layers, resolved_dp
+from parallel.config import checkpointed_layers, resolved_dp, resolved_dp_shard
 from trainer.config import Config, config_to_dict
 
 
@@ -74,7 +76,7 @@ def format_pipeline(cfg: Config, plan: PipelinePlan, dp: int) -> str:
               f"{plan.stages_per_rank} per rank ({shape}); {_count(plan.microbatches, 'microbatch')} of "
               f"{_count(plan.microbatch_size, 'sequence')} per micro step\n")
     out.write(f"bubble (theory): {bubble_text(plan)}\n")
-    memory = {r: pipeline_memory_per_rank(cfg, plan, r) for r in range(plan.pp)}
+    memory = {r: pipeline_memory_per_rank(cfg, plan, r, dp) for r in range(plan.pp)}
     rows = [("stage", "pp_rank", "layers", "holds", "params", "active", "memory of its rank(s)")]
     for s in plan.stages:
         holds = "+".join(part for part, has in (("embedding", s.first), ("norm+head", s.last)) if has) or "-"
@@ -92,6 +94,22 @@ def format_pipeline(cfg: Config, plan: PipelinePlan, dp: int) -> str:
                   f"({_count(microbatches_in_flight(plan, r), 'microbatch')} in flight per stage{bound}); "
                   f"total {_human(sum(memory[r].values()), 'B')}\n")
     return out.getvalue()
+
+
+def fsdp_text(cfg: Config, world_size: int) -> str:
+    """What FSDP shards where (parallel/fsdp.py)."""
+    par = cfg.parallel
+    dp, shard = resolved_dp(par, world_size), resolved_dp_shard(par, world_size)
+    how = f"full sharding over dp {dp}" if shard == dp else f"hybrid: shards over {shard} ranks, replicated {dp // shard}x"
+    experts = ""
+    if par.ep > 1:
+        efsdp = shard // par.ep
+        experts = (f"; routed experts (1/ep {par.ep} per rank) sharded over {efsdp} ranks along dim 1" if efsdp > 1
+                   else "; routed experts not sharded further (each is held by one rank of a shard group)")
+    offload = "; shards, gradients and optimizer state in CPU memory" if par.fsdp_cpu_offload else ""
+    return (f"data parallel: FSDP2, {how}{experts}; gathered parameters {par.fsdp_param_dtype}, gradients "
+            f"reduced in {par.fsdp_reduce_dtype}{offload}; memory 'gathered': the weights a step gathers (the "
+            f"root's, two blocks at a time) and one block's unsharded gradients\n")
 
 
 def peft_text(cfg: Config) -> str:
@@ -135,14 +153,15 @@ def a2a_text(cfg: Config, plan: PipelinePlan | None) -> str:
     tokens = sequences * tokens_per_sample(cfg)
     moe_ids = moe_layer_ids(cfg.model, cfg.moe)
     one = a2a_bytes(cfg, moe_ids[:1], tokens)
-    b_out = "bf16" if tr.dtype == "bf16" else "fp32"
+    b_in, b_out = stream_width(cfg), compute_width(cfg)
+    name = {2: "bf16", 4: "fp32"}
     same = len({a2a_rows(cfg, i, tokens) for i in moe_ids}) == 1
     out = io.StringIO()
     out.write("expert all-to-all, bytes each rank sends (= receives, uniform routing), forward + backward:\n")
     if same:
-        out.write(f"  per MoE layer and microbatch: dispatch {_human(one['dispatch'], 'B')} (fp32) + combine "
-                  f"{_human(one['combine'], 'B')} ({b_out}) = {_human(one['total'], 'B')}; "
-                  f"2 x R x d_model {cfg.model.d_model} x (4 + {2 if b_out == 'bf16' else 4}) B x (ep-1)/ep "
+        out.write(f"  per MoE layer and microbatch: dispatch {_human(one['dispatch'], 'B')} ({name[b_in]}) + combine "
+                  f"{_human(one['combine'], 'B')} ({name[b_out]}) = {_human(one['total'], 'B')}; "
+                  f"2 x R x d_model {cfg.model.d_model} x ({b_in} + {b_out}) B x (ep-1)/ep "
                   f"{ep - 1}/{ep}, R = {a2a_rows(cfg, moe_ids[0], tokens)} rows ({tokens} tokens x top_k "
                   f"{cfg.moe.top_k}{'' if a2a_rows(cfg, moe_ids[0], tokens) == tokens * cfg.moe.top_k else ', capacity'})\n")
     rows = []  # (first pp rank, last pp rank, MoE layers, bytes per step): equal neighbours merged
@@ -176,8 +195,9 @@ def recompute_text(cfg: Config, model, plan: PipelinePlan | None) -> str:
         held, replay = activations(cfg), activations(cfg).replay
         sizes = f"{_human(held.peak(), 'B')} instead of {_human(activations(without).peak(), 'B')} per rank"
     else:
-        sizes = "; ".join(f"pp rank {r} {_human(pipeline_memory_per_rank(cfg, plan, r)['activations'], 'B')} instead of "
-                          f"{_human(pipeline_memory_per_rank(without, plan, r)['activations'], 'B')}" for r in range(plan.pp))
+        sizes = "; ".join(f"pp rank {r} {_human(pipeline_memory_per_rank(cfg, plan, r)['activations'], 'B')} "
+                          f"instead of {_human(pipeline_memory_per_rank(without, plan, r)['activations'], 'B')}"
+                          for r in range(plan.pp))
         replay = sum(activations(cfg, s.layer_ids, s.last, plan.microbatch_size).replay for s in plan.stages)
     kept = f", of which all-to-all rows kept for the recompute {_human(replay, 'B')}" if replay else ""
     forward, again = recompute_macs(cfg, model)
@@ -238,13 +258,15 @@ def format_plan(cfg: Config, world_size: int, nproc_per_node: int) -> str:
         if moe_layer_ids(cfg.model, cfg.moe):
             out.write(a2a_text(cfg, plan))
     out.write(recompute_text(cfg, model, plan))
+    if par.data_parallel == "fsdp":
+        out.write(fsdp_text(cfg, world_size))
     if plan is not None:
         out.write(format_pipeline(cfg, plan, dp))
         return out.getvalue()
     if cfg.train.engine == "deepspeed":
         held = "every parameter" if par.ep == 1 else "all but the routed experts (their own AdamW, reduced over edp)"
         out.write(f"engine: deepspeed ZeRO-{cfg.train.zero_stage} over dp {dp}, holding {held}\n")
-    mem = memory_per_rank(cfg, total, routed, dp)
+    mem = memory_per_rank(cfg, total, routed, dp, model)
     parts = ", ".join(f"{k} {_human(v, 'B')}" for k, v in mem.items())
     out.write(f"\nmemory per rank (estimate): {parts}; total {_human(sum(mem.values()), 'B')}\n")
     return out.getvalue()

@@ -93,13 +93,14 @@ def zero_bubble_works() -> bool:
 
 def layer_costs(model: nn.Module, moe_cfg) -> tuple[list[float], float]:
     """FLOPs per token of each layer, in units of multiply-adds (its active parameters), and of
-    the output head. Works on a meta-device model."""
+    the output head. Works on a meta-device model, and after expert parallelism has sharded the
+    experts: a token uses top_k experts' worth of an expert tensor (dim 0 the experts), however
+    many of them this rank holds."""
     costs = []
     for block in model.layers.values():
         cost = 0.0
         for name, p in block.named_parameters():
-            share = moe_cfg.top_k / moe_cfg.num_experts if is_expert_param(name) else 1.0
-            cost += p.numel() * share
+            cost += p.numel() // p.shape[0] * moe_cfg.top_k if is_expert_param(name) else p.numel()
         costs.append(cost)
     head = model.output_weight.numel()
     return costs, float(head)

@@ -138,6 +138,41 @@ def optimize(model: nn.Module, cfg: Config, mesh: ParallelMesh) -> Optimization:
     return Optimization(optimizer, scheduler, engine, ema)
 
 
+@dataclass
+class Built:
+    """What `construct` made: this rank's share of the model and what steps it."""
+
+    cfg: Config  # a prune run's is the compressed model's
+    model: nn.Module  # the whole model (on meta but for a fresh prune run): names, counts, structure
+    parts: Parallelized
+    optimization: Optimization
+    param_counts: tuple[int, int]  # (total, active per token) of the whole model
+    prune: PruneResult | None
+    peft: PeftState | None
+    lines: list[str]  # for the log (rank 0 prints them)
+
+
+def construct(cfg: Config, mesh: ParallelMesh, task, run_dir: str, resume_path: str | None) -> Built:
+    """The steps above, in order, on this rank: what every run (and benchmarks/scale_drill.py) builds."""
+    from trainer.adapt.load import load_sources
+    from trainer.adapt.peft import prepare_peft
+
+    fresh_prune = cfg.prune.method != "none"  # compresses a checkpoint: the whole model, materialised
+    model = build(cfg, mesh, whole=fresh_prune)
+    adapted = adapt(model, cfg, task, mesh, run_dir)
+    cfg = adapted.cfg
+    counts = models.param_counts(model, cfg.moe)  # before ep shards the experts
+    parts = parallelize_model(model, cfg, mesh, task)
+    materialize_share(model, parts, cfg, mesh)
+    lines = load_sources(parts.model, cfg, mesh, resume_path)
+    peft = adapted.peft
+    if cfg.peft.method != "none":  # base weights (also on resume: PEFT checkpoints hold none)
+        peft, base_line = prepare_peft(parts.model, cfg, task, mesh, resume_path, adapted.peft)
+        lines += [base_line, peft.summary]
+    parts = wrap(parts, cfg, mesh)
+    return Built(cfg, model, parts, optimize(unwrap(parts.model), cfg, mesh), counts, adapted.prune, peft, lines)
+
+
 def trains_aux_free_bias(model: nn.Module, cfg: Config) -> bool:
     """The MoE layers have an aux-loss-free selection bias and it is trained: a PEFT run that
     freezes the routers keeps the base's routing, selection bias included."""

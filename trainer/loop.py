@@ -9,13 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-import models
 from parallel import ParallelMesh, all_reduce_mean, build_mesh, pick_device, unwrap
 from parallel.watchdog import Watchdog
-from trainer.adapt.load import load_sources
-from trainer.adapt.peft import prepare_peft
-from trainer.build import (adapt, build, materialize_share, optimize, parallelize_model, trains_aux_free_bias,
-                           wrap)
+from trainer.build import construct, trains_aux_free_bias
 from trainer.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from trainer.checkpoint_files import latest_checkpoint
 from trainer.config import Config
@@ -52,29 +48,17 @@ class Trainer:
         # Data, loss and evaluation of the family.
         self.task = build_task(cfg, self.mesh, self.device) if task is None else task
         self.data = self.task.data
-        # The construction, step by step (trainer/build.py).
-        fresh_prune = cfg.prune.method != "none"  # compresses a checkpoint: the whole model, materialised
-        model = build(cfg, self.mesh, whole=fresh_prune)
         resume_path = resume_point(run_dir, resume_from)  # a torchrun restart: this launch's newest
-        adapted = adapt(model, cfg, self.task, self.mesh, run_dir)
-        self.cfg = cfg = adapted.cfg
-        self.prune = adapted.prune
-        self.param_counts = models.param_counts(model, cfg.moe)  # before ep shards the experts
-        parts = parallelize_model(model, cfg, self.mesh, self.task)
-        materialize_share(model, parts, cfg, self.mesh)
-        lines = load_sources(parts.model, cfg, self.mesh, resume_path)
-        self.peft = adapted.peft
-        if cfg.peft.method != "none":  # base weights (also on resume: PEFT checkpoints hold none)
-            self.peft, base_line = prepare_peft(parts.model, cfg, self.task, self.mesh, resume_path, adapted.peft)
-            lines += [base_line, self.peft.summary]
-        parts = wrap(parts, cfg, self.mesh)
-        self.model, self.pipeline = parts.model, parts.pipeline
-        opt = optimize(unwrap(self.model), cfg, self.mesh)
+        built = construct(cfg, self.mesh, self.task, run_dir, resume_path)  # trainer/build.py, step by step
+        self.cfg = cfg = built.cfg
+        self.prune, self.peft, self.param_counts = built.prune, built.peft, built.param_counts
+        self.model, self.pipeline = built.parts.model, built.parts.pipeline
+        opt = built.optimization
         self.optimizer, self.scheduler, self.engine, self.ema = opt.optimizer, opt.scheduler, opt.engine, opt.ema
         # Per-rank RNG stream from here on (dropout, jitter), reproducible and resumable.
         torch.manual_seed(cfg.train.seed + 1 + self.mesh.rank)
         if self.mesh.is_main:
-            for line in lines:
+            for line in built.lines:
                 print(line, flush=True)
         self.step = self._resume(resume_path)
         # The heatmap reads the whole model's layers: under pp every rank joins its gather.

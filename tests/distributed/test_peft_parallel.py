@@ -6,6 +6,7 @@ A base is pretrained for 4 steps (one process); every PEFT run then trains 4 ste
         adapters, each rank adapts its own tokens), ESFT (selection summed over the ranks)
     pp=2 (1f1b, 2 microbatches)          vs  one process accumulating the same 2 microbatches
         lora on attention + experts
+    FSDP dp=2 with ep=2, 2 micro steps   vs  the same one-process accumulation: lora
 Per-step losses rtol 1e-5 and final trainable weights rtol 1e-4 (fp32; only the summation order
 differs, amplified a little by AdamW). The Switch balance loss is off: it is not linear in the
 batch, so a rank's half batch has another balance loss than the whole batch (by design, not by
@@ -35,6 +36,7 @@ METHODS = {
     "esft": ["peft.method=esft", "peft.esft_top_p=0.4", "peft.esft_calib_batches=2"],
 }
 PP = ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=2"]
+FSDP = ["parallel.data_parallel=fsdp", "parallel.ep=2"]
 
 
 def _cfg(*extra):
@@ -56,9 +58,15 @@ def _dump(trainer, path):
     from parallel import unwrap
     from parallel.checkpoint_adapter import expert_shards
 
+    from torch.distributed.tensor import DTensor
+
     model = unwrap(trainer.model)
-    experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts.w" in n}
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def whole(p):  # FSDP shards: gathered (every rank calls this for every parameter, in order)
+        return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+
+    experts = {n: whole(p) for n, p in model.named_parameters() if ".experts.w" in n}
+    trainable = {n: whole(p) for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"shards": expert_shards(model), "trainable": trainable, "experts": experts,
                 "selection": trainer.peft.esft_selection}, path)
 
@@ -74,6 +82,9 @@ def _parallel_runs(rank, world_size, out, base):
         _dump(trainer, os.path.join(out, f"{method}_ep2_rank{rank}.pt"))
     trainer = _train(_peft_cfg(base, "lora", *PP, "train.micro_batch_size=8"), os.path.join(out, "lora_pp2"))
     _dump(trainer, os.path.join(out, f"lora_pp2_rank{rank}.pt"))
+    trainer = _train(_peft_cfg(base, "lora", *FSDP, "train.micro_batch_size=2", "train.grad_accum_steps=2"),
+                     os.path.join(out, "lora_fsdp_ep2"))
+    _dump(trainer, os.path.join(out, f"lora_fsdp_ep2_rank{rank}.pt"))
 
 
 def _losses(run_dir):
@@ -171,6 +182,17 @@ def test_lora_under_pipeline_parallelism_matches_one_process(runs):
     ranks = [_load(out, f"lora_pp2_rank{r}.pt") for r in range(2)]
     assert not set(ranks[0]["trainable"]) & set(ranks[1]["trainable"])  # each stage its own adapters
     _assert_same_weights(_gather(ranks, "trainable"), _load(out, "lora_pp_ref.pt")["trainable"], "lora pp=2")
+
+
+def test_lora_under_fsdp_with_accumulation_matches_one_process(runs):
+    """FSDP dp=2 with ep=2 (the frozen base sharded too), 2 micro steps of 2 sequences per rank:
+    against the pipeline's reference, which accumulates 2 micro steps of 4 over one process."""
+    out, _ = runs
+    _assert_same_losses(_losses(os.path.join(out, "lora_fsdp_ep2")), _losses(os.path.join(out, "lora_pp_ref")),
+                        "lora fsdp ep=2")
+    ranks = [_load(out, f"lora_fsdp_ep2_rank{r}.pt") for r in range(2)]
+    assert not any(".lora" not in n and "router" not in n for n in ranks[0]["trainable"])  # the base stayed frozen
+    _assert_same_weights(_gather(ranks, "trainable"), _load(out, "lora_pp_ref.pt")["trainable"], "lora fsdp ep=2")
 
 
 def test_expert_parallel_adapter_checkpoint_loads_whole(runs):

@@ -5,11 +5,15 @@ objects count too, but at the sizes measured here tensors dominate.
     in_use()        bytes in use now (None where glibc's mallinfo2 is missing)
     PeakMeter()     context: the largest in_use() seen after any tensor operation inside it,
                     autograd's backward included (a TorchDispatchMode samples after every op)
+    PeakSampler()   PeakMeter plus a thread sampling in_use() every `interval_s`: it also sees
+                    what is allocated outside torch ops (safetensors reads a tensor into a
+                    buffer of its own) and inside a long op (torch releases the GIL in ops)
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -50,3 +54,29 @@ class PeakMeter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.peak = max(self.peak, in_use())
         return out
+
+
+class PeakSampler(PeakMeter):
+    """`with PeakSampler() as meter:` ... then `meter.peak`: the most bytes in use after any op on
+    this thread or at any sample of the background thread, whichever is larger."""
+
+    def __init__(self, interval_s: float = 0.0005):
+        super().__init__()
+        self.interval_s = interval_s
+
+    def __enter__(self):
+        self._stop, self.sampled_peak = threading.Event(), in_use()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.sampled_peak)
+        return out
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sampled_peak = max(self.sampled_peak, in_use())

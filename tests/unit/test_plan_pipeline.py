@@ -118,3 +118,25 @@ def test_interleaved_bubble_and_gpipe_keeps_every_microbatch():
     assert layout_stage_column(text) == {0: "0,2", 1: "1,3"}
     _, text = plan_text(2, "parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=4")
     assert text.count("(4 microbatches in flight per stage)") == 2
+
+
+def test_layer_split_is_the_same_after_expert_parallelism_shards_the_experts():
+    """The trainer splits stages after expert parallelism (parallel/apply.py), the plan before: a
+    layer's cost must not change when each rank holds 1/ep of its experts. DeepSeek-V3-like layout:
+    dense layers first, then MoE layers, ep 16."""
+    import torch
+    from torch import nn
+
+    from launch.plan import meta_model
+    from models.moe import expert_parameters
+    from parallel.pipeline import layer_costs
+
+    cfg = load_config(os.path.join(ROOT, "recipes", "cluster", "deepseek_v3_like_256gpu.yaml"), world_size=256)
+    model = meta_model(cfg)
+    whole = layer_costs(model, cfg.moe)
+    for name, p in list(expert_parameters(model)):  # what expert parallelism leaves on one rank
+        owner, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        local = torch.empty(p.shape[0] // cfg.parallel.ep, *p.shape[1:], device="meta")
+        setattr(owner, attr, nn.Parameter(local, requires_grad=p.requires_grad))
+    assert layer_costs(model, cfg.moe) == whole
+    assert pipeline_plan(cfg, model).stages[0].layer_ids == pipeline_plan(cfg).stages[0].layer_ids == [0, 1, 2, 3]
