@@ -6,7 +6,7 @@ AdamW, the DiT's EMA), times `trainer.stepper` (forward, backward, clip, AdamW, 
 the DiT's EMA) in bf16 autocast, then compiles every block (parallel/compile.py) and times it
 again. Reported per run: median step time, tokens (images) per second, MFU, the peak device
 memory of the timed steps beside launch/plan.py's estimate (weights, gradients, AdamW moments,
-activations; the DiT's EMA added).
+the DiT's EMA, activations).
 
 MFU = FLOPs per step / step time / the device's dense bf16 peak (989 TFLOP/s on an H100/H200),
 FLOPs per step = tokens x 6 x (multiply-adds per token of one forward, launch/plan.py's
@@ -25,6 +25,7 @@ import time
 import torch
 
 from launch.plan import memory_per_rank, meta_model, param_breakdown, recompute_macs, tokens_per_sample
+from models.moe.backends import select_backend
 from models.registry import preset_overrides
 from parallel.compile import compile_blocks
 from parallel.recompute import checkpointed_modules
@@ -101,7 +102,10 @@ class SyntheticImages:
 def make_config(preset: str, mode: str, batch: int, device: torch.device, seq_len: int = 0):
     """The run's config from a preset, built without the recipe loader (no pydantic on the box)."""
     p = preset_overrides(preset)
-    raw = {"model": {**p["model"], "preset": preset}, "moe": p["moe"],
+    # auto picks the grouped GEMM on a GPU; on the CPU it is asked for by name, so the smoke run
+    # traces and compiles the same expert path (auto would take the loop there).
+    backend = "auto" if device.type == "cuda" else "grouped_mm"
+    raw = {"model": {**p["model"], "preset": preset}, "moe": {**p["moe"], "backend": backend},
            "train": {"dtype": "bf16", "micro_batch_size": batch, "steps": 10_000, "device": device.type},
            "parallel": {"activation_checkpoint": mode},
            "logging": {"wandb": False, "progress_bar": False, "heatmap_every": 0},
@@ -128,9 +132,10 @@ def flops_per_sample(cfg) -> float:
 
 
 def plan_bytes(cfg) -> int:
-    """launch/plan.py's memory estimate for one rank (pp 1), plus the DiT's fp32 EMA copy."""
+    """launch/plan.py's memory estimate for one rank (pp 1): weights, gradients, AdamW moments (and
+    the DiT's EMA), activations."""
     total, _, routed = param_breakdown(cfg)
-    return sum(memory_per_rank(cfg, total, routed).values()) + (4 * total if cfg.model.family == "dit" else 0)
+    return sum(memory_per_rank(cfg, total, routed).values())
 
 
 def fit_batch(preset: str, mode: str, batch: int, device, seq_len: int = 0) -> int:
@@ -189,6 +194,10 @@ def train_run(cfg, task, device, compile_backend: str | None, deadline: float, c
         result["build_s"] = round(time.monotonic() - start, 1)
         batches = task.batches()
         mode = cfg.parallel.activation_checkpoint
+        # What the experts run on under bf16 autocast (the steps' own, cached choice): `auto` falls
+        # back to the loop if the grouped GEMM's probe fails, which the numbers alone would not show.
+        result["expert_backend"] = select_backend(cfg.moe.backend, device, torch.bfloat16, cfg.model.d_model,
+                                                  cfg.moe.expert_ffn_dim)
         result["eager"] = _phase(cfg, trainer, batches, 1, warmup, steps, device, peak, f"{mode} eager", log)
         if compile_backend is None:
             result["compiled"] = {"skipped": "torch.compile not used here"}

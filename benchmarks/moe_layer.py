@@ -129,6 +129,11 @@ def build_hf(c, ref, implementation="eager", d_model=D_MODEL):
     cfg = MixtralConfig(hidden_size=d_model, intermediate_size=c["expert_ffn_dim"],
                         num_local_experts=c["num_experts"], num_experts_per_tok=c["top_k"],
                         router_jitter_noise=0.0, hidden_act="silu")
+    if implementation != "eager":  # an unknown name would silently run the eager loop instead
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        if implementation not in ALL_EXPERTS_FUNCTIONS:
+            raise ValueError(f"this transformers has no experts implementation {implementation!r}")
     cfg._experts_implementation = implementation
     block = MixtralSparseMoeBlock(cfg)
     with torch.no_grad():  # transformers 5 stores experts fused: gate_up_proj [E, 2F, D] = [w1; w3]

@@ -39,6 +39,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     llm = summary["llm"]
     assert set(llm["runs"]) == {"none", "block", "moe_ffn"} and llm["best"]["tokens_per_s"] > 0
     for mode, run in llm["runs"].items():
+        assert run["expert_backend"] == "grouped_mm", mode  # the GPU's expert path, compiled too
         for phase in ("eager", "compiled"):
             assert run[phase]["tokens_per_s"] > 0 and run[phase]["plan_memory_gib"] > 0, (mode, phase)
             assert run[phase]["mfu"] is None  # no peak rate is known for a CPU
