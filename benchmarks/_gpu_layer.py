@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from moe_layer import build_hf, fwd_bwd, time_all  # noqa: E402 - benchmarks/ is on sys.path
+from trainer.datasets_io import one_line
 
 SHAPES = [dict(num_experts=8, top_k=2, d_model=4096, expert_ffn_dim=14336),
           dict(num_experts=64, top_k=8, d_model=2048, expert_ffn_dim=1408),
@@ -62,7 +63,7 @@ def build_impls(c: dict, device, dtype) -> tuple[dict, dict]:
                     warnings.simplefilter("ignore")
                     built[f"hf_{impl}"] = build_hf(c, ours, impl, d_model=D).to(dtype).train()
             except Exception as e:  # noqa: BLE001 - transformers missing, or without this implementation
-                errors[f"hf_{impl}"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                errors[f"hf_{impl}"] = one_line(e)
     return built, errors
 
 
@@ -81,7 +82,7 @@ def bench_shape(c: dict, device, dtype, tokens: int, warmup: int, repeats: int, 
         try:
             outs[name] = fwd_bwd(name, impls[name], x, dy).float()
         except Exception as e:  # noqa: BLE001 - e.g. an HF implementation this GPU or version lacks
-            errors[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            errors[name] = one_line(e)
             del impls[name]
     ref = outs.get("ours_grouped_mm")
     if ref is not None:  # the same function on the same weights (dense has its own)
@@ -123,7 +124,7 @@ def run_moe_layer(device: torch.device, smoke: bool, deadline: float, log) -> li
         try:
             rows.append(bench_shape(c, device, dtype, tokens, warmup, repeats, log))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the next shape still runs
-            rows.append({**c, "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"})
+            rows.append({**c, "error": one_line(e)})
             log(f"    failed: {rows[-1]['error']}")
         finally:
             if device.type == "cuda":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from models.moe.backends import BACKENDS, _megablocks_importable, _torch_grouped_mm
+from trainer.datasets_io import one_line
 
 # The worst expert's ‖got − ref‖ / ‖ref‖. fp32: ~3e-7 in true fp32 arithmetic, ~3e-4 if a kernel
 # uses tf32 (reported, not failed); bf16: rounding of the operands and of the F-wide intermediates,
@@ -130,7 +131,7 @@ def run_parity(device: torch.device, smoke: bool, log) -> dict:
                     entry.update(compare(got, want, case["counts"], TOLERANCE[dtype]))
                 except Exception as e:  # noqa: BLE001 - an absent or broken kernel, reported
                     entry["status"] = "fail" if must_run(name, device, dtype) else "unsupported"
-                    entry["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                    entry["error"] = one_line(e)
                 entries.append(entry)
                 worst = max(entry.get("rel_err", {}).values(), default=float("nan"))
                 log(f"  parity {entry['case']:11s} {name:10s} {entry['dtype']:8s} {entry['status']:11s} "

@@ -30,6 +30,7 @@ from models.registry import preset_overrides
 from parallel.compile import compile_blocks
 from parallel.recompute import checkpointed_modules
 from trainer.config import config_from_dict, validate
+from trainer.datasets_io import one_line
 from trainer.lm.task import lm_loss
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, no sparsity (NVIDIA's datasheets)
@@ -208,10 +209,16 @@ def train_run(cfg, task, device, compile_backend: str | None, deadline: float, c
             start = time.monotonic()
             result["compiled_modules"] = compile_blocks(model, checkpointed_modules(model, cfg.parallel),
                                                         compile_backend)
-            result["compiled"] = _phase(cfg, trainer, batches, 1 + warmup + steps, warmup + 1, steps, device,
-                                        peak, f"{mode} compiled", log)
-            result["compiled"]["compile_and_warmup_s"] = round(time.monotonic() - start - steps
-                                                               * result["compiled"]["step_ms"] / 1e3, 1)
+            try:
+                result["compiled"] = _phase(cfg, trainer, batches, 1 + warmup + steps, warmup + 1, steps, device,
+                                            peak, f"{mode} compiled", log)
+                result["compiled"]["compile_and_warmup_s"] = round(time.monotonic() - start - steps
+                                                                   * result["compiled"]["step_ms"] / 1e3, 1)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a compiler failure: the eager numbers stand
+                result["compiled"] = {"error": one_line(e)}
+                log(f"    {mode} compiled failed: {result['compiled']['error']}")
         del trainer, batches
     return result
 
@@ -252,7 +259,7 @@ def run_llm(device: torch.device, smoke: bool, deadline: float, compile_backend:
             out["runs"][mode] = _run_fitted(preset, mode, batch, seq_len, SyntheticLM, device, compile_backend,
                                             deadline, smoke, log)
         except Exception as e:  # noqa: BLE001 - the next mode still runs
-            out["runs"][mode] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
+            out["runs"][mode] = {"error": one_line(e)}
             log(f"    {mode} failed: {out['runs'][mode]['error']}")
     phases = [(mode, kind, run[kind]) for mode, run in out["runs"].items() for kind in ("eager", "compiled")
               if isinstance(run.get(kind), dict) and "tokens_per_s" in run[kind]]

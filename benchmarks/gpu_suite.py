@@ -38,6 +38,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
+from trainer.datasets_io import one_line  # noqa: E402
+
 # Shares of the budget, in running order: the DiT before the LLM, whose compiles take longest.
 PARTS = {"parity": 0.06, "moe_layer": 0.19, "dit": 0.17, "llm": 0.58}
 
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
             summary[part] = run_part(part, device, args.cpu_smoke, deadline, backend, report.log)
         except Exception as e:  # noqa: BLE001 - recorded; the next part still runs
             failed = True
-            error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            error = one_line(e)
             summary[part] = [{"error": error}] if part == "moe_layer" else {"error": error}
             report.log(f"  {part} failed: {error}")
         summary["elapsed_s"] = round(time.monotonic() - start, 1)
