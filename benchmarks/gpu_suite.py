@@ -105,6 +105,7 @@ def _versions() -> str:
 
 
 def run_part(name: str, device, smoke: bool, deadline: float, backend: str | None, log):
+    """What part `name` reports (the parts' modules are imported here, after the sys.path setup)."""
     from _gpu_layer import run_moe_layer
     from _gpu_parity import run_parity
     from _gpu_train import run_dit, run_llm
@@ -119,6 +120,7 @@ def run_part(name: str, device, smoke: bool, deadline: float, backend: str | Non
 
 
 def main(argv=None) -> int:
+    """Run the chosen parts in order within the budget; 0, or 1 if parity failed or a part raised."""
     args = parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device here; run with --cpu-smoke for the CPU smoke test", file=sys.stderr)
