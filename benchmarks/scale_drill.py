@@ -93,9 +93,9 @@ def drill_overrides(recipe: str, seq_len: int, steps: int, extra: list[str]) -> 
     microbatch (as many microbatches as stages), no accumulation, nothing logged or saved; then
     `extra` (--set)."""
     from parallel.config import pp_stages_per_rank
-    from trainer.recipe import load_config
+    from trainer.recipe import read_config
 
-    cfg = load_config(recipe, extra)
+    cfg = read_config(recipe, extra)  # validated with the drill's shapes, by the caller
     out = ["train.grad_accum_steps=1", f"train.steps={steps}", "train.device=cpu", "logging.wandb=false",
            "logging.progress_bar=false", "logging.heatmap_every=0", "eval.every=0", "checkpoint.enabled=false",
            "data.max_bytes=2000000"]

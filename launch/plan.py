@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from launch.plan_state import fsdp_units, state_bytes, zero_state_bytes
 from models.config import is_moe_layer, moe_layer_config, moe_layer_ids
 from parallel.config import checkpointed_layers, pp_microbatches, pp_stages_per_rank, resolved_dp, stage_owners
 from trainer.config import Config
@@ -175,75 +176,6 @@ def activation_bytes_per_rank(cfg: Config) -> int:
     return activation_bytes(cfg)
 
 
-def fsdp_units(module, ep: int) -> tuple[int, int, int]:
-    """(parameters outside the blocks, the largest block's parameters as FSDP gathers them on one
-    rank: its routed experts divided by ep, the largest block's without its routed experts) of a
-    model or pipeline stage (`layers` its blocks)."""
-    from models.moe import is_expert_param
-
-    in_blocks = {id(p) for block in module.layers.values() for p in block.parameters()}
-    root = sum(p.numel() for p in module.parameters() if id(p) not in in_blocks)
-    blocks = [[(p.numel(), is_expert_param(n)) for n, p in block.named_parameters()]
-              for block in module.layers.values()]
-    largest = max((sum(n // ep if expert else n for n, expert in b) for b in blocks), default=0)
-    largest_dense = max((sum(n for n, expert in b if not expert) for b in blocks), default=0)
-    return root, largest, largest_dense
-
-
-def _ema_copies(cfg: Config) -> int:
-    """A DiT keeps an EMA of the weights this rank holds (trainer/ema.py), counted with the
-    optimizer state: one more copy of them in their dtype. An LLM keeps none."""
-    return 1 if cfg.model.family == "dit" else 0
-
-
-def state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int, root: int = 0,
-                largest_block: int = 0, largest_dense_block: int = 0) -> dict[str, int]:
-    """Weights, gradients and AdamW's two moments (and a DiT's EMA) on one rank (bytes), fp32, for
-    `total_params` of which `expert_params` are routed experts (a model, or a pipeline rank's stages).
-
-    DDP: every rank holds all but the routed experts, of which expert parallelism keeps 1/ep.
-    FSDP (parallel.data_parallel fsdp, parallel/fsdp.py): each rank keeps a 1/dp_shard shard of
-    the others and of its experts 1/(dp_shard/ep) (none when no other rank holds them); on top,
-    "gathered", the working set of a step: the root's parameters (`root`: embedding, head) gathered
-    for the whole step and two blocks gathered at a time (the one running and the one prefetched),
-    in fsdp_param_dtype, and one block's unsharded gradients in fsdp_reduce_dtype before they are
-    reduce-scattered. Routed experts no other rank holds (ep = dp_shard, no replicas) stay outside
-    FSDP, whole: a block then gathers only its other parameters (`largest_dense_block`). With
-    fsdp_cpu_offload the shards, their gradients and moments live in CPU memory: only the working
-    set is on the device.
-    """
-    par, ep = cfg.parallel, cfg.parallel.ep
-    routed_here = expert_params // ep if ep > 1 else expert_params
-    if par.data_parallel != "fsdp":
-        params = (total_params - expert_params + routed_here) * 4
-        return {"params": params, "grads": params, "optimizer": (2 + _ema_copies(cfg)) * params}
-    shard = dp if par.dp_shard <= 0 else par.dp_shard
-    expert_shard = shard if ep == 1 else max(1, shard // ep)  # 1: no other rank holds these experts
-    held = (-(-(total_params - expert_params) // shard) + -(-routed_here // expert_shard)) * 4
-    width = {"fp32": 4, "bf16": 2}
-    experts_in_fsdp = ep == 1 or dp // shard * expert_shard > 1  # as parallel/mesh.py builds the meshes
-    block = largest_block if experts_in_fsdp else largest_dense_block
-    gathered = (root + 2 * block) * width[par.fsdp_param_dtype]
-    unsharded_grads = block * width[par.fsdp_reduce_dtype]
-    on_device = 0 if par.fsdp_cpu_offload else 1
-    return {"params": held * on_device, "grads": held * on_device,
-            "optimizer": (2 + _ema_copies(cfg)) * held * on_device, "gathered": gathered + unsharded_grads}
-
-
-def _zero_state_bytes(cfg: Config, total_params: int, expert_params: int, dp: int) -> dict[str, int]:
-    """train.engine=deepspeed (trainer/adapt/ds_engine.py): ZeRO holds every parameter when ep == 1, all
-    but the routed experts when ep > 1 (those stay fp32 with their own AdamW, 1/ep per rank). Of what
-    ZeRO holds each rank keeps the weights (2 bytes in bf16) and an fp32 master partition (1/dp),
-    the gradients (whole with stage 1, 1/dp with stage 2) and the AdamW moments of its partition."""
-    ep = cfg.parallel.ep
-    ours = expert_params // ep if ep > 1 else 0
-    zero = total_params - (expert_params if ep > 1 else 0)
-    width = 2 if cfg.train.dtype == "bf16" else 4
-    grads = zero * width // (dp if cfg.train.zero_stage == 2 else 1)
-    return {"params": zero * width + zero * 4 // dp + ours * 4, "grads": grads + ours * 4,
-            "optimizer": 8 * (zero // dp + ours) + _ema_copies(cfg) * (zero * width + ours * 4)}
-
-
 def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0, dp: int = 1,
                     model=None) -> dict[str, int]:
     """fp32 weights and gradients, AdamW's two fp32 moments, and activations (bytes), for pp == 1.
@@ -253,7 +185,7 @@ def memory_per_rank(cfg: Config, total_params: int, expert_params: int = 0, dp: 
     `pipeline_memory_per_rank`.
     """
     if cfg.train.engine == "deepspeed":
-        state = _zero_state_bytes(cfg, total_params, expert_params, dp)
+        state = zero_state_bytes(cfg, total_params, expert_params, dp)
     else:
         units = fsdp_units(model if model is not None else meta_model(cfg), cfg.parallel.ep) \
             if cfg.parallel.data_parallel == "fsdp" else (0, 0, 0)
@@ -345,7 +277,7 @@ def pipeline_memory_per_rank(cfg: Config, plan: PipelinePlan, pp_rank: int, dp: 
     parts = [activations(cfg, s.layer_ids, head=s.last, sequences=plan.microbatch_size) for s in held]
     # Each stage holds its microbatches in flight; the rank recomputes one layer at a time.
     held_bytes = sum((a.kept + a.replay) * in_flight for a in parts) + max(a.recompute for a in parts)
-    state = state_bytes(cfg, total, routed, dp, root, largest, dense)
+    state = state_bytes(cfg, total, routed, dp, root, largest, dense, pipelined=True)
     return {**state, "activations": held_bytes}
 
 

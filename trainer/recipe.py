@@ -103,6 +103,14 @@ def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = (),
         overrides: `a.b=value` strings; values are parsed as YAML, then type-checked.
         world_size: when given, the parallel layout is checked against it.
     """
+    cfg = read_config(recipe, overrides)
+    validate(cfg, world_size)
+    return cfg
+
+
+def read_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`load_config` without the rules between fields (types and ranges are checked): for a tool
+    that derives further overrides from a config before validating the result."""
     raw = _with_bases(recipe) if recipe else {}
     for item in overrides:
         raw = _merge(raw, _override(item))
@@ -115,9 +123,7 @@ def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = (),
         except KeyError as e:
             raise ConfigError(f"model.preset: {e.args[0]}") from None
     raw = _with_source_architecture(raw)
-    cfg = _typed(raw)
-    validate(cfg, world_size)
-    return cfg
+    return _typed(raw)
 
 
 def checkpoint_config(path: str, key: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
