@@ -120,13 +120,20 @@ def build_dense(c):
     return ffn
 
 
-def build_hf(c, ref, implementation="eager"):
+def build_hf(c, ref, implementation="eager", d_model=D_MODEL):
+    """transformers' Mixtral block with `ref`'s router and expert weights (on `ref`'s device when
+    built under `with torch.device(...)`)."""
     from transformers.models.mixtral.configuration_mixtral import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = MixtralConfig(hidden_size=D_MODEL, intermediate_size=c["expert_ffn_dim"],
+    cfg = MixtralConfig(hidden_size=d_model, intermediate_size=c["expert_ffn_dim"],
                         num_local_experts=c["num_experts"], num_experts_per_tok=c["top_k"],
                         router_jitter_noise=0.0, hidden_act="silu")
+    if implementation != "eager":  # an unknown name would silently run the eager loop instead
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        if implementation not in ALL_EXPERTS_FUNCTIONS:
+            raise ValueError(f"this transformers has no experts implementation {implementation!r}")
     cfg._experts_implementation = implementation
     block = MixtralSparseMoeBlock(cfg)
     with torch.no_grad():  # transformers 5 stores experts fused: gate_up_proj [E, 2F, D] = [w1; w3]
@@ -225,6 +232,7 @@ def fwd_bwd(name: str, module, x, dy) -> torch.Tensor:
                                                               device=l_aux.device)])
     else:
         y = module(x)
+        y = y[0] if isinstance(y, tuple) else y  # some transformers versions add the router logits
         y.backward(dy)
     return y.detach()
 

@@ -71,6 +71,21 @@ def qwen2_moe_a2_7b() -> dict:
 
 
 @register
+def olmoe_2b_16e() -> dict:
+    """OLMoE-1B-7B's shapes with 16 experts of width 1024 top-2 instead of 64 top-8 (the same
+    1/8 of them active): 2.09B total, 0.68B active, so weights, gradients and AdamW fit one GPU
+    (the GPU suite's LLM, docs/gpu.md). OLMoE's q/k RMSNorm; its dropless softmax top-k without
+    renormalisation, balance loss 0.01 and z-loss 0.001."""
+    return {
+        "model": dict(family="llm", vocab_size=50304, d_model=2048, num_layers=16, num_heads=16,
+                      num_kv_heads=16, head_dim=128, ffn_dim=8192, max_seq_len=4096,
+                      rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, qk_norm=True),
+        "moe": dict(num_experts=16, top_k=2, expert_ffn_dim=1024, moe_every=1, first_k_dense=0,
+                    num_shared_experts=0, renormalize=False, aux_loss_coeff=0.01, z_loss_coeff=0.001),
+    }
+
+
+@register
 def deepseek_v3_like() -> dict:
     """DeepSeek-V3 sizes (≈671B total) with our plain blocks.
 

@@ -6,6 +6,7 @@
     expert_parallel.py   the all-to-all dispatcher and its overlap strategies
     pipeline.py          stages and schedules (torch.distributed.pipelining)
     recompute.py         activation checkpointing, and the all-to-alls its recompute replays
+    compile.py           torch.compile of every block, around the checkpointed regions
     data_parallel.py     DDP wrapping, expert and replicated gradient reduction, clipping
     checkpoint_adapter.py, watchdog.py   expert shards in DCP; naming the rank that hangs
 
@@ -36,6 +37,8 @@ _LAZY = {
     "parallelize": "parallel.apply",
     "parallelize_pipeline": "parallel.apply",
     "apply_activation_checkpointing": "parallel.recompute",
+    "checkpointed_modules": "parallel.recompute",
+    "compile_blocks": "parallel.compile",
     "EP_OVERLAPS": "parallel.config",
     "ParallelConfig": "parallel.config",
 }

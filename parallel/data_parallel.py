@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 
 import torch
@@ -39,7 +40,14 @@ def wrap_data_parallel(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
     # empty matmuls), so DDP does not need the slow unused-parameter search.
     # Buffers (RoPE tables) are computed identically on every rank: no per-forward broadcast.
     return DistributedDataParallel(model, process_group=mesh.dp_group, device_ids=device_ids,
-                                   forward_sync_buffers=False, gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True, **_no_buffer_sync())
+
+
+def _no_buffer_sync() -> dict:
+    """DDP's argument that turns off the per-forward buffer broadcast: `forward_sync_buffers`
+    since torch 2.13 (which deprecates `broadcast_buffers`), `broadcast_buffers` before."""
+    takes = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in takes else {"broadcast_buffers": False}
 
 
 def sync_context(model: nn.Module, is_last_micro_step: bool):

@@ -45,6 +45,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from models.moe import Dispatcher, Routing, moe_layers, padded_slots, unpermute_combine
+from models.moe.router import count_ids
 from parallel.config import EP_OVERLAPS
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ class AllToAllDispatcher(Dispatcher):
         """Step 1a: assignment order and rows per destination expert (no row is moved yet)."""
         # Stable, as models.moe.permute: rows of one expert keep the router's order.
         c.order_N = torch.argsort(c.routing.expert_idx_N, stable=True)
-        counts_E = torch.bincount(c.routing.expert_idx_N, minlength=self.num_experts)
+        counts_E = count_ids(c.routing.expert_idx_N, self.num_experts)
         if c.pad:
             c.slot_N = padded_slots(counts_E, c.pad)
             counts_E = torch.full_like(counts_E, c.pad)

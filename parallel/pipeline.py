@@ -28,6 +28,7 @@ Gradients are never rescaled by the schedule (scale_grads=False): the loss funct
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +37,8 @@ import torch.distributed as dist
 from torch import nn
 
 from models.moe import is_expert_param
-from parallel.config import ParallelConfig, num_pp_stages, pp_microbatches, rank_stage_ids, stage_owners
+from parallel.config import (V_SCHEDULES, ParallelConfig, num_pp_stages, pp_microbatches, rank_stage_ids,
+                             stage_owners)
 from parallel.mesh import ParallelMesh
 
 
@@ -46,6 +48,47 @@ def _schedule_class(name: str):
     return {"gpipe": S.ScheduleGPipe, "1f1b": S.Schedule1F1B,
             "interleaved_1f1b": S.ScheduleInterleaved1F1B, "zbv": S.ScheduleZBVZeroBubble,
             "dualpipev": S.ScheduleDualPipeV}[name]
+
+
+def _stage_takes_grad_shapes() -> bool:
+    """Whether `PipelineStage` takes the gradients' shapes (`input_grads`, `output_grads`: torch
+    2.13). torch 2.11 has no such arguments and makes them the shapes of the stage's inputs and
+    outputs, which is what they are here."""
+    import inspect
+
+    from torch.distributed.pipelining import PipelineStage
+
+    return "input_grads" in inspect.signature(PipelineStage.__init__).parameters
+
+
+@functools.cache
+def zero_bubble_works() -> bool:
+    """Whether this torch runs the weight-gradient pass of zbv and dualpipev through our custom
+    autograd nodes (the MoE backends, the aux loss): a weight pass over two parameter groups that
+    share a custom node. torch 2.11's frees that node with the first group and fails on the second
+    (`'_input_metadata' is invalid`); torch 2.13's works."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x * w
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, w = ctx.saved_tensors
+            return grad * w, grad * x
+
+    w1, w2 = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    x = torch.ones(2, requires_grad=True)
+    y = Scale.apply(Scale.apply(x * 1.0, w1), w2) * 3
+    try:
+        _, groups = stage_backward_input([y], [torch.ones(2)], [x], [w1, w2])
+        stage_backward_weight([w1, w2], groups)
+    except RuntimeError:
+        return False
+    return w1.grad is not None and w2.grad is not None
 
 
 def layer_costs(model: nn.Module, moe_cfg) -> tuple[list[float], float]:
@@ -158,7 +201,9 @@ class Pipeline:
         along dim 0 by the schedule). Returns the sum of the microbatch losses as given to
         backward (scaled) on the rank holding the last stage, else None."""
         losses: list[torch.Tensor] | None = [] if self.has_last else None
-        args = tuple(inputs) if self.has_first else ()
+        # Contiguous, as the stage's static input shapes: torch 2.11 checks strides too, and a
+        # batch of token windows is a strided view ([B, S] of [B, S + 1]).
+        args = tuple(t.contiguous() for t in inputs) if self.has_first else ()
         self.schedule.step(*args, target=target if self.has_last else None, losses=losses,
                            return_outputs=False)
         return torch.stack([l.detach() for l in losses]).sum() if self.has_last else None
@@ -236,6 +281,10 @@ def build_pipeline(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig,
     """
     from torch.distributed.pipelining import PipelineStage
 
+    if par.pp_schedule in V_SCHEDULES and not zero_bubble_works():
+        raise RuntimeError(f"parallel.pp_schedule={par.pp_schedule}: this torch ({torch.__version__}) cannot run the "
+                           "separate weight-gradient pass through the MoE layer's autograd functions; use 1f1b or "
+                           "interleaved_1f1b, or torch >= 2.13")
     num_stages = num_pp_stages(par)
     layer_ids = stage_layer_ids(stage_layer_counts(par, model, model.moe_cfg))
     own = rank_stage_ids(mesh.pp_rank, par)
@@ -252,11 +301,13 @@ def build_pipeline(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig,
     for s in own:
         first, last = s == 0, s == num_stages - 1
         submodule = model.pipeline_stage(layer_ids[s], first=first, last=last)
+        grads = {}
+        if _stage_takes_grad_shapes():
+            grads = dict(input_grads=tuple(None for _ in io.inputs) if first else io.boundary,
+                         output_grads=None if last else io.boundary)
         stages.append(PipelineStage(submodule, s, num_stages, mesh.device, group=mesh.pp_group,
                                     input_args=io.inputs if first else received,
-                                    output_args=io.output if last else io.boundary,
-                                    input_grads=tuple(None for _ in io.inputs) if first else io.boundary,
-                                    output_grads=None if last else io.boundary))
+                                    output_args=io.output if last else io.boundary, **grads))
 
     def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return loss_fn(output, target) * scale

@@ -47,14 +47,22 @@ def apply_activation_checkpointing(model: nn.Module, par: ParallelConfig) -> nn.
         model: a model with `layers`, a ModuleDict of blocks keyed by layer index (both families).
         par: the parallel section (activation_checkpoint, activation_checkpoint_every).
     """
-    if par.activation_checkpoint == "block":
-        for i in checkpointed_layers(par, len(model.layers)):
-            block = model.layers[str(i)]
-            checkpoint(block, context_fn=lambda block=block: _tape_contexts(block))
-    elif par.activation_checkpoint == "moe_ffn":
-        for layer in moe_layers(model):
-            checkpoint(layer.experts)
+    for module in checkpointed_modules(model, par):
+        if par.activation_checkpoint == "block":
+            checkpoint(module, context_fn=lambda block=module: _tape_contexts(block))
+        else:
+            checkpoint(module)
     return model
+
+
+def checkpointed_modules(model: nn.Module, par: ParallelConfig) -> list[nn.Module]:
+    """The modules that `apply_activation_checkpointing` checkpoints: every k-th block (block), the
+    routed experts of every MoE layer (moe_ffn), or none."""
+    if par.activation_checkpoint == "block":
+        return [model.layers[str(i)] for i in checkpointed_layers(par, len(model.layers))]
+    if par.activation_checkpoint == "moe_ffn":
+        return [layer.experts for layer in moe_layers(model)]
+    return []
 
 
 # -- the exchanges of a checkpointed forward, for its recompute ----------------------------------------

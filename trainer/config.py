@@ -11,6 +11,7 @@ recipe names are checked by the launcher (launch/preflight.py). No torch is impo
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +21,7 @@ from trainer.adapt.config import PeftConfig, PruneConfig, check_peft, check_prun
 from trainer.diffusion.config import DiffusionConfig, check_diffusion
 
 __all__ = ["Config", "ConfigError", "DataConfig", "OptimConfig", "TrainConfig", "EvalConfig", "CheckpointConfig",
-           "LoggingConfig", "validate", "config_to_dict"]
+           "LoggingConfig", "validate", "config_to_dict", "config_from_dict"]
 
 
 @dataclass
@@ -124,6 +125,22 @@ class Config(ConfigSection):
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(raw: dict, cls: type = Config, prefix: str = ""):
+    """A `Config` from nested dicts of field values, as `config_to_dict` writes them; missing keys
+    keep their defaults, an unknown key is a ConfigError. Values are taken as they are: the types
+    and ranges are the recipe loader's checks (trainer/recipe.py, pydantic), so this is for
+    configs that programs build or pass on themselves, also where pydantic is not installed."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    types = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        require(key in fields, f"unknown config key {prefix}{key}")
+        section = types[key]
+        nested = dataclasses.is_dataclass(section) and isinstance(value, dict)
+        kwargs[key] = config_from_dict(value, section, f"{prefix}{key}.") if nested else value
+    return cls(**kwargs)
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:

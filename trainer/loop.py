@@ -33,7 +33,9 @@ class TrainResult:
 class Trainer:
     """Holds the live objects of one run on one rank. `run()` does the whole job."""
 
-    def __init__(self, cfg: Config, run_dir: str, resume_from: str | None = None):
+    def __init__(self, cfg: Config, run_dir: str, resume_from: str | None = None, task=None):
+        """`task`: what to train on instead of the family's data (trainer/lm/task.py describes the
+        interface; benchmarks pass synthetic batches, with `data` None when `run` is not called)."""
         if cfg.prune.method != "none" and (resume_from or latest_checkpoint(run_dir)):
             # A prune run that already compressed: train on from its checkpoints, with their shapes.
             from trainer.adapt.prune import resumed_prune_config
@@ -43,7 +45,8 @@ class Trainer:
         self.mesh: ParallelMesh = build_mesh(cfg.parallel, self.device)
         # Heartbeats, so a failed collective names the ranks that did not arrive (parallel/watchdog.py).
         self.watchdog = Watchdog.start(self.mesh.rank, self.mesh.world_size, cfg.parallel.timeout_s)
-        self.task = build_task(cfg, self.mesh, self.device)  # data, loss and evaluation of the family
+        # Data, loss and evaluation of the family.
+        self.task = build_task(cfg, self.mesh, self.device) if task is None else task
         self.data = self.task.data
         resume_path = resume_point(run_dir, resume_from)  # a torchrun restart: this launch's newest
         built = construct(cfg, self.mesh, self.task, run_dir, resume_path)  # trainer/build.py, step by step

@@ -45,6 +45,10 @@ def run_info() -> dict:
     }
 
 
+WANDB_MISSING = ("warning: logging.wandb=true but wandb is not installed; metrics go to metrics.jsonl only "
+                 "(pip install wandb, or --set logging.wandb=false)")
+
+
 def wandb_logged_in() -> bool:
     """True when an API key is configured locally; decided without touching the network."""
     if os.environ.get("WANDB_API_KEY"):
@@ -75,6 +79,8 @@ class MetricsLogger:
             json.dump(info, f, indent=2)
         if cfg.logging.wandb:
             self._wandb = self._start_wandb(run_dir, cfg, info)
+            if self._wandb is None:
+                self.print(WANDB_MISSING)
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
@@ -91,8 +97,12 @@ class MetricsLogger:
 
     @staticmethod
     def _start_wandb(run_dir: str, cfg: Config, info: dict):
-        import wandb
-
+        """The wandb run, or None where wandb is not installed (a bare GPU box): the run goes on
+        with metrics.jsonl, which always holds every number anyway."""
+        try:
+            import wandb
+        except ImportError:
+            return None
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         return wandb.init(project=cfg.logging.project, name=cfg.logging.run_name or None, dir=run_dir,
                           mode=mode, config={**config_to_dict(cfg), "run_info": info},

@@ -24,7 +24,6 @@ error that says what to install.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from contextlib import nullcontext
 from typing import Callable
@@ -41,13 +40,17 @@ ExpertBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
                          torch.Tensor]
 
 
-@functools.lru_cache(maxsize=None)
+_AUTOCAST_DEVICES: dict[str, bool] = {}  # device type -> has autocast (a dict, not lru_cache: dynamo traces it)
+
+
 def _has_autocast(device_type: str) -> bool:
-    try:
-        torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # e.g. meta
-        return False
-    return True
+    if device_type not in _AUTOCAST_DEVICES:
+        try:
+            torch.is_autocast_enabled(device_type)
+            _AUTOCAST_DEVICES[device_type] = True
+        except RuntimeError:  # e.g. meta
+            _AUTOCAST_DEVICES[device_type] = False
+    return _AUTOCAST_DEVICES[device_type]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -154,6 +157,9 @@ def _grad_buffer(w: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch.T
     return grad
 
 
+# Not compiled: the loop is driven by each step's rows per expert as host ints, on which a compiled
+# graph would specialise and recompile every step (parallel/compile.py compiles around it).
+@torch.compiler.disable
 def loop_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
                  w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
     """Token-sorted loop over experts: works on every device and dtype."""

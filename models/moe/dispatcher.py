@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.moe.router import Routing
+from models.moe.router import Routing, count_ids
 
 
 def permute(x_TD: torch.Tensor, routing: Routing, num_experts: int
@@ -34,7 +34,7 @@ def permute(x_TD: torch.Tensor, routing: Routing, num_experts: int
     # Stable so that rows of one expert keep the router's order: deterministic, and it matches
     # the order an all-to-all receiver reconstructs.
     order_N = torch.argsort(routing.expert_idx_N, stable=True)
-    counts_E = torch.bincount(routing.expert_idx_N, minlength=num_experts)
+    counts_E = count_ids(routing.expert_idx_N, num_experts)
     return x_TD[routing.token_idx_N[order_N]], order_N, counts_E
 
 
@@ -84,7 +84,7 @@ class LocalDispatcher(Dispatcher):
                  overlap_fn: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         # 1. permute: one row per kept assignment, sorted by expert (stable argsort)
         x_sorted_ND, order_N, counts_E = permute(x_TD, routing, experts.num_experts)
-        # 2. count rows per expert (bincount with minlength=E, so empty experts get 0); with
+        # 2. count rows per expert (all E of them, so empty experts get 0); with
         #    pad_to, place each expert's rows in a chunk of exactly C rows, zeros after them, so
         #    the expert compute sees static shapes. Padding rows are never gathered back, so
         #    they change neither the output nor any gradient.

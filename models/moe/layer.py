@@ -152,6 +152,9 @@ class MoE(nn.Module):
         self._num_requested = 0
         self._stats: dict[str, torch.Tensor] = {}
 
+    # Not compiled: the counters are host ints that a compiled graph would specialise on (a recompile
+    # per forward); bookkeeping on detached tensors gains nothing from compilation anyway.
+    @torch.compiler.disable
     @torch.no_grad()
     def _record(self, route: RouterOutput, losses: dict[str, torch.Tensor]) -> None:
         if route.probs_TE.device.type == "meta":  # shape inference (e.g. a pipeline stage's first

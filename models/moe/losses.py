@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from models.moe.router import count_ids
+
 
 def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, coeff: float) -> torch.Tensor:
     """Switch/GShard balance loss: coeff · E · Σᵢ fᵢ · Pᵢ.
@@ -18,7 +20,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, coeff
     routing is perfectly uniform.
     """
     T, E = probs_TE.shape
-    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    counts_E = count_ids(topk_idx_TK, E).to(probs_TE.dtype)
     f_E = counts_E / topk_idx_TK.numel()
     P_E = probs_TE.mean(dim=0)
     return coeff * E * torch.sum(f_E * P_E)
@@ -49,7 +51,7 @@ def expert_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, coeff
     """
     T, E = probs_TE.shape
     K = topk_idx_TK.shape[-1]
-    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    counts_E = count_ids(topk_idx_TK, E).to(probs_TE.dtype)
     f_prime_E = E * counts_E / (T * K)
     return coeff * torch.sum(f_prime_E * probs_TE.mean(dim=0))
 

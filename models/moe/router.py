@@ -26,6 +26,14 @@ from models.moe.capacity import expert_capacity, keep_within_capacity
 
 
 
+def count_ids(ids: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """How often each of 0..num_ids-1 occurs in `ids` (int64 [num_ids]): `torch.bincount(ids,
+    minlength=num_ids)` for ids below num_ids, in a shape known before the data, so torch.compile
+    traces it (bincount's shape depends on the values: a graph break in every MoE layer)."""
+    flat = ids.reshape(-1)
+    return torch.zeros(num_ids, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 @dataclass
 class Routing:
     """Kept (token, expert) assignments; the dispatcher's whole input besides x_TD and experts.
@@ -179,7 +187,7 @@ class TopKRouter(nn.Module):
             keep_N = keep_TK.reshape(-1)
             routing.token_idx_N, routing.expert_idx_N = routing.token_idx_N[keep_N], routing.expert_idx_N[keep_N]
             routing.weight_N = routing.weight_N[keep_N]
-        loads_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
+        loads_E = count_ids(topk_idx_TK, self.num_experts)
         return RouterOutput(routing, probs_TE, logits_TE, loads_E, num_dropped, T * K,
                             topk_idx_TK, topk_weight_TK)
 
@@ -247,7 +255,7 @@ class ExpertChoiceRouter(nn.Module):
             weight_EC = weight_EC * self.routed_scaling_factor
         expert_EC = torch.arange(E, device=x_TD.device)[:, None].expand(E, C)
         routing = Routing(token_EC.reshape(-1), expert_EC.reshape(-1), weight_EC.reshape(-1), T)
-        num_dropped = (torch.bincount(routing.token_idx_N, minlength=T) == 0).sum()
+        num_dropped = (count_ids(routing.token_idx_N, T) == 0).sum()
         loads_E = torch.full((E,), C, dtype=torch.int64, device=x_TD.device)
         return RouterOutput(routing, probs_TE, logits_TE, loads_E, num_dropped, T)
 

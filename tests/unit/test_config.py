@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, config_from_dict, config_to_dict
 from trainer.recipe import load_config, save_config
 
 RECIPE = "recipes/llm/pretrain_tiny.yaml"
@@ -97,6 +97,17 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, path)
     again = load_config(path)
     assert again == cfg and isinstance(again, Config)
+
+
+@pytest.mark.parametrize("recipe", [RECIPE, "recipes/dit/pretrain_digits_moe.yaml", "recipes/llm/peft_perft.yaml"])
+def test_config_from_dict_rebuilds_without_the_loader(recipe):
+    """What a program passes on (or builds) where pydantic is missing: the same Config back."""
+    cfg = load_config(recipe, ["parallel.activation_checkpoint=block"])
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    partial = config_from_dict({"model": {"preset": "tiny", "d_model": 64}, "train": {"steps": 3}})
+    assert (partial.model.d_model, partial.train.steps, partial.optim) == (64, 3, Config().optim)
+    with pytest.raises(ConfigError, match=r"^unknown config key train\.stepz$"):
+        config_from_dict({"train": {"stepz": 3}})
 
 
 # -- peft: the base checkpoint and the method's fields ------------------------------------------

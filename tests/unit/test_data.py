@@ -163,6 +163,30 @@ def test_local_txt_jsonl_parquet_same_path(tmp_path):
         assert x.shape == y.shape == (2, 16)
 
 
+def test_without_datasets_plain_text_and_pydoc_are_the_same_documents(tmp_path, monkeypatch):
+    """A bare GPU box has no `datasets`: plain-text sources and pydoc read with the standard
+    library give exactly what `datasets` gives; other sources say what to install."""
+    _write_txt_dir(tmp_path / "txt", _docs(6))
+    (tmp_path / "txt" / "crlf.txt").write_bytes(b"line one\r\nline two\rthree\n")  # universal newlines
+    (tmp_path / "txt" / "bad.txt").write_bytes(b"caf\xe9 \xff\xfe ok\n")  # undecodable bytes replaced
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "x"}))
+    configs = [DataConfig(max_bytes=300_000), DataConfig(source="pydoc", text_field="body", max_bytes=60_000),
+               DataConfig(source=str(tmp_path / "txt"), text_field="doc", max_bytes=0)]
+    with_datasets = [load_corpus(cfg) for cfg in configs]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    for cfg, want in zip(configs, with_datasets):
+        got = load_corpus(cfg)
+        field = cfg.text_field
+        assert type(got).__name__ == "TextDocuments" and got.column_names == [field] and len(got) == len(want)
+        assert got[field] == list(want[field]) and got[[2, 0]] == want[[2, 0]]
+    plain = "".join(load_corpus(configs[2])["doc"])
+    assert plain.count("\ufffd") == 3 and "\r" not in plain and "line two\nthree" in plain
+    data = build_text_data(DataConfig(source="pydoc", seq_len=64, val_fraction=0.1), micro_batch_size=2)
+    assert next(data.train_batches())[0].shape == (2, 64)
+    with pytest.raises(ConfigError, match=r"^data\.source: reading json files needs HF datasets \(pip install"):
+        load_corpus(DataConfig(source=str(tmp_path / "c.jsonl")))
+
+
 def test_text_field_missing_names_key(tmp_path):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in _docs(4)))
     with pytest.raises(ConfigError, match=r"^data\.text_field: no column 'text'.*body"):

@@ -268,3 +268,16 @@ def test_config_refuses_bad_routing_fields(overrides, match):
     with pytest.raises(ConfigError, match=match) as err:
         load_config(None, overrides)
     assert "\n" not in str(err.value)
+
+
+def test_count_ids_is_bincount_in_a_static_shape():
+    """The expert loads and counts: bincount's values, and a shape torch.compile traces without a
+    graph break (bincount's depends on the data)."""
+    from models.moe.router import count_ids
+
+    ids = torch.randint(0, 5, (3, 7), generator=torch.Generator().manual_seed(0))  # ids 5..7 never occur
+    assert torch.equal(count_ids(ids, 8), torch.bincount(ids.reshape(-1), minlength=8))
+    assert count_ids(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]
+    assert count_ids(torch.empty(6, dtype=torch.long, device="meta"), 4).shape == (4,)
+    explained = torch._dynamo.explain(lambda t: count_ids(t, 8).float() / t.numel())(ids)  # as losses.py
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -1,5 +1,8 @@
 """Text corpora: which documents a recipe's data.source names, and reading them through HF
-`datasets` (one document per row; nothing is downloaded for the embedded sources).
+`datasets` (one document per row; nothing is downloaded for the embedded sources). Where
+`datasets` is not installed (a bare GPU box), plain-text files (the stdlib included) and pydoc are
+read with the standard library into `TextDocuments`, the same documents in the same order; json,
+parquet and hub sources need `datasets`.
 
     "stdlib"   this Python's standard library sources (the pretraining default)
     "pydoc"    the stdlib's pydoc documentation topics: English prose, for fine-tuning
@@ -194,20 +197,73 @@ def _load_local(src: CorpusSource, label: str):
             raise ConfigError(f"data.source: cannot read {label} as {src.builder}: {one_line(e)}") from None
 
 
+def _rows_within(sizes: np.ndarray, max_bytes: int) -> int:
+    """How many leading rows of these UTF-8 sizes stay within max_bytes (at least one)."""
+    return max(1, int(np.searchsorted(np.cumsum(sizes), max_bytes, side="right")))
+
+
 def _cap_rows(ds, field: str, max_bytes: int):
     """Leading rows while their UTF-8 size stays within max_bytes (at least one row)."""
     import pyarrow.compute as pc
 
     if max_bytes <= 0 or len(ds) == 0:
         return ds
-    sizes = pc.fill_null(pc.binary_length(ds.data.column(field)), 0).to_numpy()
-    keep = max(1, int(np.searchsorted(np.cumsum(sizes), max_bytes, side="right")))
+    keep = _rows_within(pc.fill_null(pc.binary_length(ds.data.column(field)), 0).to_numpy(), max_bytes)
     return ds if keep >= len(ds) else ds.select(range(keep))
 
 
+class TextDocuments:
+    """Documents in memory under one column name: the part of `datasets.Dataset` that
+    trainer/lm/data.py reads (`len`, `column_names`, `ds[field]`, `ds[indices][field]`)."""
+
+    def __init__(self, field: str, texts: list[str]):
+        self.field, self.texts = field, texts
+
+    @property
+    def column_names(self) -> list[str]:
+        return [self.field]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key != self.field:
+                raise KeyError(key)
+            return list(self.texts)
+        return {self.field: [self.texts[i] for i in key]}
+
+
+def _load_without_datasets(src: CorpusSource, data_cfg: DataConfig) -> TextDocuments:
+    """What `datasets` would give for plain-text files and pydoc, read with the standard library:
+    one document per file, decoded as its text builder does (UTF-8, bad bytes replaced, universal
+    newlines), then capped by rows as `_cap_rows`."""
+    if src.kind == "pydoc":
+        texts = pydoc_topics()[1]
+    elif src.kind == "local" and src.builder == "text":
+        texts = []
+        for path in src.files:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+    else:
+        what = f"{src.builder} files" if src.kind == "local" else "a hub dataset"
+        raise ConfigError(f"data.source: reading {what} needs HF datasets (pip install datasets); "
+                          "plain-text sources and pydoc do not")
+    if not texts:
+        raise ConfigError(f"data.source: {data_cfg.source} has no documents")
+    if data_cfg.max_bytes > 0:
+        texts = texts[:_rows_within(np.array([len(t.encode()) for t in texts]), data_cfg.max_bytes)]
+    return TextDocuments(data_cfg.text_field, texts)
+
+
 def load_corpus(data_cfg: DataConfig):
-    """The corpus as a `datasets.Dataset` whose only column is `data_cfg.text_field`."""
+    """The corpus as a `datasets.Dataset` whose only column is `data_cfg.text_field` (a
+    `TextDocuments` where `datasets` is not installed)."""
     src = resolve_source(data_cfg)
+    try:
+        import datasets  # noqa: F401 - the loader below; a bare GPU box has none
+    except ImportError:
+        return _load_without_datasets(src, data_cfg)
     field = data_cfg.text_field
     if src.kind == "hub":
         ds = load_hub(src.name, data_cfg.split)
