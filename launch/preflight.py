@@ -6,6 +6,7 @@ import shutil
 import tempfile
 
 from models.config import shape_fields
+from parallel.config import CPU_OFFLOAD_ON_CPU
 from trainer.adapt.config import peft_shape_fields
 from trainer.checkpoint_files import checkpoint_problem, latest_checkpoint
 from trainer.config import Config, ConfigError
@@ -116,6 +117,11 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
     sources: `check_sources`)."""
     if cfg.train.engine == "deepspeed":
         check_deepspeed_installed("train.engine=deepspeed")
+    if cfg.parallel.fsdp_cpu_offload and cfg.train.device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():  # auto resolves to the CPU (parallel.mesh.pick_device)
+            raise ConfigError(CPU_OFFLOAD_ON_CPU)
     if cfg.model.family == "dit":
         from trainer.diffusion.image_source import preflight_image_data
 

@@ -25,6 +25,10 @@ SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # one stage per rank
 V_SCHEDULES = ("zbv", "dualpipev")  # two stages per rank in a V: rank r holds r and 2·pp-1-r
 
 
+# FSDP2's CPU offload moves shards off an accelerator; refused where the run computes on the CPU.
+CPU_OFFLOAD_ON_CPU = ("parallel.fsdp_cpu_offload: moves FSDP's shards from a GPU to CPU memory; this run computes "
+                      "on the CPU, where they are already (drop it)")
+
 @dataclass
 class ParallelConfig(ConfigSection):
     dp: int = -1  # -1: world_size // pp

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, Shard
 
 from models.moe import moe_layers
-from parallel.config import ParallelConfig
+from parallel.config import CPU_OFFLOAD_ON_CPU, ParallelConfig
 from parallel.mesh import ParallelMesh
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -43,6 +43,8 @@ def apply_fsdp(model: nn.Module, roots: list[nn.Module], mesh: ParallelMesh, par
         model: the whole model (blocks in `model.layers`; those no root holds are left alone).
         roots: the modules this rank runs: [model], or its pipeline stage modules.
     """
+    if par.fsdp_cpu_offload and mesh.device.type == "cpu":  # FSDP2's offload needs an accelerator
+        raise ValueError(CPU_OFFLOAD_ON_CPU)
     kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[par.fsdp_param_dtype],
                                             reduce_dtype=DTYPES[par.fsdp_reduce_dtype]),
               offload_policy=CPUOffloadPolicy() if par.fsdp_cpu_offload else OffloadPolicy())

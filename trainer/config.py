@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from models.config import ConfigError, ConfigSection, ModelConfig, MoEConfig, bounded, check_model, require
-from parallel.config import ParallelConfig, check_parallel
+from parallel.config import CPU_OFFLOAD_ON_CPU, ParallelConfig, check_parallel
 from trainer.adapt.config import PeftConfig, PruneConfig, check_peft, check_prune
 from trainer.diffusion.config import DiffusionConfig, check_diffusion
 
@@ -170,6 +170,7 @@ def _check_engine(cfg: Config) -> None:
     # ESFT zeroes unselected expert rows of whole expert tensors; FSDP holds shards of them.
     require(cfg.parallel.data_parallel != "fsdp" or cfg.peft.method != "esft",
             "peft.method=esft: not with parallel.data_parallel=fsdp (use ddp)")
+    require(not (cfg.parallel.fsdp_cpu_offload and tr.device == "cpu"), CPU_OFFLOAD_ON_CPU)
     if tr.engine != "deepspeed":
         return
     require(cfg.parallel.data_parallel == "ddp", "train.engine=deepspeed: not with parallel.data_parallel=fsdp "

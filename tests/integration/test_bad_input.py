@@ -71,6 +71,14 @@ def _cases(root):
                                 "the run directory's latest checkpoint", f"{root}/small_run"),
         "resume missing": ([RECIPE, "--resume", f"{root}/step_00000009"], "--resume: checkpoint directory not found"),
         "run dir is a file": ([RECIPE], "is not writable", f"{root}/a_file/run"),
+        "offload on cpu": ([RECIPE, "--set", "parallel.data_parallel=fsdp", "parallel.fsdp_cpu_offload=true",
+                            "train.device=cpu"], "parallel.fsdp_cpu_offload: moves FSDP's shards from a GPU"),
+        "offload, auto device, no GPU": ([RECIPE, "--set", "parallel.data_parallel=fsdp",
+                                          "parallel.fsdp_cpu_offload=true"], "this run computes on the CPU"),
+        "dp_shard vs dp": ([RECIPE, "--nproc-per-node", "4", "--set", "parallel.data_parallel=fsdp",
+                            "parallel.dp_shard=3"], "parallel.dp_shard=3 does not divide the data-parallel size 4"),
+        "esft with fsdp": ([RECIPE, "--set", "parallel.data_parallel=fsdp", "peft.method=esft",
+                            f"peft.base={ckpt}", *TINY], "peft.method=esft: not with parallel.data_parallel=fsdp"),
     }
 
 
@@ -78,7 +86,7 @@ CASES = ["malformed YAML", "unknown key", "unknown section", "wrong type", "wron
          "negative size", "negative key", "layout vs world", "dp vs world", "ep vs dp", "experts vs ep",
          "missing data", "empty data file", "no usable data", "missing tokenizer", "peft without base",
          "hf dir of llama", "hf dir of a DiT", "resume other shape", "run dir other shape", "resume missing",
-         "run dir is a file"]
+         "run dir is a file", "offload on cpu", "offload, auto device, no GPU", "dp_shard vs dp", "esft with fsdp"]
 
 
 def _argv(root, tmp_path, case):
@@ -88,6 +96,11 @@ def _argv(root, tmp_path, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_refused_in_process(inputs, tmp_path, capfd, case):
+    if case == "offload, auto device, no GPU":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("train.device=auto resolves to the GPU here")
     argv, message = _argv(inputs, tmp_path, case)
     before = {p.pid for p in python_descendants()}
     start = time.perf_counter()
