@@ -38,6 +38,15 @@ class DataConfig(ConfigSection):
     tokenizer: str = "byte"  # "byte" | path of a local Hugging Face tokenizer directory
     seq_len: int = bounded(128, gt=0)
     val_fraction: float = bounded(0.05, gt=0, lt=1)
+    # Pretraining-scale data (docs/data.md). A directory written by `sparseforge prepare-data` is a
+    # data.source like any other (memory-mapped, nothing tokenized at start-up); data.mix samples
+    # several of them by weight ({directory: weight}; data.source is then unused).
+    mix: dict[str, float] = field(default_factory=dict)
+    # Attention stays inside each packed document and positions restart per document (LLM).
+    document_mask: bool = False
+    # Read a hub dataset (or local json/parquet/text) as an HF iterable dataset, tokenized on the
+    # fly: for corpora too big to prepare first; the position is saved in checkpoints per rank.
+    streaming: bool = False
 
 
 @dataclass

@@ -179,7 +179,7 @@ def _field_at(loc: tuple) -> tuple[type | None, dataclasses.Field | None, Any]:
 # pydantic error type -> what the key expected, in our words.
 _EXPECTED = {"int_type": "int", "int_parsing": "int", "int_from_float": "int", "float_type": "float",
              "float_parsing": "float", "bool_type": "bool", "bool_parsing": "bool", "string_type": "str",
-             "list_type": "a list", "dataclass_type": "a mapping of keys"}
+             "list_type": "a list", "dict_type": "a mapping", "dataclass_type": "a mapping of keys"}
 _BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
