@@ -1,11 +1,15 @@
-"""The data order shared by text windows (trainer/lm/data.py) and images
-(trainer/diffusion/image_data.py): a fixed train/validation split, then deterministic, resumable
-global micro-batches cut over the data-parallel ranks.
+"""The data order shared by text windows (trainer/lm/data.py), mixtures (trainer/lm/mixture.py)
+and images (trainer/diffusion/image_data.py): a fixed train/validation split, then one
+deterministic stream of training samples, cut into global micro-batches over the data-parallel
+ranks.
 
-Epoch e visits the N training items in a permutation seeded by (seed, e), cut into N // G global
-micro-batches of G = micro_batch_size * dp_size items (the few left over are skipped that epoch,
-so no item repeats inside a batch). Rank r takes rows [r*B, (r+1)*B) of each global micro-batch.
-The order depends on G only, never on how G is split over ranks.
+The stream: position i is item perm_e[i mod N] of epoch e = i // N, where perm_e is a permutation
+of the N training items seeded by (seed, e). Global micro-batch k is positions [k*G, (k+1)*G) of
+the stream (G = micro_batch_size * dp_size) and rank r takes positions [k*G + r*B, k*G + (r+1)*B).
+The stream depends on (seed, N) only, as Megatron's consumed-samples sampler: a run resumed with
+another dp size, micro-batch size or accumulation continues the same stream from the same sample
+(an optimizer step of the same global batch sees the same samples). A global micro-batch that
+straddles an epoch boundary may hold an item twice; within an epoch no item repeats.
 """
 from __future__ import annotations
 
@@ -45,8 +49,8 @@ class GlobalBatchSampler:
         if num_items < self.global_batch_size:
             raise ConfigError(f"data.source: the training split has {num_items} {noun}, fewer than one global "
                               f"micro-batch of {self.global_batch_size} (train.micro_batch_size x dp)")
-        self.batches_per_epoch = num_items // self.global_batch_size
-        self.consumed = 0  # global micro-batches handed out so far (by every rank alike)
+        self.consumed_samples = 0  # stream positions handed out so far (by every rank alike)
+        self.last_positions = range(0)  # this rank's stream positions of the batch taken last
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the current epoch
 
     def _epoch_perm(self, epoch: int) -> np.ndarray:
@@ -55,11 +59,24 @@ class GlobalBatchSampler:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_items))
         return self._perm[1]
 
+    def items(self, start: int, count: int) -> np.ndarray:
+        """Item indices at stream positions [start, start + count) (across epoch boundaries)."""
+        out, pos, end = [], start, start + count
+        while pos < end:
+            epoch, offset = divmod(pos, self.num_items)
+            take = min(end - pos, self.num_items - offset)
+            out.append(self._epoch_perm(epoch)[offset:offset + take])
+            pos += take
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
     def global_batch(self, n: int) -> np.ndarray:
-        """Item indices of global micro-batch n (all ranks together, G of them)."""
-        epoch, k = divmod(n, self.batches_per_epoch)
-        G = self.global_batch_size
-        return self._epoch_perm(epoch)[k * G:(k + 1) * G]
+        """Item indices of global micro-batch n of this run's G (all ranks together)."""
+        return self.items(n * self.global_batch_size, self.global_batch_size)
+
+    @property
+    def consumed(self) -> int:
+        """Global micro-batches of this run's G handed out so far."""
+        return self.consumed_samples // self.global_batch_size
 
     @property
     def rank_rows(self) -> slice:
@@ -68,11 +85,12 @@ class GlobalBatchSampler:
         return slice(self.dp_rank * B, (self.dp_rank + 1) * B)
 
     def take(self) -> tuple[int, np.ndarray]:
-        """(n, this rank's item indices) of the next global micro-batch n, which counts as handed
-        out from here on (after k batches, state_dict() says k)."""
-        n = self.consumed
-        self.consumed += 1
-        return n, self.global_batch(n)[self.rank_rows]
+        """(first stream position, this rank's item indices) of the next global micro-batch, which
+        counts as handed out from here on; `last_positions` then says where its rows sit."""
+        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        self.consumed_samples += self.global_batch_size
+        self.last_positions = range(first, first + self.micro_batch_size)
+        return first, self.items(first, self.micro_batch_size)
 
     def val_indices(self, batch: int, num_val: int) -> np.ndarray:
         """This rank's slice of validation batch `batch`: items in order, wrapping."""
@@ -80,16 +98,19 @@ class GlobalBatchSampler:
         return np.arange(start, start + self.micro_batch_size) % num_val
 
     def state_dict(self, count_key: str) -> dict:
-        return {"global_micro_batches": self.consumed, "global_batch_size": self.global_batch_size,
-                "seed": self.seed, count_key: self.num_items}
+        return {"consumed_samples": self.consumed_samples, "global_micro_batches": self.consumed,
+                "global_batch_size": self.global_batch_size, "seed": self.seed, count_key: self.num_items}
 
     def load_state_dict(self, state: dict, count_key: str) -> None:
-        # Exact resume needs the same order: same items (corpus, tokenizer, seq_len or images),
-        # seed and G.
-        saved = (state["seed"], state[count_key], state["global_batch_size"])
-        here = (self.seed, self.num_items, self.global_batch_size)
+        # Exact resume needs the same stream: same items (corpus, tokenizer, seq_len or images)
+        # and seed. G may differ (another dp size or micro-batch size): the stream goes on from
+        # the same sample.
+        saved, here = (state["seed"], state[count_key]), (self.seed, self.num_items)
         if saved != here:
             raise ConfigError(
-                f"data: checkpoint data state (seed, training {self.noun}, global micro-batch) = {saved} does not "
-                f"match this run's {here}; train.seed, data.* or train.micro_batch_size x dp changed")
-        self.consumed = int(state["global_micro_batches"])
+                f"data: checkpoint data state (seed, training {self.noun}) = {saved} does not match this run's "
+                f"{here}; train.seed or data.* changed")
+        consumed = state.get("consumed_samples")
+        if consumed is None:  # written before the stream was per sample: whole global batches
+            consumed = int(state["global_micro_batches"]) * int(state["global_batch_size"])
+        self.consumed_samples = int(consumed)

@@ -272,18 +272,26 @@ def test_windows_shapes_and_shifted_targets():
 
 
 def test_dp_sharding_matches_single_rank_global_batch():
-    # 20 windows, global batch 6: 3 batches per epoch (2 windows left over), several epochs.
+    # 20 windows, global batch 6: batches straddle the epoch boundaries of the sample stream.
     single = _synthetic(micro_batch_size=6, dp_size=1).train_batches()
     ranks = [_synthetic(micro_batch_size=3, dp_rank=r, dp_size=2).train_batches() for r in range(2)]
-    seen_epoch0 = []
+    stream = []
     for n in range(10):
         x1, y1 = next(single)
         parts = [next(g) for g in ranks]
-        assert set(_rows(parts[0][0])).isdisjoint(_rows(parts[1][0]))
         assert torch.equal(torch.cat([p[0] for p in parts]), x1) and torch.equal(torch.cat([p[1] for p in parts]), y1)
-        seen_epoch0 += _rows(x1)
-    assert len(set(seen_epoch0[:18])) == 18  # no window twice in an epoch
-    assert seen_epoch0[18:36] != seen_epoch0[:18]  # a new order each epoch
+        stream += _rows(x1)
+    assert len(set(stream[:20])) == 20 and len(set(stream[20:40])) == 20  # each epoch: every window once
+    assert stream[20:40] != stream[:20]  # a new order each epoch
+
+
+def test_stream_is_the_same_for_any_batch_layout():
+    # The sample stream depends on (seed, windows) only: G = 4, 6 or 12 read the same windows.
+    def stream(mbs, dp, batches):
+        its = [_synthetic(micro_batch_size=mbs, dp_rank=r, dp_size=dp).train_batches() for r in range(dp)]
+        return sum((sum((_rows(next(it)[0]) for it in its), []) for _ in range(batches)), [])
+    ref = stream(12, 1, 4)
+    assert stream(2, 2, 12) == ref and stream(2, 3, 8) == ref
 
 
 def test_resume_gives_the_uninterrupted_batches():
@@ -303,7 +311,16 @@ def test_resume_gives_the_uninterrupted_batches():
     rank1 = _synthetic(seed=3, micro_batch_size=1, dp_rank=1, dp_size=2)
     rank1.load_state_dict(state)
     assert torch.equal(next(rank1.train_batches())[0], expected[11][0][1:])
-    for other in (_synthetic(seed=4), _synthetic(seed=3, micro_batch_size=4)):
+    # Another micro-batch size (G = 4 instead of 2) goes on from the same sample of the stream.
+    wider = _synthetic(seed=3, micro_batch_size=4)
+    wider.load_state_dict(state)
+    flat = lambda batches: sum((_rows(x) for x, _ in batches), [])
+    assert flat([next(wider.train_batches()) for _ in range(3)]) == flat(expected[11:17])
+    # A state written before the stream was per sample (whole global batches) still resumes.
+    old = _synthetic(seed=3)
+    old.load_state_dict({k: v for k, v in state.items() if k != "consumed_samples"})
+    assert torch.equal(next(old.train_batches())[0], expected[11][0])
+    for other in (_synthetic(seed=4), _synthetic(seed=3, num_windows=30)):
         with pytest.raises(ConfigError, match="^data: checkpoint"):
             other.load_state_dict(state)
 

@@ -2,9 +2,9 @@
 rank shards, in the order of trainer/sampler.py.
 
     split_examples       whole images held out for validation (fixed seed: same split for any train.seed)
-    ImageData            epoch e visits the training images in a permutation seeded by (seed, e);
-                         global micro-batch k of an epoch is images [k*G, (k+1)*G) of that order
-                         (G = micro_batch_size * dp_size) and rank r takes rows [r*B, (r+1)*B)
+    ImageData            the training images in the sample stream of trainer/sampler.py: global
+                         micro-batch k is stream positions [k*G, (k+1)*G) (G = micro_batch_size *
+                         dp_size) and rank r takes rows [r*B, (r+1)*B)
 
 The interface is TextData's (trainer/lm/data.py): train_batches(), val_batches(n), state_dict(),
 load_state_dict(), global_batch_size; batches are (images_BCHW float32, labels_B int64).
@@ -23,6 +23,7 @@ from trainer.diffusion.image_source import dataset_to_tensors, load_image_datase
 from trainer.sampler import SPLIT_SEED, GlobalBatchSampler, split_indices
 
 _FLIP_STREAM = 0x666C6970  # "flip": keeps the flip draws apart from the epoch permutations
+_FLIP_BLOCK = 4096  # stream positions per flip draw
 
 
 def split_examples(num_examples: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -39,12 +40,11 @@ def split_examples(num_examples: int, val_fraction: float) -> tuple[np.ndarray, 
 class ImageData:
     """Train/val images of one run, sharded over data-parallel ranks.
 
-    Epoch e visits the training images in a permutation seeded by (seed, e), cut into N // G global
-    micro-batches of G = micro_batch_size * dp_size images (the few left over are skipped that
-    epoch). Rank r takes rows [r*B, (r+1)*B) of each global micro-batch. With hflip, the flips of
-    global micro-batch n are drawn for all G rows from (seed, n) and then sliced like the images:
-    like the order, they depend on G and the position only, never on how G is split over ranks,
-    and a resumed run draws them again identically.
+    The training images come in the sample stream of trainer/sampler.py (epoch e visits them in
+    a permutation seeded by (seed, e); global micro-batch k is stream positions [k*G, (k+1)*G) and
+    rank r takes rows [r*B, (r+1)*B) of it). With hflip, the flip of each stream position is drawn
+    from (seed, its block of positions): like the order, flips depend on the position only, never
+    on how the stream is split over ranks, and a resumed run draws them again identically.
     """
 
     def __init__(self, train_images_NCHW: torch.Tensor, train_labels_N: torch.Tensor,
@@ -99,26 +99,29 @@ class ImageData:
 
     # -- batches ------------------------------------------------------------------------------
 
-    def global_batch_flips(self, n: int) -> np.ndarray:
-        """bool [G]: which rows of global micro-batch n are flipped (all False without hflip)."""
+    def flips(self, positions: range) -> np.ndarray:
+        """bool [len(positions)]: which stream positions are flipped (all False without hflip),
+        drawn per block of _FLIP_BLOCK positions from (seed, block): a position's flip does not
+        depend on the batch layout."""
         if not self.hflip:
-            return np.zeros(self.global_batch_size, dtype=bool)
-        return np.random.default_rng([self.seed, n, _FLIP_STREAM]).random(self.global_batch_size) < 0.5
+            return np.zeros(len(positions), dtype=bool)
+        out = np.zeros(len(positions), dtype=bool)
+        for i, pos in enumerate(positions):
+            block, offset = divmod(pos, _FLIP_BLOCK)
+            if i == 0 or offset == 0:
+                draws = np.random.default_rng([self.seed, block, _FLIP_STREAM]).random(_FLIP_BLOCK) < 0.5
+            out[i] = draws[offset]
+        return out
 
     def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images [B, C, H, W] float32 in [-1, 1], labels [B] int64), forever, from the saved position."""
         while True:
-            n, idx = self.sampler.take()
+            _, idx = self.sampler.take()
             images_BCHW, labels_B = self.train_images_NCHW[idx], self.train_labels_N[idx]
-            flips_B = torch.from_numpy(self.global_batch_flips(n)[self.sampler.rank_rows])
+            flips_B = torch.from_numpy(self.flips(self.sampler.last_positions))
             if flips_B.any():
                 images_BCHW[flips_B] = images_BCHW[flips_B].flip(-1)  # indexing copied: the split is untouched
             yield images_BCHW, labels_B
-
-    @property
-    def consumed(self) -> int:
-        """Global micro-batches handed out so far: the batch last yielded is number consumed - 1."""
-        return self.sampler.consumed
 
     def val_batches(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's slice of the first num_batches*G validation images (in order, wrapping; no flips)."""

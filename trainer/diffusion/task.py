@@ -48,13 +48,14 @@ class DiffusionTask:
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     def _positions(self, eval_index: int | None) -> tuple[str, range]:
-        """Where this rank's rows of the current batch sit in the global stream: training batch n
-        is the n-th global micro batch (the one just taken), evaluation batch i the i-th of the
-        validation pass; rank r holds rows [r·B, (r+1)·B) of each."""
+        """Where this rank's rows of the current batch sit: training rows at their positions in the
+        sample stream (trainer/sampler.py, the batch just taken), evaluation batch i the i-th of
+        the validation pass, where rank r holds rows [r·B, (r+1)·B)."""
         sampler = self.data.sampler
-        kind, n = ("train", self.data.consumed - 1) if eval_index is None else ("eval", eval_index)
-        first = n * sampler.global_batch_size + sampler.rank_rows.start
-        return kind, range(first, first + sampler.micro_batch_size)
+        if eval_index is None:
+            return "train", sampler.last_positions
+        first = eval_index * sampler.global_batch_size + sampler.rank_rows.start
+        return "eval", range(first, first + sampler.micro_batch_size)
 
     def _draw(self, x0: torch.Tensor, eval_index: int | None):
         """Timestep and noise of every image from a generator keyed by (seed, the image's global
