@@ -47,6 +47,8 @@ class DataConfig(ConfigSection):
     # Read a hub dataset (or local json/parquet/text) as an HF iterable dataset, tokenized on the
     # fly: for corpora too big to prepare first; the position is saved in checkpoints per rank.
     streaming: bool = False
+    # Prepared directories: check every shard's sha256 before the ranks start (sizes always).
+    verify_checksums: bool = True
 
 
 @dataclass
