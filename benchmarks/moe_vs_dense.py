@@ -97,7 +97,7 @@ def whole_validation_batches(cfg) -> int:
     from trainer.lm.data import build_text_data
 
     data = build_text_data(cfg.data, cfg.train.micro_batch_size, 0, 1, cfg.train.seed)
-    return max(len(data.val_windows) // cfg.train.micro_batch_size, 1)
+    return max(data.num_val_windows // cfg.train.micro_batch_size, 1)
 
 
 def maxvio_last_half(metrics_path: str, steps: int) -> float | None:

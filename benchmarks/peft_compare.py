@@ -139,7 +139,7 @@ def whole_validation_batches(cfg, global_batch: int) -> int:
     from trainer.lm.data import build_text_data
 
     data = build_text_data(cfg.data, global_batch, 0, 1, cfg.train.seed)
-    return max(len(data.val_windows) // global_batch, 1)
+    return max(data.num_val_windows // global_batch, 1)
 
 
 def base_val_loss(base: str, eval_batches: int) -> float:

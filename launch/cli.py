@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a recipe against a world size and exit")
     _add_recipe_args(validate)
     add_hf_commands(sub)
+    prep = sub.add_parser("prepare-data", help="tokenize a recipe's corpus once into memory-mapped shards (or write "
+                                                "a DiT recipe's images as a memory-mapped array); train with "
+                                                "data.source=OUT")
+    prep.add_argument("recipe", help="YAML recipe whose data section (and model, for images) says what to prepare")
+    prep.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set data.source=corpus/ data.max_bytes=0")
+    prep.add_argument("--out", required=True, help="directory to write (a rerun of an unfinished one resumes it)")
+    prep.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: CPU count, at most 16)")
+    prep.add_argument("--shard-tokens", type=int, default=None,
+                      help="tokens per shard of the training split (default 2**28)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     merge = sub.add_parser("merge-peft", help="fold a PEFT checkpoint's adapters into its base weights: "
                                               "an ordinary full checkpoint (a base for other runs)")
     merge.add_argument("checkpoint", help="checkpoint directory step_XXXXXXXX of a PEFT run (lora, esft, full)")
@@ -199,6 +210,40 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    import time
+
+    from trainer.prepared import looks_prepared
+
+    overrides = [item for group in args.overrides for item in group]
+    cfg = load_config(args.recipe, overrides)
+    if args.num_proc is not None and args.num_proc < 1:
+        raise ConfigError(f"--num-proc must be >= 1, got {args.num_proc}")
+    if cfg.data.mix:
+        raise ConfigError("data.mix: prepare each dataset of the mixture on its own (--set data.mix={} "
+                          "data.source=SOURCE), then name the outputs in data.mix")
+    if looks_prepared(cfg.data.source.strip()):
+        raise ConfigError(f"data.source: {cfg.data.source} is already a prepared directory")
+    t0 = time.perf_counter()
+    if cfg.model.family == "dit":
+        from trainer.diffusion.prepare_images import prepare_images
+
+        manifest = prepare_images(cfg, args.out, not args.no_progress)
+    else:
+        from trainer.lm.prepare import DEFAULT_SHARD_TOKENS, prepare_text
+
+        manifest = prepare_text(cfg, args.out, args.num_proc, args.shard_tokens or DEFAULT_SHARD_TOKENS,
+                                not args.no_progress)
+    seconds = time.perf_counter() - t0
+    splits = manifest.get("splits", {})
+    counts = ", ".join(f"{split} {info.get('tokens', info.get('images', 0)):,} "
+                       f"{'tokens' if 'tokens' in info else 'images'} / {info.get('documents', info.get('images', 0)):,} "
+                       f"{'documents' if 'documents' in info else 'images'}" for split, info in splits.items())
+    print(f"prepared {os.path.abspath(args.out)}: {counts} ({manifest.get('dtype', 'uint8')}) in {seconds:.1f} s; "
+          f"train with --set data.source={os.path.abspath(args.out)}")
+    return 0
+
+
 def cmd_merge_peft(args: argparse.Namespace) -> int:
     from trainer.adapt.peft import merge_peft
 
@@ -210,7 +255,7 @@ def cmd_merge_peft(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "validate": cmd_validate, "merge-peft": cmd_merge_peft, **HF_COMMANDS}[args.command](args)
+        return {"run": cmd_run, "validate": cmd_validate, "merge-peft": cmd_merge_peft, "prepare-data": cmd_prepare_data, **HF_COMMANDS}[args.command](args)
     except ConfigError as e:
         return _fail(str(e))
 

@@ -129,7 +129,7 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
     else:
         from trainer.lm.corpus import preflight_data
 
-        preflight_data(cfg.data)
+        preflight_data(cfg.data, cfg.model.vocab_size)
     check_resume(resume)
     check_run_dir(run_dir, checkpoint_size=checkpoint_bytes(cfg) if cfg.checkpoint.enabled else 0)
     target = resume or latest_checkpoint(run_dir)

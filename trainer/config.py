@@ -173,6 +173,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check_peft(cfg)
     check_prune(cfg)
     _check_engine(cfg)
+    _check_data(cfg)
+
+
+def _check_data(cfg: Config) -> None:
+    """Mixtures (the directories themselves are the launcher's preflight, trainer/lm/corpus.py)."""
+    mix = cfg.data.mix
+    for path, weight in mix.items():
+        require(weight > 0, f"data.mix.{path}: the weight must be > 0, got {weight}")
+    require(not mix or cfg.model.family == "llm", "data.mix: mixtures are of prepared text (model.family=llm)")
 
 
 def _check_engine(cfg: Config) -> None:

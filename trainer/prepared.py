@@ -57,6 +57,7 @@ def write_manifest(directory: str, manifest: dict) -> str:
     """The manifest, atomically and durably (the data files it lists must be synced before)."""
     body = {"format": FORMAT, "version": VERSION, **manifest}
     path = write_atomic(os.path.join(directory, MANIFEST), lambda f: f.write(json.dumps(body, indent=1)), binary=False)
+    os.chmod(path, 0o644)  # readable by every rank's user, like the shards
     fsync_file(path)
     return path
 

@@ -170,17 +170,33 @@ def resolve_source(data_cfg: DataConfig) -> CorpusSource:
     return CorpusSource("hub", name=source)
 
 
-def preflight_data(data_cfg: DataConfig) -> None:
-    """Cheap checks (no datasets import, no reading) before any process is spawned."""
-    resolve_source(data_cfg)
+def preflight_data(data_cfg: DataConfig, vocab_size: int | None = None) -> None:
+    """Checks before any process is spawned, without reading the corpus: the source exists (a
+    prepared directory or every data.mix entry: complete, same tokenizer, sizes and checksums),
+    and the tokenizer loads. `vocab_size`: model.vocab_size, which a prepared vocabulary must fit."""
+    from trainer.lm.token_shards import check_prepared_tokens
+    from trainer.lm.tokenizer import build_tokenizer
+    from trainer.prepared import looks_prepared
+
+    prepared = [(path, f"data.mix.{path}") for path in data_cfg.mix]
+    for path, key in prepared:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"{key}: not a directory (a mixture names prepare-data outputs)")
+    if not prepared and looks_prepared(data_cfg.source.strip()):
+        prepared = [(data_cfg.source.strip(), "data.source")]
+    elif not prepared:
+        resolve_source(data_cfg)
     check_tokenizer_path(data_cfg)
+    build_tokenizer(data_cfg)  # a directory without a usable tokenizer: one line here, not on every rank
+    for path, key in prepared:
+        check_prepared_tokens(data_cfg, path, vocab_size, key)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading through `datasets`
 
 
-def _load_local(src: CorpusSource, label: str):
+def _load_local(src: CorpusSource, label: str, cache_dir: str | None = None):
     import datasets
 
     kwargs = {}
@@ -189,10 +205,12 @@ def _load_local(src: CorpusSource, label: str):
         kwargs = {"sample_by": "document", "encoding_errors": "replace"}
     # A private throw-away cache per call: several ranks on one machine never share (or lock)
     # a cache directory, and keep_in_memory means nothing refers to it once it is deleted.
+    # prepare-data passes a cache directory of its own instead: the Arrow files there are
+    # memory-mapped, so a corpus larger than memory can be read.
     with quiet_datasets(), tempfile.TemporaryDirectory(prefix="sparseforge-data-") as cache:
         try:
             return datasets.load_dataset(src.builder, data_files=list(src.files), split="train",
-                                         cache_dir=cache, keep_in_memory=True, **kwargs)
+                                         cache_dir=cache_dir or cache, keep_in_memory=cache_dir is None, **kwargs)
         except Exception as e:  # noqa: BLE001 - malformed json/parquet: say which source, one line
             raise ConfigError(f"data.source: cannot read {label} as {src.builder}: {one_line(e)}") from None
 
@@ -256,9 +274,10 @@ def _load_without_datasets(src: CorpusSource, data_cfg: DataConfig) -> TextDocum
     return TextDocuments(data_cfg.text_field, texts)
 
 
-def load_corpus(data_cfg: DataConfig):
+def load_corpus(data_cfg: DataConfig, cache_dir: str | None = None):
     """The corpus as a `datasets.Dataset` whose only column is `data_cfg.text_field` (a
-    `TextDocuments` where `datasets` is not installed)."""
+    `TextDocuments` where `datasets` is not installed). `cache_dir`: local files are read into
+    memory-mapped Arrow files there instead of into memory (prepare-data)."""
     src = resolve_source(data_cfg)
     try:
         import datasets  # noqa: F401 - the loader below; a bare GPU box has none
@@ -272,7 +291,7 @@ def load_corpus(data_cfg: DataConfig):
 
         ds = datasets.Dataset.from_dict({field: pydoc_topics()[1]})  # in memory: nothing cached
     else:
-        ds = _load_local(src, data_cfg.source)
+        ds = _load_local(src, data_cfg.source, cache_dir)
         if src.builder == "text" and field != "text":
             ds = ds.rename_column("text", field)  # the text builder always calls it "text"
     if field not in ds.column_names:

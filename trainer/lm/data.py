@@ -5,13 +5,17 @@ Flow on every rank (each rank builds the same thing independently; nothing is do
     load_corpus        a `datasets.Dataset` with one document per row (trainer/lm/corpus.py)
     split_documents    whole documents held out for validation (fixed seed: same split for any train.seed)
     pack_documents     tokens of each document + eos, one 1-D tensor per split
-    TextData           non-overlapping windows of seq_len + 1 tokens, in the order of
-                       trainer/sampler.py: global micro-batch k of an epoch is windows [k*G, (k+1)*G)
-                       of a seeded permutation (G = micro_batch_size * dp_size) and rank r takes
-                       rows [r*B, (r+1)*B)
+    TextData           non-overlapping windows of seq_len + 1 tokens, in the sample stream of
+                       trainer/sampler.py: global micro-batch k is stream positions [k*G, (k+1)*G)
+                       (G = micro_batch_size * dp_size) and rank r takes rows [r*B, (r+1)*B)
+
+A prepared directory (`sparseforge prepare-data`, trainer/lm/prepare.py) holds the same token
+streams on disk: TextData then reads windows from memory-mapped shards (trainer/lm/token_shards.py)
+and nothing is tokenized at start-up. data.mix samples several of them (trainer/lm/mixture.py).
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -19,7 +23,9 @@ import torch
 
 from trainer.config import ConfigError, DataConfig
 from trainer.lm.corpus import load_corpus
+from trainer.lm.token_shards import TokenArray, TokenShards, prepared_manifest
 from trainer.lm.tokenizer import build_tokenizer
+from trainer.prepared import looks_prepared
 from trainer.sampler import GlobalBatchSampler, split_indices
 
 
@@ -74,53 +80,75 @@ def unigram_entropy_nats(tokens: torch.Tensor | np.ndarray, vocab_size: int | No
 
 
 class TextData:
-    """Train/val windows of one run, sharded over data-parallel ranks (trainer/sampler.py)."""
+    """Train/val windows of one run, sharded over data-parallel ranks (trainer/sampler.py).
 
-    def __init__(self, tokenizer, train_tokens: torch.Tensor, val_tokens: torch.Tensor, seq_len: int,
-                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+    Args:
+        train_tokens, val_tokens: each split's token stream: a 1-D int tensor in memory, or a
+            `TokenShards` over a prepared directory's memory-mapped shards.
+        unigram_entropy: of the training tokens, when known (a prepared manifest has it).
+    """
+
+    def __init__(self, tokenizer, train_tokens, val_tokens, seq_len: int,
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 unigram_entropy: float | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.vocab_size
         self.seq_len = seq_len
-        self.train_tokens, self.val_tokens = train_tokens, val_tokens
-        self.train_windows = make_windows(train_tokens, seq_len)
-        self.val_windows = make_windows(val_tokens, seq_len)
-        for name, w, toks in (("training", self.train_windows, train_tokens), ("validation", self.val_windows, val_tokens)):
-            if len(w) == 0:
-                raise ConfigError(f"data.seq_len: the {name} split has {toks.numel()} tokens, fewer than one "
+        self.train = train_tokens if isinstance(train_tokens, TokenShards) else TokenArray(train_tokens)
+        self.val = val_tokens if isinstance(val_tokens, TokenShards) else TokenArray(val_tokens)
+        self.num_train_windows = self.train.num_tokens // (seq_len + 1)  # the short tail is dropped
+        self.num_val_windows = self.val.num_tokens // (seq_len + 1)
+        for name, n, toks in (("training", self.num_train_windows, self.train),
+                              ("validation", self.num_val_windows, self.val)):
+            if n == 0:
+                raise ConfigError(f"data.seq_len: the {name} split has {toks.num_tokens} tokens, fewer than one "
                                   f"window of data.seq_len+1={seq_len + 1}; use more data or a shorter seq_len")
-        self.sampler = GlobalBatchSampler(len(self.train_windows), micro_batch_size, dp_rank, dp_size, seed, "windows")
+        self.sampler = GlobalBatchSampler(self.num_train_windows, micro_batch_size, dp_rank, dp_size, seed, "windows")
         self.micro_batch_size, self.global_batch_size = micro_batch_size, self.sampler.global_batch_size
-        self._entropy: float | None = None
+        self._entropy = unigram_entropy
         self.num_train_docs = self.num_val_docs = 0  # set by build_text_data, for the run summary
 
     @property
+    def train_tokens(self) -> torch.Tensor:
+        """The whole training stream (in memory: only for the in-memory path and tests)."""
+        return torch.from_numpy(np.asarray(self.train.whole()))
+
+    @property
+    def val_tokens(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.val.whole()))
+
+    @property
     def num_train_tokens(self) -> int:
-        return self.train_tokens.numel()
+        return self.train.num_tokens
 
     @property
     def num_val_tokens(self) -> int:
-        return self.val_tokens.numel()
+        return self.val.num_tokens
 
     @property
     def unigram_entropy_nats(self) -> float:
         if self._entropy is None:  # computed once, on first use
-            self._entropy = unigram_entropy_nats(self.train_tokens, self.vocab_size)
+            self._entropy = unigram_entropy_nats(self.train.whole(), self.vocab_size)
         return self._entropy
 
-    def _batch(self, windows: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = windows[torch.from_numpy(idx)].long()
+    def _batch(self, tokens, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        W = self.seq_len + 1
+        rows = torch.from_numpy(np.stack([tokens.read(int(k) * W, W) for k in idx]).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
     def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, targets), each [micro_batch_size, seq_len] int64, forever, from the saved position."""
         while True:
             _, idx = self.sampler.take()
-            yield self._batch(self.train_windows, idx)
+            yield self._batch(self.train, idx)
 
     def val_batches(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's slice of the first num_batches*G validation windows (in order, wrapping)."""
-        return [self._batch(self.val_windows, self.sampler.val_indices(b, len(self.val_windows)))
+        return [self._batch(self.val, self.sampler.val_indices(b, self.num_val_windows))
                 for b in range(num_batches)]
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict("num_train_windows")
@@ -130,9 +158,17 @@ class TextData:
 
 
 def build_text_data(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                    seed: int = 0) -> TextData:
-    """The one entry point: tokenizer + corpus + split + packing + this rank's batches."""
+                    seed: int = 0):
+    """The one entry point: this rank's batches of a mixture (data.mix), a prepared directory, or
+    the corpus tokenized here (tokenizer + corpus + split + packing)."""
+    if data_cfg.mix:
+        from trainer.lm.mixture import build_mixture
+
+        return build_mixture(data_cfg, micro_batch_size, dp_rank, dp_size, seed)
     tokenizer = build_tokenizer(data_cfg)
+    if looks_prepared(data_cfg.source):
+        return prepared_text_data(data_cfg, data_cfg.source.strip(), tokenizer, micro_batch_size, dp_rank, dp_size,
+                                  seed)
     ds = load_corpus(data_cfg)
     train_idx, val_idx = split_documents(len(ds), data_cfg.val_fraction)
     field = data_cfg.text_field
@@ -140,4 +176,16 @@ def build_text_data(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int = 
                     tokenize_documents(ds, field, tokenizer, val_idx), data_cfg.seq_len,
                     micro_batch_size, dp_rank, dp_size, seed)
     data.num_train_docs, data.num_val_docs = len(train_idx), len(val_idx)
+    return data
+
+
+def prepared_text_data(data_cfg: DataConfig, path: str, tokenizer, micro_batch_size: int, dp_rank: int = 0,
+                       dp_size: int = 1, seed: int = 0, key: str = "data.source") -> TextData:
+    """TextData over a prepared directory's memory-mapped shards: nothing tokenized here."""
+    manifest = prepared_manifest(data_cfg, path, key)
+    directory = os.path.expanduser(path)
+    train, val = TokenShards(directory, manifest, "train"), TokenShards(directory, manifest, "val")
+    data = TextData(tokenizer, train, val, data_cfg.seq_len, micro_batch_size, dp_rank, dp_size, seed,
+                    unigram_entropy=manifest["unigram_entropy_nats"])
+    data.num_train_docs, data.num_val_docs = train.num_documents, val.num_documents
     return data

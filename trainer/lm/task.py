@@ -36,7 +36,8 @@ class LMTask:
         self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.seq_len
 
     def describe_data(self) -> str:
-        return f"{self.data.num_train_tokens:,} training tokens"
+        summary = getattr(self.data, "summary", None)
+        return f"{self.data.num_train_tokens:,} training tokens" + (f": {summary()}" if summary else "")
 
     def to_device(self, batch):
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
@@ -53,7 +54,7 @@ class LMTask:
         return (inputs,), targets
 
     def pop_metrics(self) -> dict[str, float]:
-        return {}
+        return self.data.metrics()  # a mixture's realised shares (trainer/lm/mixture.py)
 
     def evaluate_extra(self, trainer, log) -> dict:
         return {}
