@@ -14,8 +14,8 @@ import torch
 
 from trainer.config import Config, ConfigError, DataConfig, validate
 from trainer.lm.corpus import preflight_data
-from trainer.lm.data import TextData, build_text_data
-from trainer.lm.mixture import MixtureData, build_mixture
+from trainer.lm.data import build_mixture, build_text_data
+from trainer.lm.mixture import MixtureData
 from trainer.lm.prepare import prepare_text
 from trainer.prepared import MANIFEST, PARTIAL, read_manifest
 

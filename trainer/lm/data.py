@@ -162,8 +162,6 @@ def build_text_data(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int = 
     """The one entry point: this rank's batches of a mixture (data.mix), a prepared directory, or
     the corpus tokenized here (tokenizer + corpus + split + packing)."""
     if data_cfg.mix:
-        from trainer.lm.mixture import build_mixture
-
         return build_mixture(data_cfg, micro_batch_size, dp_rank, dp_size, seed)
     tokenizer = build_tokenizer(data_cfg)
     if looks_prepared(data_cfg.source):
@@ -189,3 +187,17 @@ def prepared_text_data(data_cfg: DataConfig, path: str, tokenizer, micro_batch_s
                     unigram_entropy=manifest["unigram_entropy_nats"])
     data.num_train_docs, data.num_val_docs = train.num_documents, val.num_documents
     return data
+
+
+def build_mixture(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+    """A `MixtureData` (trainer/lm/mixture.py) over the prepared directories of data.mix."""
+    from trainer.lm.mixture import MixtureData, mixture_name
+
+    tokenizer = build_tokenizer(data_cfg)
+    paths = list(data_cfg.mix)
+    parts = [prepared_text_data(data_cfg, path, tokenizer, micro_batch_size, dp_rank, dp_size, seed,
+                                key=f"data.mix.{path}") for path in paths]
+    names = [mixture_name(p) for p in paths]
+    if len(set(names)) != len(names):  # two directories of the same base name: name them by path
+        names = paths
+    return MixtureData(parts, names, [data_cfg.mix[p] for p in paths], micro_batch_size, dp_rank, dp_size, seed)

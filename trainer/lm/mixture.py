@@ -19,9 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainer.config import ConfigError, DataConfig
-from trainer.lm.data import prepared_text_data
-from trainer.lm.tokenizer import build_tokenizer
+from trainer.config import ConfigError
 from trainer.sampler import SPLIT_SEED, GlobalBatchSampler
 
 _BLOCK = 4096  # stream positions per dataset draw
@@ -34,7 +32,8 @@ def mixture_name(path: str) -> str:
 
 
 class MixtureData:
-    """The TextData interface (trainer/lm/data.py) over several prepared datasets."""
+    """The TextData interface over several prepared datasets (`parts`: their TextData objects;
+    trainer/lm/data.py::build_mixture builds them)."""
 
     def __init__(self, parts: list, names: list[str], weights: list[float], micro_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
@@ -152,15 +151,3 @@ class MixtureData:
                               f"this run's (mixture {here}, seed {self.seed}); data.mix, data.* or train.seed changed")
         self.consumed_samples = int(state["consumed_samples"])
         self.draws = np.asarray(state["mix_draws"], dtype=np.int64)
-
-
-def build_mixture(data_cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                  seed: int = 0) -> MixtureData:
-    tokenizer = build_tokenizer(data_cfg)
-    paths = list(data_cfg.mix)
-    parts = [prepared_text_data(data_cfg, path, tokenizer, micro_batch_size, dp_rank, dp_size, seed,
-                                key=f"data.mix.{path}") for path in paths]
-    names = [mixture_name(p) for p in paths]
-    if len(set(names)) != len(names):  # two dirs of the same base name: name them by path
-        names = paths
-    return MixtureData(parts, names, [data_cfg.mix[p] for p in paths], micro_batch_size, dp_rank, dp_size, seed)
