@@ -12,6 +12,9 @@ Shape legend (suffixes on tensor names):
     B sequences   S tokens per sequence   D model dim   H heads   K kv heads   d head dim
     L kv latent (mla_kv_lora_rank)   N / R / V the no-RoPE, RoPE and value dims of an MLA head
 
+Both are causal over the window (`is_causal=True`), or, for packed documents, take a boolean
+mask that also keeps attention inside each document and per-token RoPE tables (models/doc_mask.py).
+
 RoPE is rotate-half (the Hugging Face Llama layout): channel i pairs with channel i + dim/2.
 DeepSeek checkpoints that pair neighbours (rope_interleave) are permuted on import instead.
 """
@@ -59,10 +62,14 @@ class RotaryTables(nn.Module):
         return self.cos[:num_positions], self.sin[:num_positions]
 
 
-def apply_rope(x_BSHd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Hugging Face Llama/Mixtral layout, so their weights load as-is)."""
+def apply_rope(x_BSHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face Llama/Mixtral layout, so their weights load as-is).
+
+    cos, sin: [S, h], shared by every sequence, or [B, S, h], per token (document masking,
+    models/doc_mask.py, where positions restart in each packed document).
+    """
     x1, x2 = x_BSHd.float().chunk(2, dim=-1)
-    cos, sin = cos_Sh[:, None, :], sin_Sh[:, None, :]  # broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x_BSHd.dtype)
 
@@ -83,6 +90,20 @@ def build_attention(cfg) -> nn.Module:
     return Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or cfg.d_model // cfg.num_heads,
                      qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, qk_norm=cfg.qk_norm,
                      clip_qkv=cfg.clip_qkv, norm_eps=cfg.norm_eps)
+
+
+def _attend(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor, mask_B1SS: torch.Tensor | None,
+            enable_gqa: bool = False) -> torch.Tensor:
+    """Causal SDPA, or SDPA under a boolean mask (True: attend) that already holds causality.
+    A mask rules out the flash kernel on GPU, so the unmasked path keeps is_causal=True."""
+    if mask_B1SS is None:
+        return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, is_causal=True, enable_gqa=enable_gqa)
+    if enable_gqa and k_BHSd.shape[1] != q_BHSd.shape[1]:
+        # On CUDA, enable_gqa with a mask leaves only the math kernel (S² scores per head in
+        # memory); repeated kv heads keep the memory-efficient kernel available.
+        repeats = q_BHSd.shape[1] // k_BHSd.shape[1]
+        k_BHSd, v_BHSd = k_BHSd.repeat_interleave(repeats, dim=1), v_BHSd.repeat_interleave(repeats, dim=1)
+    return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask_B1SS)
 
 
 def _init_linear(linear: nn.Linear, std: float, init: Init) -> None:
@@ -108,7 +129,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(num_heads * head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(num_kv_heads * head_dim, eps=norm_eps) if qk_norm else None
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
+        """cos, sin: [S, h] or [B, S, h]; mask_B1SS: a document mask (models/doc_mask.py) or None."""
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         if self.q_norm is not None:
@@ -118,8 +141,7 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, S, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(B, S, self.num_kv_heads, self.head_dim)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=True)
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask_B1SS, enable_gqa=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
     def init_weights(self, std: float, out_std: float, init: Init) -> None:
@@ -159,7 +181,9 @@ class MLAttention(nn.Module):
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=cfg.attn_out_bias)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
+        """cos, sin: [S, R/2] or [B, S, R/2]; mask_B1SS: a document mask (models/doc_mask.py) or None."""
         B, S, _ = x_BSD.shape
         H, N, R, V = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
         q = self.wq_b(self.q_a_norm(self.wq_a(x_BSD))) if self.q_lora_rank > 0 else self.wq(x_BSD)
@@ -171,8 +195,7 @@ class MLAttention(nn.Module):
         q_BSHd = torch.cat([q_nope_BSHN, apply_rope(q_rope_BSHR, cos, sin)], dim=-1)
         k_BSHd = torch.cat([k_nope_BSHN, k_rope_BS1R.expand(B, S, H, R)], dim=-1)
         # The value dim may differ from the q/k dim; SDPA's default scale is 1/sqrt(N + R).
-        o = F.scaled_dot_product_attention(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), v_BSHV.transpose(1, 2),
-                                           is_causal=True)
+        o = _attend(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), v_BSHV.transpose(1, 2), mask_B1SS)
         return self.wo(o.transpose(1, 2).reshape(B, S, H * V))
 
     def init_weights(self, std: float, out_std: float, init: Init) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from models.attention import RotaryTables, build_attention, rope_dim
 from models.config import is_moe_layer, moe_layer_config
+from models.doc_mask import document_positions_and_mask
 from models.ffn import FeedForward
 from models.init import Init, initialize, seed_from_global_rng
 from models.moe import MoE
@@ -40,8 +41,11 @@ class Block(nn.Module):
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
+        """cos, sin: RoPE tables [S, h] or per token [B, S, h]; mask_B1SS: a document mask or None
+        (causal), both from `MoETransformer.forward`."""
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, mask_B1SS)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
     def init_weights(self, std: float, out_std: float, init: Init) -> None:
@@ -52,7 +56,7 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """tokens [B, S] -> logits [B, S, V] (fp32).
+    """tokens [B, S] (and optional document ids [B, S]) -> logits [B, S, V] (fp32).
 
     Args:
         cfg: a `models.config.ModelConfig`.
@@ -99,11 +103,17 @@ class MoETransformer(nn.Module):
             init.normal(self.output.weight, std)
 
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """doc_ids_BS: document id of every token of packed windows (non-decreasing along S), or
+        None. Given, attention stays inside each document and positions restart at 0 in each
+        (models/doc_mask.py); the mask is built here once for all layers."""
         cos, sin = self.rope.first(tokens_BS.shape[1])
+        mask_B1SS = None
+        if doc_ids_BS is not None:
+            cos, sin, mask_B1SS = document_positions_and_mask(doc_ids_BS, cos, sin)
         h_BSD = self.tok_embeddings(tokens_BS)
         for block in self.layers.values():
-            h_BSD = block(h_BSD, cos, sin)
+            h_BSD = block(h_BSD, cos, sin, mask_B1SS)
         return F.linear(self.norm(h_BSD), self.output_weight).float()
 
     def pipeline_io(self, microbatch: int, seq_len: int) -> tuple[tuple, tuple, torch.Tensor]:
@@ -133,7 +143,8 @@ class TransformerStage(nn.Module):
     """A contiguous slice of a `MoETransformer` (see `MoETransformer.pipeline_stage`).
 
     forward: tokens [B, S] (first stage) or hidden states [B, S, D] -> hidden states [B, S, D],
-    or fp32 logits [B, S, V] (last stage).
+    or fp32 logits [B, S, V] (last stage). Always causal over the whole window: stages pass only
+    hidden states, so document masking (data.document_mask) is refused with parallel.pp > 1.
     """
 
     def __init__(self, model: MoETransformer, layer_ids: list[int], first: bool, last: bool):

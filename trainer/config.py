@@ -169,6 +169,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     require(not (m.init_from and (cfg.peft.method != "none" or cfg.prune.method != "none")),
             "model.init_from: not with peft.method or prune.method (their weights come from peft.base or "
             "prune.checkpoint; import-hf makes one of ours)")
+    require(not data.document_mask or m.family == "llm",
+            f"data.document_mask: only for model.family=llm, not {m.family}")
+    # The mask and per-document positions are built from token ids in the model's forward; a
+    # pipeline stage after the first receives only hidden states.
+    require(not data.document_mask or cfg.parallel.pp == 1,
+            f"data.document_mask: not with parallel.pp={cfg.parallel.pp} (stages pass only hidden states); use pp=1")
     check_parallel(cfg.parallel, m, cfg.moe, cfg.train.micro_batch_size, world_size)
     check_peft(cfg)
     check_prune(cfg)

@@ -71,6 +71,19 @@ def test_cross_field_checks(override, world, message):
         load_config(RECIPE, override, world_size=world)
 
 
+@pytest.mark.parametrize("recipe, override, world, message", [
+    ("recipes/dit/pretrain_digits_moe.yaml", ["data.document_mask=true"], 1,
+     r"^data\.document_mask: only for model\.family=llm, not dit$"),
+    (RECIPE, ["data.document_mask=true", "parallel.pp=2"], 2,
+     r"^data\.document_mask: not with parallel\.pp=2 \(stages pass only hidden states\); use pp=1$"),
+])
+def test_document_mask_rules(recipe, override, world, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(recipe, override, world_size=world)
+    assert "\n" not in str(e.value)
+    assert load_config(RECIPE, ["data.document_mask=true", "parallel.ep=2"], world_size=2).data.document_mask
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     bad = _write(tmp_path, "bad.yaml", "train:\n  steps: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: malformed YAML \(line \d+\)"):

@@ -5,7 +5,8 @@ A task supplies what the loop (trainer/loop.py) needs of a model family:
     micro_batch_loss(model, b)   mean loss of one micro batch (the loop scales and backpropagates)
     eval_loss(model, b, i)       deterministic loss of validation batch i
     evaluate_extra(...)          family-specific evaluation after the validation loss (DiT: samples)
-    pipeline_args(b)             (first stage inputs, loss target) of a micro batch, and
+    pipeline_args(b)             (first stage inputs, loss target) of a micro batch (never with
+                                 data.document_mask: stages pass only hidden states), and
     pipeline_loss_fn             (last stage output, target) -> loss, for pipeline parallelism
 """
 from __future__ import annotations
@@ -16,6 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import Config
+
+
+def document_ids(inputs_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Document id of every token of packed windows (trainer/lm/data.py: each document's tokens,
+    then eos): the count of eos tokens strictly before it, so an eos belongs to the document it
+    ends and the next token starts a new one. Windows start anywhere, so id 0 may be a tail."""
+    is_eos_BS = (inputs_BS == eos_id).to(torch.int32)
+    return torch.cumsum(is_eos_BS, dim=1) - is_eos_BS
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -44,7 +53,9 @@ class LMTask:
 
     def micro_batch_loss(self, model, batch) -> torch.Tensor:
         inputs, targets = batch
-        return lm_loss(model(inputs), targets)
+        if not self.cfg.data.document_mask:
+            return lm_loss(model(inputs), targets)
+        return lm_loss(model(inputs, document_ids(inputs, self.data.tokenizer.eos_id)), targets)
 
     def eval_loss(self, model, batch, index: int) -> torch.Tensor:
         return self.micro_batch_loss(model, batch)
