@@ -55,8 +55,12 @@ class GlobalBatchSampler:
 
     def _epoch_perm(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
-            # (seed, epoch) as a seed sequence: seed 1 epoch 0 never repeats seed 0 epoch 1.
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_items))
+            # (seed, epoch) as a seed sequence: seed 1 epoch 0 never repeats seed 0 epoch 1. The
+            # same order as rng.permutation(N), shuffled in place as int32 (half the memory of a
+            # corpus-sized int64 permutation, and no int64 copy on the way).
+            perm = np.arange(self.num_items, dtype=np.int32 if self.num_items < 2 ** 31 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(perm)
+            self._perm = (epoch, perm)
         return self._perm[1]
 
     def items(self, start: int, count: int) -> np.ndarray:
