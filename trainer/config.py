@@ -180,6 +180,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check_prune(cfg)
     _check_engine(cfg)
     _check_data(cfg)
+    _check_streaming(cfg)
 
 
 def _check_data(cfg: Config) -> None:
@@ -217,3 +218,18 @@ def _check_engine(cfg: Config) -> None:
     require(not (cfg.model.family == "dit" and tr.dtype == "bf16"),
             "train.engine=deepspeed: not with train.dtype=bf16 for model.family=dit (the EMA would average "
             "bf16 weights); use fp32 or train.engine=native")
+
+
+def _check_streaming(cfg: Config) -> None:
+    """data.streaming (trainer/lm/streaming.py): text from one source, read on the fly."""
+    data = cfg.data
+    if not data.streaming:
+        return
+    require(cfg.model.family == "llm", f"data.streaming: only for model.family=llm (got {cfg.model.family})")
+    require(not data.mix, "data.streaming: not with data.mix (a mixture samples prepared directories); "
+                          "stream one data.source")
+    require(data.source.strip() != "pydoc", "data.streaming: not with data.source=pydoc (a small corpus held in "
+                                            "memory); use data.streaming=false")
+    # Every round(1/val_fraction)-th document of a rank's stream is held out for validation.
+    require(round(1 / data.val_fraction) >= 2, f"data.val_fraction: {data.val_fraction} under data.streaming "
+                                               "would hold out every document; use 0.66 or less")

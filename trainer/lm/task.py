@@ -35,9 +35,11 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
 class LMTask:
     def __init__(self, cfg: Config, mesh, device: torch.device):
         from trainer.lm.data import build_text_data
+        from trainer.lm.streaming import build_streaming_data
 
         self.cfg, self.device = cfg, device
-        self.data = build_text_data(cfg.data, cfg.train.micro_batch_size, mesh.dp_rank, mesh.dp, cfg.train.seed)
+        build = build_streaming_data if cfg.data.streaming else build_text_data
+        self.data = build(cfg.data, cfg.train.micro_batch_size, mesh.dp_rank, mesh.dp, cfg.train.seed)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({self.data.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
@@ -45,6 +47,8 @@ class LMTask:
         self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.seq_len
 
     def describe_data(self) -> str:
+        if self.cfg.data.streaming:  # the size is unknown; the position is per rank
+            return f"streaming {self.cfg.data.source}"
         summary = getattr(self.data, "summary", None)
         return f"{self.data.num_train_tokens:,} training tokens" + (f": {summary()}" if summary else "")
 
