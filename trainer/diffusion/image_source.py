@@ -5,6 +5,7 @@
                Dataset.from_dict
     a folder   a local image folder (the "imagefolder" builder: one subfolder per class)
     a name     a hub dataset (offline only when cached)
+    a prepared directory (`sparseforge prepare-data`): trainer/diffusion/image_memmap.py reads it
 
 `preflight_image_data` is the cheap, os-only subset of the checks.
 """
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.config import ModelConfig
 from trainer.config import ConfigError, DataConfig
 from trainer.datasets_io import load_hub, looks_like_local_path, one_line, quiet_datasets
+from trainer.prepared import looks_prepared
 
 # Files the imagefolder builder decodes (PIL); used only to tell an empty folder from a real one.
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -65,8 +68,15 @@ def resolve_image_source(data_cfg: DataConfig) -> ImageSource:
     return ImageSource("hub", source)
 
 
-def preflight_image_data(data_cfg: DataConfig) -> None:
-    """Cheap checks (no datasets import, no decoding) before any process is spawned."""
+def preflight_image_data(data_cfg: DataConfig, model_cfg: ModelConfig | None = None) -> None:
+    """Cheap checks (no datasets import, no decoding) before any process is spawned. A prepared
+    directory: its manifest, every shard's size (and sha256 unless data.verify_checksums is off)
+    and, given the model, its image_size / in_channels / num_classes."""
+    if looks_prepared(data_cfg.source):
+        from trainer.diffusion.image_memmap import check_prepared_images
+
+        check_prepared_images(data_cfg.source, model_cfg, checksums=data_cfg.verify_checksums)
+        return
     resolve_image_source(data_cfg)
 
 
