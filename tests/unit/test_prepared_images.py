@@ -290,7 +290,12 @@ def test_inconsistent_manifest(damaged):
               _on(cfg, directory).data, cfg.model, 16)
 
 
-def test_image_data_rejects_wrong_arrays():
-    x = ImageArray(np.zeros((4, 1, 8, 8), np.uint8), 255)
+def test_image_arrays_without_a_manifest():
+    pixels = np.zeros((4, 1, 8, 8), np.uint8)
+    x, labels = ImageArray(pixels, 255), np.arange(4, dtype=np.int64)
     with pytest.raises(ValueError, match="int64"):
-        ImageData(x, np.zeros(4, np.int32), x, np.zeros(4, np.int64), 2)
+        ImageData(x, labels.astype(np.int32), x, labels, 2)
+    before = ImageData(x, labels, x, labels, 2).fingerprint  # hashed from the bytes, a chunk at a time
+    pixels[3, 0, 7, 7] = 1
+    assert ImageData(x, labels, x, labels, 2).fingerprint != before
+    assert ImageData(ImageArray(pixels, 16), labels, x, labels, 2).fingerprint != before

@@ -131,10 +131,10 @@ class ImageData:
         """sha256 of the training split (pixels and labels; a prepared set's: of its files' sha256
         in the manifest): the data part of cache keys."""
         if self._fingerprint is None:  # computed once, on first use
-            images, labels = _whole(self.train_images_NCHW, self.train_labels_N)
-            h = hashlib.sha256()
-            h.update(images.contiguous().numpy().tobytes())
-            h.update(labels.contiguous().numpy().tobytes())
+            images, h = self.train_images_NCHW, hashlib.sha256()
+            h.update(images.digest().encode() if isinstance(images, ImageArray) else
+                     images.contiguous().numpy().tobytes())
+            h.update(np.ascontiguousarray(self.train_labels_N).tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

@@ -61,6 +61,13 @@ class ImageArray:
         """float32 [len(idx), C, H, W]: fancy indexing copies just these rows out of the map."""
         return self._to_float(self.pixels_NCHW[np.asarray(idx, dtype=np.int64)])
 
+    def digest(self) -> str:
+        """sha256 of the stored bytes and value_max, read a chunk at a time."""
+        h = hashlib.sha256(repr(self.value_max).encode())
+        for start in range(0, len(self), _CHUNK):
+            h.update(np.ascontiguousarray(self.pixels_NCHW[start:start + _CHUNK]))
+        return h.hexdigest()
+
     def materialise(self) -> torch.Tensor:
         """The whole array as float32 [N, C, H, W] (evaluation asked for all of it), in chunks."""
         out = torch.empty(self.shape, dtype=torch.float32)

@@ -115,6 +115,7 @@ def _finished(directory: str, out_dir: str, settings: dict) -> dict | None:
         manifest = read_manifest(out_dir, KEY, kind=KIND)
         _refuse_other(manifest, settings, out_dir, "was prepared")
         check_files(out_dir, manifest, KEY, checksums=False)  # a damaged set is not "done"
+        shutil.rmtree(os.path.join(directory, PARTIAL), ignore_errors=True)  # killed just after the manifest
         return manifest
     if not os.path.isdir(os.path.join(directory, PARTIAL)) and os.listdir(directory):
         raise ConfigError(f"{KEY}: {out_dir} exists, is not empty and is not a prepare-data output; nothing "
