@@ -59,7 +59,8 @@ def test_digits_manifest(digits_dir):
     _, directory, manifest = digits_dir
     assert manifest["kind"] == "images" and manifest["value_max"] == 16 and manifest["source"] == "digits"
     assert (manifest["image_size"], manifest["in_channels"], manifest["num_classes"]) == (8, 1, 10)
-    assert manifest["counts"] == {"train": 1707, "val": 90} and manifest["val_fraction"] == 0.05
+    assert manifest["splits"] == {"train": {"images": 1707}, "val": {"images": 90}}
+    assert manifest["val_fraction"] == 0.05 and (manifest["dtype"], manifest["label_dtype"]) == ("uint8", "int64")
     assert sorted(manifest["files"]) == FILES
     assert manifest["files"]["train_images.bin"]["bytes"] == 1707 * 64
     assert sorted(os.listdir(directory)) == sorted(FILES + [MANIFEST])  # .partial/ is gone
@@ -147,7 +148,7 @@ def test_folder_resized_and_quantized(folder, tmp_path):
     cfg = _cfg(folder, image_size=8, in_channels=3, num_classes=2, val_fraction=0.25)
     manifest = prepare_images(cfg, str(tmp_path / "p"), progress=False)
     assert manifest["value_max"] == 255 and manifest["source"] == str(folder)
-    assert manifest["counts"] == {"train": 9, "val": 3}
+    assert manifest["splits"] == {"train": {"images": 9}, "val": {"images": 3}}
     assert manifest["files"]["train_images.bin"]["bytes"] == 9 * 3 * 8 * 8
     plain = build_image_data(cfg.data, cfg.model, 4)
     mapped = build_image_data(_on(cfg, tmp_path / "p").data, cfg.model, 4)
@@ -260,7 +261,7 @@ def test_rerun_with_other_settings_is_refused(digits_dir):
     for other, key in ((_cfg(image_size=16), "model.image_size=8"), (_cfg(val_fraction=0.1), "data.val_fraction"),
                        (_cfg(split="test"), "data.split")):
         msg = _one_line(key, prepare_images, other, str(directory), progress=False)
-        assert f"prepare-data: {directory} was prepared" in msg
+        assert msg.startswith(f"--out: {directory} was prepared")
 
 
 def test_other_directories_are_refused(digits_dir, tmp_path):
@@ -284,7 +285,7 @@ def test_other_directories_are_refused(digits_dir, tmp_path):
 def test_inconsistent_manifest(damaged):
     cfg, directory = damaged
     manifest = json.loads((directory / MANIFEST).read_text())
-    manifest["counts"]["train"] += 1
+    manifest["splits"]["train"]["images"] += 1
     (directory / MANIFEST).write_text(json.dumps(manifest))
     _one_line("lists train_images.bin with 109248 bytes for 1708 train images", build_image_data,
               _on(cfg, directory).data, cfg.model, 16)

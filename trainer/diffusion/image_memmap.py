@@ -86,17 +86,19 @@ def check_recipe(path: str, manifest: dict, model_cfg: ModelConfig, key: str = "
 
 
 def _check_layout(path: str, manifest: dict, key: str) -> None:
-    """The manifest's counts, geometry and file sizes agree (a hand-edited manifest would otherwise
-    map the wrong shapes)."""
-    missing = [k for k in (*RECIPE_KEYS, "value_max", "counts", "files") if k not in manifest]
+    """The manifest's counts, geometry, dtype and file sizes agree (a hand-edited manifest would
+    otherwise map the wrong shapes)."""
+    missing = [k for k in (*RECIPE_KEYS, "value_max", "dtype", "splits", "files") if k not in manifest]
     if missing:
         raise ConfigError(f"{key}: {path}/{MANIFEST} lacks {', '.join(missing)} (prepare the images again)")
+    if manifest["dtype"] != "uint8":
+        raise ConfigError(f"{key}: {path}/{MANIFEST} has dtype {manifest['dtype']!r}; image sets are uint8")
     value_max = manifest["value_max"]
     if not isinstance(value_max, (int, float)) or not 0 < value_max <= 255:
         raise ConfigError(f"{key}: {path}/{MANIFEST} has value_max={value_max!r}; want a number in (0, 255]")
     row = manifest["in_channels"] * manifest["image_size"] ** 2
     for split in SPLITS:
-        n = manifest["counts"].get(split)
+        n = manifest["splits"].get(split, {}).get("images")
         for name, width in ((image_file(split), row), (label_file(split), 8)):
             listed = manifest["files"].get(name, {}).get("bytes")
             if not isinstance(n, int) or n < 1 or listed != n * width:
@@ -132,7 +134,7 @@ def open_prepared_images(path: str, model_cfg: ModelConfig) -> tuple[dict, dict[
     C, S = manifest["in_channels"], manifest["image_size"]
     splits = {}
     for split in SPLITS:
-        n = manifest["counts"][split]
+        n = manifest["splits"][split]["images"]
         pixels = np.memmap(os.path.join(directory, image_file(split)), dtype=np.uint8, mode="r", shape=(n, C, S, S))
         labels = np.memmap(os.path.join(directory, label_file(split)), dtype="<i8", mode="r", shape=(n,))
         splits[split] = (ImageArray(pixels, manifest["value_max"]), labels)

@@ -38,7 +38,7 @@ from trainer.diffusion.image_source import (CHUNK, DIGITS_MAX, decode_chunk, dec
 from trainer.prepared import (PARTIAL, check_files, file_sha256, fsync_file, is_prepared, looks_prepared,
                               read_manifest, write_manifest)
 
-KEY = "prepare-data"  # what the refusals start with: the output directory is the command's argument
+KEY = "--out"  # what the refusals name: the output directory is `sparseforge prepare-data --out`
 PROGRESS = "progress.json"
 DIGITS_SIZE = 8  # scikit-learn's digits are 8x8: no resampling at that size
 FILES = tuple(name(split) for split in SPLITS for name in (image_file, label_file))
@@ -75,9 +75,9 @@ def prepare_images(cfg: Config, out_dir: str, progress: bool = True) -> dict:
 
 def describe(manifest: dict) -> str:
     """One line: counts, geometry and value_max of a prepared image set."""
-    c = manifest["counts"]
+    n = {split: info["images"] for split, info in manifest["splits"].items()}
     size = f"{manifest['in_channels']}x{manifest['image_size']}x{manifest['image_size']}"
-    return (f"{c['train']:,} training / {c['val']:,} validation images {size} uint8, "
+    return (f"{n['train']:,} training / {n['val']:,} validation images {size} uint8, "
             f"value_max {manifest['value_max']}")
 
 
@@ -172,7 +172,7 @@ def _append_files(partial: str, state: dict, splits: dict[str, np.ndarray], row_
 
 def _convert(cfg: Config, partial: str, state: dict, progress: bool) -> None:
     """Decode the rows not done yet, chunk by chunk, into .partial/ (pixels appended per split,
-    synced, then progress saved); then the labels. Leaves state complete with counts and value_max."""
+    synced, then progress saved); then the labels. Leaves state complete, with its splits and value_max."""
     d, m = cfg.data, cfg.model
     with quiet_datasets():
         ds, value_max = load_image_dataset(d)
@@ -211,7 +211,8 @@ def _convert(cfg: Config, partial: str, state: dict, progress: bool) -> None:
         path = os.path.join(partial, label_file(split))
         labels_N[idx].numpy().astype("<i8").tofile(path)
         fsync_file(path)
-    state.update(complete=True, value_max=store_max, counts={split: len(idx) for split, idx in splits.items()})
+    state.update(complete=True, value_max=store_max,
+                 splits={split: {"images": len(idx)} for split, idx in splits.items()})
     _save_state(partial, state)
 
 
@@ -231,7 +232,7 @@ def _publish(directory: str, out_dir: str, partial: str, state: dict) -> dict:
                               f"directory and prepare it again")
         files[name] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
     fsync_file(directory)  # the renames are durable before the manifest names the files
-    write_manifest(directory, {"kind": KIND, **state["settings"], "value_max": state["value_max"],
-                               "counts": state["counts"], "files": files})
+    write_manifest(directory, {"kind": KIND, **state["settings"], "dtype": "uint8", "label_dtype": "int64",
+                               "value_max": state["value_max"], "splits": state["splits"], "files": files})
     shutil.rmtree(partial, ignore_errors=True)
     return read_manifest(out_dir, KEY, kind=KIND)
