@@ -202,6 +202,23 @@ def test_interrupted_run_is_refused_then_resumed(digits_dir, tmp_path, monkeypat
     assert not (out / PARTIAL).exists()
 
 
+def test_killed_before_the_manifest(digits_dir, tmp_path, monkeypatch):
+    cfg, _, manifest = digits_dir
+    out = tmp_path / "p"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_images(cfg, str(out), progress=False)
+    assert sorted(os.listdir(out)) == sorted(FILES + [PARTIAL])  # arrays moved, no manifest: not data
+    _one_line("unfinished prepare-data output", preflight_image_data, _on(cfg, out).data, cfg.model)
+    monkeypatch.undo()
+    assert prepare_images(cfg, str(out), progress=False)["files"] == manifest["files"]
+    assert sorted(os.listdir(out)) == sorted(FILES + [MANIFEST])
+
+
 # --------------------------------------------------------------------------- bad input
 
 
