@@ -125,7 +125,7 @@ def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:
     if cfg.model.family == "dit":
         from trainer.diffusion.image_source import preflight_image_data
 
-        preflight_image_data(cfg.data)
+        preflight_image_data(cfg.data, cfg.model)
     else:
         from trainer.lm.corpus import preflight_data
 

@@ -37,3 +37,20 @@ def test_dit_recipe_trains_and_samples(tmp_path, recipe, extra):
     assert any("diffusion/mse" in r for r in records)
     if cfg.model.learn_sigma:
         assert any("diffusion/vlb" in r for r in records)
+
+
+def test_dit_trains_from_a_prepared_image_set(tmp_path, capsys):
+    """prepare-data's image half, then a short run on its directory: the launcher's preflight
+    checks it and the trainer memory-maps it (its split is the prepared one: 20% held out here)."""
+    from launch.preflight import preflight
+    from trainer.diffusion.prepare_images import prepare_images
+    from trainer.loop import train
+
+    recipe, prepared, run_dir = "recipes/dit/pretrain_digits_dense.yaml", tmp_path / "digits", tmp_path / "run"
+    prepare_images(load_config(recipe, ["data.val_fraction=0.2"]), str(prepared), progress=False)
+    cfg = load_config(recipe, TINY + ["train.steps=3", f"data.source={prepared}", "diffusion.sampler=ddim",
+                                      "diffusion.sample_steps=2", "diffusion.num_samples=10"])
+    preflight(cfg, str(run_dir), None)
+    result = train(cfg, str(run_dir))
+    assert result.final_step == 3 and result.final_val_loss == result.final_val_loss
+    assert "1,438 training images, 359 validation images" in capsys.readouterr().err  # the run log

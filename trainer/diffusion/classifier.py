@@ -27,6 +27,10 @@ FEATURE_DIM = 64  # FD features: few enough that a few hundred samples give a fu
 _BATCH = 512  # images per forward when extracting features
 # How the classifier is trained (part of the cache key): seconds on a CPU for the 8x8 digits.
 TRAIN_RECIPE = {"epochs": 10, "batch_size": 64, "lr": 2e-3, "max_steps": 3000, "seed": 0}
+# At most this many images of an ImageData's splits (a fixed subset, ImageData.real_images) are
+# held as float to train and check the classifier: a prepared set of millions stays on disk, and
+# max_steps x batch_size = 192k images is all the training could see anyway.
+MAX_TRAIN_IMAGES, MAX_VAL_IMAGES = 50_000, 10_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +201,8 @@ class _Plan:
 
 
 def _plan(data, cache_dir, val, num_classes, source, train_kwargs) -> _Plan:
-    if hasattr(data, "train_images"):  # ImageData
-        train, val = data.train_images(), data.val_images()
+    if hasattr(data, "train_images"):  # ImageData: all of a split up to the caps, a fixed subset beyond
+        train, val = data.real_images(MAX_TRAIN_IMAGES), data.real_images(MAX_VAL_IMAGES, split="val")
         num_classes = data.num_classes
         source = data.source or source
         checksum = data.fingerprint
@@ -228,7 +232,8 @@ def load_or_train_classifier(data, cache_dir: str | None = None, *, val=None, nu
                              source: str = "tensors", verbose: bool = False, **train_kwargs) -> ImageClassifier:
     """The classifier of a dataset: loaded from cache_dir when trained before, else trained and cached.
 
-    data: an ImageData (trained on its train split, accuracy measured on its val split) or a tuple
+    data: an ImageData (trained on its train split, accuracy measured on its val split: each up to
+    MAX_TRAIN_IMAGES / MAX_VAL_IMAGES, a fixed subset of a larger one) or a tuple
     (images [N, C, H, W] in [-1, 1], labels [N]) with `val` an optional held-out (images, labels).
     The file is cache_dir/classifier-<key>.pt, key = classifier_cache_key(dataset identity:
     source, sizes, sha256 of the training images and labels, image size, channels, classes,

@@ -1,5 +1,6 @@
-"""Image data (DiT recipes): decoded images (trainer/diffusion/image_source.py) -> split ->
-rank shards, in the order of trainer/sampler.py.
+"""Image data (DiT recipes): decoded images (trainer/diffusion/image_source.py) or a prepared,
+memory-mapped set (trainer/diffusion/image_memmap.py) -> split -> rank shards, in the order of
+trainer/sampler.py.
 
     split_examples       whole images held out for validation (fixed seed: same split for any train.seed)
     ImageData            the training images in the sample stream of trainer/sampler.py: global
@@ -7,7 +8,8 @@ rank shards, in the order of trainer/sampler.py.
                          dp_size) and rank r takes rows [r*B, (r+1)*B)
 
 The interface is TextData's (trainer/lm/data.py): train_batches(), val_batches(n), state_dict(),
-load_state_dict(), global_batch_size; batches are (images_BCHW float32, labels_B int64).
+load_state_dict(), global_batch_size; batches are (images_BCHW float32, labels_B int64). A prepared
+set stays on disk: only the rows of each batch are read and converted to float.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import torch
 
 from models.config import ModelConfig
 from trainer.config import ConfigError, DataConfig
+from trainer.diffusion.image_memmap import ImageArray, open_prepared_images, prepared_fingerprint
 from trainer.diffusion.image_source import dataset_to_tensors, load_image_dataset
+from trainer.prepared import looks_prepared
 from trainer.sampler import SPLIT_SEED, GlobalBatchSampler, split_indices
 
 _FLIP_STREAM = 0x666C6970  # "flip": keeps the flip draws apart from the epoch permutations
@@ -31,6 +35,39 @@ def split_examples(num_examples: int, val_fraction: float) -> tuple[np.ndarray, 
     return split_indices(num_examples, val_fraction, "data.val_fraction: {num_items} image(s) cannot be split into "
                                                      "train and validation (data.val_fraction={val_fraction}); give "
                                                      "more images")
+
+
+def source_label(source: str, split: str) -> str:
+    """Names the images in logs and classifier cache keys (a folder or hub dataset has splits)."""
+    return "digits" if source.strip() == "digits" else f"{source}:{split}"
+
+
+def _check_split(name: str, x, y, source: str) -> None:
+    if isinstance(x, ImageArray):  # a prepared set: uint8 rows, labels int64 (memory-mapped)
+        ok = isinstance(y, np.ndarray) and y.dtype == np.int64 and y.ndim == 1
+    else:
+        ok = x.ndim == 4 and x.dtype == torch.float32 and y.dtype == torch.int64
+    if not ok or len(x) != len(y):
+        raise ValueError(f"{name} split: want float32 [N, C, H, W] images (or an ImageArray) and int64 [N] "
+                         f"labels, got {x.dtype} {tuple(x.shape)} and {y.dtype} {tuple(y.shape)}")
+    if len(x) == 0:
+        raise ConfigError(f"data.source: the {name} split of {source or 'the images'} is empty")
+
+
+def _gather(images, labels, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows idx of a split as (float32 images, int64 labels): copies, the split is untouched."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if isinstance(images, ImageArray):  # only these rows are read from disk and converted
+        return images.rows(idx), torch.from_numpy(np.array(labels[idx]))
+    rows = torch.from_numpy(idx)
+    return images[rows], labels[rows]
+
+
+def _whole(images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split as tensors: the held ones, or a prepared split materialised as float."""
+    if isinstance(images, ImageArray):
+        return images.materialise(), torch.from_numpy(np.array(labels))
+    return images, labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,19 +82,19 @@ class ImageData:
     rank r takes rows [r*B, (r+1)*B) of it). With hflip, the flip of each stream position is drawn
     from (seed, its block of positions): like the order, flips depend on the position only, never
     on how the stream is split over ranks, and a resumed run draws them again identically.
+
+    Each split is float32 tensors in memory, or a prepared set: images an ImageArray (uint8,
+    memory-mapped) and labels an int64 np.ndarray (memory-mapped), of which every batch reads and
+    converts its own rows only. `fingerprint`: given by a prepared set (from its manifest).
     """
 
-    def __init__(self, train_images_NCHW: torch.Tensor, train_labels_N: torch.Tensor,
-                 val_images_NCHW: torch.Tensor, val_labels_N: torch.Tensor, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, hflip: bool = False,
-                 num_classes: int | None = None, source: str = ""):
+    def __init__(self, train_images_NCHW: torch.Tensor | ImageArray, train_labels_N: torch.Tensor | np.ndarray,
+                 val_images_NCHW: torch.Tensor | ImageArray, val_labels_N: torch.Tensor | np.ndarray,
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, hflip: bool = False,
+                 num_classes: int | None = None, source: str = "", fingerprint: str | None = None):
         for name, x, y in (("training", train_images_NCHW, train_labels_N),
                            ("validation", val_images_NCHW, val_labels_N)):
-            if x.ndim != 4 or x.dtype != torch.float32 or y.dtype != torch.int64 or len(x) != len(y):
-                raise ValueError(f"{name} split: want float32 [N, C, H, W] images and int64 [N] labels, "
-                                 f"got {x.dtype} {tuple(x.shape)} and {y.dtype} {tuple(y.shape)}")
-            if len(x) == 0:
-                raise ConfigError(f"data.source: the {name} split of {source or 'the images'} is empty")
+            _check_split(name, x, y, source)
         self.train_images_NCHW, self.train_labels_N = train_images_NCHW, train_labels_N
         self.val_images_NCHW, self.val_labels_N = val_images_NCHW, val_labels_N
         self.micro_batch_size, self.seed = micro_batch_size, seed
@@ -67,7 +104,7 @@ class ImageData:
         self.source = source
         self.sampler = GlobalBatchSampler(len(train_images_NCHW), micro_batch_size, dp_rank, dp_size, seed, "images")
         self.global_batch_size = self.sampler.global_batch_size  # G: images per global micro-batch
-        self._fingerprint: str | None = None
+        self._fingerprint = fingerprint
 
     # -- summary ------------------------------------------------------------------------------
 
@@ -83,17 +120,21 @@ class ImageData:
 
     def summary(self) -> str:
         """One line for the run log."""
+        mapped = isinstance(self.train_images_NCHW, ImageArray)
         return (f"{self.num_train_examples:,} training / {self.num_val_examples:,} validation images "
                 f"{self.in_channels}x{self.image_size}x{self.image_size}, {self.num_classes} classes"
-                f"{f' ({self.source})' if self.source else ''}{', h-flips' if self.hflip else ''}")
+                f"{f' ({self.source})' if self.source else ''}{', memory-mapped' if mapped else ''}"
+                f"{', h-flips' if self.hflip else ''}")
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the training split (pixels and labels): the data part of cache keys."""
+        """sha256 of the training split (pixels and labels; a prepared set's: of its files' sha256
+        in the manifest): the data part of cache keys."""
         if self._fingerprint is None:  # computed once, on first use
-            h = hashlib.sha256()
-            h.update(self.train_images_NCHW.contiguous().numpy().tobytes())
-            h.update(self.train_labels_N.contiguous().numpy().tobytes())
+            images, h = self.train_images_NCHW, hashlib.sha256()
+            h.update(images.digest().encode() if isinstance(images, ImageArray) else
+                     images.contiguous().numpy().tobytes())
+            h.update(np.ascontiguousarray(self.train_labels_N).tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -117,7 +158,7 @@ class ImageData:
         """(images [B, C, H, W] float32 in [-1, 1], labels [B] int64), forever, from the saved position."""
         while True:
             _, idx = self.sampler.take()
-            images_BCHW, labels_B = self.train_images_NCHW[idx], self.train_labels_N[idx]
+            images_BCHW, labels_B = _gather(self.train_images_NCHW, self.train_labels_N, idx)
             flips_B = torch.from_numpy(self.flips(self.sampler.last_positions))
             if flips_B.any():
                 images_BCHW[flips_B] = images_BCHW[flips_B].flip(-1)  # indexing copied: the split is untouched
@@ -127,28 +168,30 @@ class ImageData:
         """This rank's slice of the first num_batches*G validation images (in order, wrapping; no flips)."""
         out = []
         for b in range(num_batches):
-            idx = torch.from_numpy(self.sampler.val_indices(b, self.num_val_examples))
-            out.append((self.val_images_NCHW[idx], self.val_labels_N[idx]))
+            idx = self.sampler.val_indices(b, self.num_val_examples)
+            out.append(_gather(self.val_images_NCHW, self.val_labels_N, idx))
         return out
 
     # -- whole splits, for evaluation ---------------------------------------------------------
 
     def train_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole training split: (images [N, C, H, W], labels [N]); shared, do not modify."""
-        return self.train_images_NCHW, self.train_labels_N
+        """The whole training split: (images [N, C, H, W], labels [N]); shared, do not modify. A
+        prepared set is materialised as float on every call: prefer real_images(n)."""
+        return _whole(self.train_images_NCHW, self.train_labels_N)
 
     def val_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole validation split: (images [N, C, H, W], labels [N]); shared, do not modify."""
-        return self.val_images_NCHW, self.val_labels_N
+        """The whole validation split: (images [N, C, H, W], labels [N]); as train_images."""
+        return _whole(self.val_images_NCHW, self.val_labels_N)
 
     def real_images(self, n: int | None = None, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """n images of a split (all when n is None or more than there are) in a fixed seeded order:
-        the same reference set for every evaluation of a run and for every train.seed."""
-        images, labels = self.train_images() if split == "train" else self.val_images()
+        the same reference set for every evaluation of a run and for every train.seed. Only these
+        n are read (and converted) from a prepared set."""
+        images, labels = (self.train_images_NCHW, self.train_labels_N) if split == "train" else \
+            (self.val_images_NCHW, self.val_labels_N)
         if n is None or n >= len(images):
-            return images, labels
-        idx = torch.from_numpy(np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(images))[:n]))
-        return images[idx], labels[idx]
+            return _whole(images, labels)
+        return _gather(images, labels, np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(images))[:n]))
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -163,14 +206,26 @@ class ImageData:
 def build_image_data(data_cfg: DataConfig, model_cfg: ModelConfig, micro_batch_size: int, dp_rank: int = 0,
                      dp_size: int = 1, seed: int = 0) -> ImageData:
     """The one entry point: source + decoding + split + this rank's batches."""
+    if looks_prepared(data_cfg.source):
+        return _prepared_image_data(data_cfg, model_cfg, micro_batch_size, dp_rank, dp_size, seed)
     ds, value_max = load_image_dataset(data_cfg)
     images_NCHW, labels_N = dataset_to_tensors(
         ds, data_cfg.image_field, data_cfg.label_field, model_cfg.image_size, model_cfg.in_channels,
         model_cfg.num_classes, value_max, source=data_cfg.source)
     train_idx, val_idx = split_examples(len(images_NCHW), data_cfg.val_fraction)
     train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    # Names the images in logs and classifier cache keys (a folder or hub dataset has splits).
-    source = "digits" if data_cfg.source.strip() == "digits" else f"{data_cfg.source}:{data_cfg.split}"
     return ImageData(images_NCHW[train_idx], labels_N[train_idx], images_NCHW[val_idx], labels_N[val_idx],
                      micro_batch_size, dp_rank, dp_size, seed, hflip=data_cfg.hflip,
-                     num_classes=model_cfg.num_classes, source=source)
+                     num_classes=model_cfg.num_classes, source=source_label(data_cfg.source, data_cfg.split))
+
+
+def _prepared_image_data(data_cfg: DataConfig, model_cfg: ModelConfig, micro_batch_size: int, dp_rank: int,
+                         dp_size: int, seed: int) -> ImageData:
+    """A `sparseforge prepare-data` directory, memory-mapped. Its split, fields and val_fraction are
+    the ones it was prepared with (manifest.json), whatever data.split / data.val_fraction say."""
+    manifest, splits = open_prepared_images(data_cfg.source, model_cfg)
+    (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
+    return ImageData(train_x, train_y, val_x, val_y, micro_batch_size, dp_rank, dp_size, seed,
+                     hflip=data_cfg.hflip, num_classes=model_cfg.num_classes,
+                     source=source_label(manifest["source"], manifest["split"]),
+                     fingerprint=prepared_fingerprint(manifest))

@@ -5,6 +5,7 @@
                Dataset.from_dict
     a folder   a local image folder (the "imagefolder" builder: one subfolder per class)
     a name     a hub dataset (offline only when cached)
+    a prepared directory (`sparseforge prepare-data`): trainer/diffusion/image_memmap.py reads it
 
 `preflight_image_data` is the cheap, os-only subset of the checks.
 """
@@ -20,13 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.config import ModelConfig
 from trainer.config import ConfigError, DataConfig
 from trainer.datasets_io import load_hub, looks_like_local_path, one_line, quiet_datasets
+from trainer.prepared import looks_prepared
 
 # Files the imagefolder builder decodes (PIL); used only to tell an empty folder from a real one.
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DIGITS_MAX = 16.0  # load_digits pixels are counts 0..16 of an 8x8 block of a 32x32 bitmap
-_CHUNK = 512  # rows decoded at a time: bounded memory for large hub datasets
+CHUNK = 512  # rows decoded at a time: bounded memory for large hub datasets
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,15 @@ def resolve_image_source(data_cfg: DataConfig) -> ImageSource:
     return ImageSource("hub", source)
 
 
-def preflight_image_data(data_cfg: DataConfig) -> None:
-    """Cheap checks (no datasets import, no decoding) before any process is spawned."""
+def preflight_image_data(data_cfg: DataConfig, model_cfg: ModelConfig | None = None) -> None:
+    """Cheap checks (no datasets import, no decoding) before any process is spawned. A prepared
+    directory: its manifest, every shard's size (and sha256 unless data.verify_checksums is off)
+    and, given the model, its image_size / in_channels / num_classes."""
+    if looks_prepared(data_cfg.source):
+        from trainer.diffusion.image_memmap import check_prepared_images
+
+        check_prepared_images(data_cfg.source, model_cfg, checksums=data_cfg.verify_checksums)
+        return
     resolve_image_source(data_cfg)
 
 
@@ -214,7 +224,8 @@ def _image_feature(ds, field: str, channels: int):
     return ds, ds.features[field]
 
 
-def _labels(ds, field: str, num_classes: int, source: str) -> torch.Tensor:
+def decode_labels(ds, field: str, num_classes: int, source: str) -> torch.Tensor:
+    """The label column as int64 [N] class ids (names -> sorted ids), checked against num_classes."""
     import datasets
 
     feature = ds.features[field]
@@ -236,28 +247,40 @@ def _labels(ds, field: str, num_classes: int, source: str) -> torch.Tensor:
     return labels
 
 
+def image_column(ds, field: str, channels: int):
+    """(ds reduced to the image column in numpy format, its feature): what decode_chunk reads."""
+    if channels not in (1, 3):
+        raise ConfigError(f"model.in_channels: images are grey (1) or RGB (3), got {channels}")
+    ds, feature = _image_feature(ds, field, channels)
+    return ds.select_columns([field]).with_format("numpy"), feature
+
+
+def decode_chunk(column, feature, field: str, image_size: int, channels: int,
+                 value_max: float | None) -> tuple[torch.Tensor, float]:
+    """Rows of an image column (`ds[a:b][field]` of image_column's ds) -> (float32 [b - a, channels,
+    image_size, image_size] in [-1, 1], the value_max used: decided from these rows when None)."""
+    # Same-shaped rows come back stacked: converted in one go; mixed sizes one by one.
+    groups = [column] if isinstance(column, np.ndarray) and column.dtype != object else \
+        [np.asarray(a)[None] for a in column]
+    out = []
+    for arr in groups:
+        if value_max is None:
+            value_max = _value_max(feature, arr)
+        x = _convert_channels(_to_NCHW(arr, field), channels)
+        # value_max/2 -> 0: 8-bit x/127.5 - 1, digits x/8 - 1.
+        out.append(_square_resize(x / (value_max / 2) - 1.0, image_size))
+    return (out[0] if len(out) == 1 else torch.cat(out)), value_max
+
+
 def dataset_to_tensors(ds, image_field: str, label_field: str, image_size: int, channels: int,
                        num_classes: int, value_max: float | None = None,
                        source: str = "data.source") -> tuple[torch.Tensor, torch.Tensor]:
     """(images float32 [N, channels, image_size, image_size] in [-1, 1], labels int64 [N])."""
-    if channels not in (1, 3):
-        raise ConfigError(f"model.in_channels: images are grey (1) or RGB (3), got {channels}")
-    labels_N = _labels(ds, label_field, num_classes, source)
-    ds, feature = _image_feature(ds, image_field, channels)
-    ds = ds.select_columns([image_field]).with_format("numpy")
-    out = torch.empty(len(ds), channels, image_size, image_size, dtype=torch.float32)
-    for start in range(0, len(ds), _CHUNK):
-        column = ds[start:start + _CHUNK][image_field]
-        # Same-shaped rows come back stacked: converted in one go; mixed sizes one by one.
-        groups = [column] if isinstance(column, np.ndarray) and column.dtype != object else \
-            [np.asarray(a)[None] for a in column]
-        row = start
-        for arr in groups:
-            if value_max is None:
-                value_max = _value_max(feature, arr)
-            x = _convert_channels(_to_NCHW(arr, image_field), channels)
-            # value_max/2 -> 0: 8-bit x/127.5 - 1, digits x/8 - 1.
-            x = _square_resize(x / (value_max / 2) - 1.0, image_size)
-            out[row:row + len(x)] = x
-            row += len(x)
+    images, feature = image_column(ds, image_field, channels)
+    labels_N = decode_labels(ds, label_field, num_classes, source)
+    out = torch.empty(len(images), channels, image_size, image_size, dtype=torch.float32)
+    for start in range(0, len(images), CHUNK):
+        x, value_max = decode_chunk(images[start:start + CHUNK][image_field], feature, image_field, image_size,
+                                    channels, value_max)
+        out[start:start + len(x)] = x
     return out, labels_N

@@ -13,6 +13,10 @@ import torch.distributed as dist
 
 from trainer.config import Config
 
+# The Fréchet distances compare the samples with at most this many training images (a fixed
+# subset beyond): the whole split of a small set, a bounded float copy of a prepared large one.
+REFERENCE_IMAGES = 10_000
+
 
 class DiffusionTask:
     """Class-conditional image generation with a DiT.
@@ -135,12 +139,13 @@ class DiffusionTask:
         return torch.cat(parts)
 
     def score(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Conditional accuracy and Fréchet distance to the training images (rank 0 calls this)."""
+        """Conditional accuracy and Fréchet distance to the training images (up to REFERENCE_IMAGES;
+        rank 0 calls this)."""
         from trainer.diffusion.classifier import load_or_train_classifier
         from trainer.diffusion.image_eval import evaluate_samples
 
         classifier = load_or_train_classifier(self.data)
-        real, _ = self.data.train_images()
+        real, _ = self.data.real_images(REFERENCE_IMAGES)
         result = evaluate_samples(samples.cpu(), labels.cpu(), classifier, real)
         scores = {"acc": float(result["acc"]), "fd": float(result["fd"])}
         # FID with Inception features only when its weights are on this machine (never downloaded).
