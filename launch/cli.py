@@ -235,11 +235,13 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
         manifest = prepare_text(cfg, args.out, args.num_proc, args.shard_tokens or DEFAULT_SHARD_TOKENS,
                                 not args.no_progress)
     seconds = time.perf_counter() - t0
-    splits = manifest.get("splits", {})
-    counts = ", ".join(f"{split} {info.get('tokens', info.get('images', 0)):,} "
-                       f"{'tokens' if 'tokens' in info else 'images'} / {info.get('documents', info.get('images', 0)):,} "
-                       f"{'documents' if 'documents' in info else 'images'}" for split, info in splits.items())
-    print(f"prepared {os.path.abspath(args.out)}: {counts} ({manifest.get('dtype', 'uint8')}) in {seconds:.1f} s; "
+    if manifest["kind"] == "images":
+        counts = ", ".join(f"{split} {info['images']:,} images" for split, info in manifest["splits"].items())
+        counts += f" of {manifest['in_channels']}x{manifest['image_size']}x{manifest['image_size']}"
+    else:
+        counts = ", ".join(f"{split} {info['tokens']:,} tokens / {info['documents']:,} documents"
+                           for split, info in manifest["splits"].items())
+    print(f"prepared {os.path.abspath(args.out)}: {counts} ({manifest['dtype']}) in {seconds:.1f} s; "
           f"train with --set data.source={os.path.abspath(args.out)}")
     return 0
 

@@ -41,6 +41,21 @@ def quiet_datasets():
             enable_progress_bars()
 
 
+@contextlib.contextmanager
+def no_download_count():
+    """No hub request from a packaged builder (json/text/parquet) on local files: datasets counts a
+    "download" with a HEAD request (3 s timeout, more when DNS hangs) on every load_dataset, from
+    every rank, even offline."""
+    from datasets import config
+
+    saved = config.HF_UPDATE_DOWNLOAD_COUNTS
+    config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        yield
+    finally:
+        config.HF_UPDATE_DOWNLOAD_COUNTS = saved
+
+
 def load_hub(name: str, split: str):
     """A hub dataset's split, through the shared HF cache (offline only when it is cached there)."""
     import datasets

@@ -109,6 +109,9 @@ class GlobalBatchSampler:
         # Exact resume needs the same stream: same items (corpus, tokenizer, seq_len or images)
         # and seed. G may differ (another dp size or micro-batch size): the stream goes on from
         # the same sample.
+        if "seed" not in state or count_key not in state:
+            raise ConfigError(f"data: the checkpoint's data state is not of this data source (keys "
+                              f"{', '.join(sorted(state))}); data.source, data.mix or data.streaming changed")
         saved, here = (state["seed"], state[count_key]), (self.seed, self.num_items)
         if saved != here:
             raise ConfigError(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer.config import Config, ConfigError, DataConfig, validate
-from trainer.lm.streaming import StreamingTextData, build_streaming_data
+from trainer.lm.streaming import StreamingTextData
 from trainer.lm.tokenizer import ByteTokenizer
 
 NUM_DOCS, DOCS_PER_FILE = 300, 100

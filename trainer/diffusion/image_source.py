@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from models.config import ModelConfig
 from trainer.config import ConfigError, DataConfig
-from trainer.datasets_io import load_hub, looks_like_local_path, one_line, quiet_datasets
+from trainer.datasets_io import load_hub, looks_like_local_path, no_download_count, one_line, quiet_datasets
 from trainer.prepared import looks_prepared
 
 # Files the imagefolder builder decodes (PIL); used only to tell an empty folder from a real one.
@@ -119,7 +119,7 @@ def _load_folder(path: str, split: str, label: str):
 
     # A private throw-away cache, as trainer/lm/data.py: ranks on one machine never share or lock
     # one. The arrow rows only point at the image files, which stay where they are.
-    with quiet_datasets(), tempfile.TemporaryDirectory(prefix="sparseforge-images-") as cache:
+    with quiet_datasets(), no_download_count(), tempfile.TemporaryDirectory(prefix="sparseforge-images-") as cache:
         try:
             return datasets.load_dataset("imagefolder", data_dir=path, split=split, cache_dir=cache,
                                          keep_in_memory=True)

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from trainer.config import ConfigError, DataConfig
-from trainer.datasets_io import GLOB_CHARS, load_hub, looks_like_local_path, one_line, quiet_datasets
+from trainer.datasets_io import GLOB_CHARS, load_hub, looks_like_local_path, no_download_count, one_line, quiet_datasets
 from trainer.lm.tokenizer import check_tokenizer_path
 
 # File extension -> `datasets` packaged builder. Text files are read whole: one file = one document.
@@ -207,7 +207,7 @@ def _load_local(src: CorpusSource, label: str, cache_dir: str | None = None):
     # a cache directory, and keep_in_memory means nothing refers to it once it is deleted.
     # prepare-data passes a cache directory of its own instead: the Arrow files there are
     # memory-mapped, so a corpus larger than memory can be read.
-    with quiet_datasets(), tempfile.TemporaryDirectory(prefix="sparseforge-data-") as cache:
+    with quiet_datasets(), no_download_count(), tempfile.TemporaryDirectory(prefix="sparseforge-data-") as cache:
         try:
             return datasets.load_dataset(src.builder, data_files=list(src.files), split="train",
                                          cache_dir=cache_dir or cache, keep_in_memory=cache_dir is None, **kwargs)

@@ -21,7 +21,6 @@ data.max_bytes does not apply: a stream is read whole, pass after pass.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import tempfile
 from typing import Iterator
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from trainer.config import ConfigError, DataConfig
-from trainer.datasets_io import one_line, quiet_datasets
+from trainer.datasets_io import no_download_count, one_line, quiet_datasets
 from trainer.lm.corpus import CorpusSource, resolve_source
 from trainer.lm.data import make_windows, pack_documents, unigram_entropy_nats
 from trainer.lm.tokenizer import build_tokenizer
@@ -66,21 +65,6 @@ def import_datasets():
     return datasets
 
 
-@contextlib.contextmanager
-def _no_download_count():
-    """No hub request from a packaged builder (json/text/parquet) on local files: datasets counts a
-    "download" with a HEAD request (3 s timeout, more when DNS hangs) on every load_dataset, and a
-    stream opens once per pass and per validation read."""
-    from datasets import config
-
-    saved = config.HF_UPDATE_DOWNLOAD_COUNTS
-    config.HF_UPDATE_DOWNLOAD_COUNTS = False
-    try:
-        yield
-    finally:
-        config.HF_UPDATE_DOWNLOAD_COUNTS = saved
-
-
 def open_stream(src: CorpusSource, data_cfg: DataConfig, dp_rank: int, dp_size: int):
     """This rank's share of the source as a new IterableDataset: its own iteration state, at the start."""
     datasets = import_datasets()
@@ -94,7 +78,7 @@ def open_stream(src: CorpusSource, data_cfg: DataConfig, dp_rank: int, dp_size: 
                 ds = datasets.load_dataset(src.name, split=data_cfg.split, streaming=True)
             else:
                 kwargs = {"sample_by": "document", "encoding_errors": "replace"} if src.builder == "text" else {}
-                with _no_download_count():
+                with no_download_count():
                     ds = datasets.load_dataset(src.builder, data_files=list(src.files), split="train",
                                                streaming=True, cache_dir=cache, **kwargs)
     except Exception as e:  # noqa: BLE001 - offline hub, unknown name, bad split: one line
