@@ -54,7 +54,7 @@ def prepare_images(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     image_size, in_channels, num_classes) to `out_dir` as a prepared image set.
 
     Args:
-        progress: a tqdm bar on stderr (the only output; "already prepared" also goes there).
+        progress: a tqdm bar on stderr (the only output besides a rerun's "nothing to do" there).
     Returns:
         The manifest, as written (or as found, when out_dir is already this preparation).
     """
@@ -62,8 +62,9 @@ def prepare_images(cfg: Config, out_dir: str, progress: bool = True) -> dict:
     directory = os.path.abspath(os.path.expanduser(out_dir))
     manifest = _finished(directory, out_dir, settings)
     if manifest is not None:
-        if progress:  # stderr, where the bar would be: stdout is the caller's
-            print(f"{out_dir}: already prepared ({describe(manifest)})", file=sys.stderr, flush=True)
+        # On stderr (stdout is the caller's), as the text side: a rerun is told it did nothing.
+        print(f"prepare-data: {out_dir} already holds this data ({describe(manifest)}); nothing to do",
+              file=sys.stderr, flush=True)
         return manifest
     partial = os.path.join(directory, PARTIAL)
     os.makedirs(partial, exist_ok=True)
