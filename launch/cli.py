@@ -166,6 +166,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.model.init_from = absolute_source(cfg.model.init_from)
     if cfg.peft.base:  # also what the run's checkpoints name as their base
         cfg.peft.base = absolute_source(cfg.peft.base)
+    if cfg.peft.init_adapter:
+        cfg.peft.init_adapter = os.path.abspath(cfg.peft.init_adapter)
     if cfg.prune.method != "none":  # the ranks, the checkpoints and the report name them absolute
         p = cfg.prune
         p.checkpoint, p.reference = os.path.abspath(p.checkpoint), p.reference and os.path.abspath(p.reference)

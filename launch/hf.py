@@ -38,6 +38,9 @@ def add_hf_commands(sub) -> None:
                           "fused (transformers 5's experts.gate_up_proj/down_proj)")
     exp.add_argument("--dtype", default="fp32", help="fp32 (default) | bf16 | fp16")
     exp.add_argument("--max-shard-size", default="5GB", help="larger models are sharded, with an index (default 5GB)")
+    exp.add_argument("--adapter-only", action="store_true",
+                     help="a LoRA checkpoint: write only its adapter, in the peft library's format "
+                          "(adapter_config.json + adapter_model.safetensors), for the export-hf of its base")
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -50,6 +53,14 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
+    if args.adapter_only:
+        from trainer.adapt.peft_interop import export_peft_adapter
+
+        model_type, files = export_peft_adapter(args.checkpoint, args.out, args.model_type, args.dtype)
+        print(f"exported the LoRA of {args.checkpoint} -> {args.out} as a peft adapter for {model_type} "
+              f"({args.dtype}; {', '.join(files)}); load it with peft.PeftModel.from_pretrained(base, {args.out!r}) "
+              f"onto the export-hf of its base")
+        return 0
     from trainer.adapt.hf_export import export_hf
 
     model_type, files = export_hf(args.checkpoint, args.out, args.model_type, args.expert_layout, args.dtype,

@@ -110,6 +110,10 @@ def check_sources(cfg: Config, fresh: bool = True) -> None:
         from trainer.adapt.peft import preflight_peft
 
         preflight_peft(cfg)
+    if fresh and cfg.peft.init_adapter:  # rank, targets, shapes against the run's LoRA: one line
+        from trainer.adapt.peft_interop import adapter_state
+
+        adapter_state(cfg.peft.init_adapter, cfg)
 
 
 def preflight(cfg: Config, run_dir: str, resume: str | None) -> None:

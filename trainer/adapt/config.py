@@ -30,6 +30,10 @@ class PeftConfig(ConfigSection):
     # matching GroupedExperts gets per-expert LoRA ("layers.*.attn.*", "layers.*.ffn.experts",
     # "layers.*.adaLN_modulation.*").
     lora_targets: list[str] = field(default_factory=list)
+    # A LoRA adapter of the `peft` library (adapter_config.json + adapter_model.safetensors) to
+    # start the LoRA from instead of its init; rank, alpha and targets must be this run's
+    # (trainer/adapt/peft_interop.py). Not read on resume.
+    init_adapter: str = ""
     perft_variant: Literal[PERFT_VARIANTS] = "R"  # S shared | D dense (N always on) | R routed (own top-k) | E per expert
     perft_num_adapters: int = bounded(4, ge=1)  # D and R (S: 1, E: the number of experts)
     perft_top_k: int = 2  # R
@@ -89,6 +93,7 @@ def check_peft(cfg: Config) -> None:
     require(cfg.prune.method == "none", f"prune.method: not with {method}: prune first, then fine-tune the pruned "
                                         f"checkpoint as peft.base")
     require(not p.train_router or moe.num_experts > 0, "peft.train_router: needs an MoE model (moe.num_experts > 0)")
+    require(not p.init_adapter or p.method == "lora", f"peft.init_adapter: a LoRA adapter; not with {method}")
     if p.method == "lora":
         require(len(p.lora_targets) > 0, "peft.lora_targets: required with peft.method lora (fnmatch patterns "
                                          "on module names, e.g. layers.*.attn.*)")

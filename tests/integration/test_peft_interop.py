@@ -1,0 +1,152 @@
+"""LoRA adapters in the `peft` library's format: a LoRA run of ours (attention and experts, from
+`peft.base: hf:DIR`) exported with `export-hf --adapter-only` loads with peft.PeftModel onto the
+transformers base with our logits; an adapter (ours, or one peft made) comes back through
+`peft.init_adapter` with the same logits and trains on; an adapter of another rank, other targets
+or another base is one line."""
+import json
+import os
+
+import pytest
+import torch
+
+from tests.integration.test_hf_recipe import SMALL, cli_error, cli_ok
+
+pytestmark = pytest.mark.integration
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+LORA = "recipes/llm/peft_lora.yaml"  # targets layers.*.attn.* and layers.*.ffn.experts
+COMMON = SMALL + ["peft.lora_rank=2", "peft.lora_alpha=4.0", "optim.lr=2e-2", "logging.wandb=false",
+                  "eval.every=0", "checkpoint.keep_last=0"]
+
+
+@torch.no_grad()
+def tiny_mixtral(path, hidden: int = 32) -> "transformers.PreTrainedModel":
+    cfg = transformers.MixtralConfig(
+        vocab_size=260, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2, intermediate_size=16,
+        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        initializer_range=0.1, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    model.save_pretrained(path)
+    return model
+
+
+def _train(cfg_overrides, run_dir):
+    from trainer.loop import Trainer
+    from trainer.recipe import load_config
+
+    cfg = load_config(LORA, cfg_overrides)
+    os.makedirs(run_dir)
+    Trainer(cfg, str(run_dir)).run()
+    with open(run_dir / "metrics.jsonl") as f:
+        return cfg, {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _peft_model(hf_dir, adapter_dir):
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager")
+    return peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def test_lora_exports_to_peft_and_comes_back(tmp_path):
+    from safetensors.torch import load_file
+    from peft.utils import get_peft_model_state_dict
+
+    from trainer.adapt.peft import load_peft_model
+    from trainer.adapt.peft_interop import adapter_state
+    from trainer.lm.data import build_text_data
+
+    hf_dir, adapter_dir = tmp_path / "hf", tmp_path / "adapter"
+    hf = tiny_mixtral(hf_dir)
+    cfg, _ = _train(COMMON + [f"peft.base=hf:{hf_dir}"], tmp_path / "lora")
+    ckpt = str(tmp_path / "lora" / "checkpoints" / "step_00000003")
+    _, ours = load_peft_model(ckpt)
+    inputs, targets = next(build_text_data(cfg.data, cfg.train.micro_batch_size, 0, 1, cfg.train.seed).train_batches())
+
+    # Out: peft loads every tensor of the file and computes our logits.
+    line = cli_ok("export-hf", ckpt, "--out", str(adapter_dir), "--adapter-only")
+    assert "as a peft adapter for mixtral" in line
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert sorted(config["target_modules"]) == ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj",
+                                                "self_attn.v_proj"]
+    assert config["base_model_name_or_path"] == str(hf_dir)
+    written = load_file(adapter_dir / "adapter_model.safetensors")
+    loaded = _peft_model(hf_dir, adapter_dir)
+    held = get_peft_model_state_dict(loaded)
+    assert sorted(held) == sorted(written) and all(torch.equal(held[k], written[k]) for k in written)
+    experts = loaded.base_model.model.model.layers[0].mlp.experts  # down_proj's wrapper around gate_up_proj's
+    assert (experts.r["default"], experts.scaling["default"]) == (2, 2.0)
+    assert (experts.base_layer.r["default"], experts.base_layer.scaling["default"]) == (4, 2.0)  # [w1; w3]: 2r, 2α
+    with torch.no_grad():
+        theirs, mine = loaded(inputs).logits, ours(inputs)
+        assert (theirs - mine).abs().max().item() <= 1e-4
+        assert (theirs - hf(inputs).logits).abs().max().item() > 1e-3  # the adapters moved it
+        # ... and the experts' part of it: without the expert adapters the logits differ.
+        for name, m in ours.named_modules():
+            if getattr(m, "lora", None) is not None:
+                m.lora.B_w2_EDR.zero_()
+        assert (theirs - ours(inputs)).abs().max().item() > 1e-4
+
+    # Back: the same tensors, bit for bit, hence the same logits; training continues from them.
+    _, trained = load_peft_model(ckpt)
+    state = adapter_state(str(adapter_dir), cfg)
+    mine = dict(trained.named_parameters())
+    assert sorted(state) == sorted(n for n, p in mine.items() if p.requires_grad)
+    assert all(torch.equal(state[n], mine[n]) for n in state)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(trained(inputs).flatten(0, 1), targets.flatten()).item()
+    _, losses = _train(COMMON + [f"peft.base=hf:{hf_dir}", f"peft.init_adapter={adapter_dir}"], tmp_path / "again")
+    assert losses[1] == pytest.approx(loss, rel=1e-5)
+    assert losses[3] < losses[1]
+
+    # Wrong adapters fail before launch, in one line.
+    run = ["run", LORA, "--run-dir", str(tmp_path / "bad"), "--set", *SMALL, f"peft.base=hf:{hf_dir}",
+           f"peft.init_adapter={adapter_dir}"]
+    assert cli_error(*run, "peft.lora_rank=4", "peft.lora_alpha=8.0").startswith(
+        "peft.init_adapter: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight has shape (2, 32), "
+        "our layers.0.attn.wq (rank 4) needs (4, 32)")
+    assert cli_error(*run, "peft.lora_rank=2", "peft.lora_alpha=8.0") == (
+        "peft.init_adapter: model.layers.0.self_attn.q_proj is scaled by lora_alpha/r = 4.0/2, this run by "
+        "peft.lora_alpha/peft.lora_rank = 8.0/2")
+    assert cli_error(*run, "peft.lora_rank=2", "peft.lora_alpha=4.0", "peft.lora_targets=[layers.*.attn.*]") == (
+        "peft.init_adapter: the adapter has model.layers.0.mlp.experts.base_layer.lora_A.weight, which no LoRA of "
+        "this run holds (peft.lora_targets ['layers.*.attn.*'] adapt other modules)")
+    other_dir = tmp_path / "hf_wide"
+    tiny_mixtral(other_dir, hidden=48)
+    assert cli_error("run", LORA, "--run-dir", str(tmp_path / "bad"), "--set", *SMALL, f"peft.base=hf:{other_dir}",
+                     f"peft.init_adapter={adapter_dir}", "peft.lora_rank=2", "peft.lora_alpha=4.0").startswith(
+        "peft.init_adapter: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight has shape (2, 32), "
+        "our layers.0.attn.wq (rank 2) needs (2, 48)")
+
+
+def test_an_adapter_peft_trained_imports_with_its_logits(tmp_path):
+    """A rank-r LoRA on gate_up_proj (what peft makes: one A for gate and up) is ours with w1 and w3
+    sharing A; random B (init_lora_weights=False) so that every part counts."""
+    from trainer.adapt.peft_interop import adapter_state
+    from trainer.recipe import load_config
+    import models
+    from models.peft.lora import apply_lora
+    from trainer.adapt.hf_bridge import init_model_from
+
+    hf_dir, adapter_dir = tmp_path / "hf", tmp_path / "adapter"
+    hf = tiny_mixtral(hf_dir)
+    torch.manual_seed(1)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                           init_lora_weights=False)
+    theirs = peft.get_peft_model(hf, lora).eval()
+    theirs.save_pretrained(adapter_dir)
+    cfg = load_config(LORA, COMMON + [f"peft.base=hf:{hf_dir}", f"peft.init_adapter={adapter_dir}"])
+    ours = models.build_model(cfg.model, cfg.moe)
+    init_model_from(ours, f"hf:{hf_dir}")
+    apply_lora(ours, cfg.peft.lora_targets, cfg.peft.lora_rank, cfg.peft.lora_alpha)
+    missing = ours.load_state_dict(adapter_state(str(adapter_dir), cfg), strict=False).missing_keys
+    assert not [n for n in missing if "lora" in n]
+    inputs = torch.randint(0, 260, (2, 16))
+    with torch.no_grad():
+        assert (theirs(inputs).logits - ours.eval()(inputs)).abs().max().item() <= 1e-4
+    # Its rank is r on gate_up_proj, so a run of rank 2r does not take it.
+    assert cli_error("run", LORA, "--run-dir", str(tmp_path / "bad"), "--set", *SMALL, f"peft.base=hf:{hf_dir}",
+                     f"peft.init_adapter={adapter_dir}", "peft.lora_rank=1", "peft.lora_alpha=2.0").startswith(
+        "peft.init_adapter: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight has shape (2, 32)")
