@@ -120,33 +120,83 @@ def test_lora_exports_to_peft_and_comes_back(tmp_path):
         "our layers.0.attn.wq (rank 2) needs (2, 48)")
 
 
-def test_an_adapter_peft_trained_imports_with_its_logits(tmp_path):
-    """A rank-r LoRA on gate_up_proj (what peft makes: one A for gate and up) is ours with w1 and w3
-    sharing A; random B (init_lora_weights=False) so that every part counts."""
-    from trainer.adapt.peft_interop import adapter_state
-    from trainer.recipe import load_config
+@torch.no_grad()
+def tiny_qwen2_moe(path) -> "transformers.PreTrainedModel":
+    """Q/k/v biases, a dense first layer, a gated shared expert."""
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=260, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=24,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2, mlp_only_layers=[0], max_position_embeddings=64, initializer_range=0.1,
+        bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    model.save_pretrained(path)
+    return model
+
+
+# Family -> (tiny model, our targets, peft's target_modules for the same modules).
+FAMILIES = {
+    "mixtral": (tiny_mixtral, ["layers.*.attn.*", "layers.*.ffn.experts"], ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "qwen2_moe": (tiny_qwen2_moe, ["layers.*.attn.wq", "layers.1.attn.wo", "layers.*.ffn.experts",
+                                   "layers.*.ffn.shared_experts.*", "layers.0.ffn.w2"],
+                  ["q_proj", "layers.1.self_attn.o_proj", "shared_expert.gate_proj", "shared_expert.up_proj",
+                   "shared_expert.down_proj", "layers.0.mlp.down_proj"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_both_ways_on_random_adapters(tmp_path, family):
+    """Random B everywhere (every part counts). Ours -> peft: our adapter file on the transformers
+    model gives our logits. peft -> ours: an adapter peft made (rank r on gate_up_proj, one A for
+    gate and up: ours with w1 and w3 sharing A) gives peft's logits here."""
     import models
     from models.peft.lora import apply_lora
+    from safetensors.torch import save_file
     from trainer.adapt.hf_bridge import init_model_from
+    from trainer.adapt.peft_interop import _spec, adapter_config, adapter_state, adapter_tensors
+    from trainer.recipe import load_config
 
-    hf_dir, adapter_dir = tmp_path / "hf", tmp_path / "adapter"
-    hf = tiny_mixtral(hf_dir)
+    make, targets, hf_targets = FAMILIES[family]
+    hf_dir, ours_dir, theirs_dir = tmp_path / "hf", tmp_path / "ours", tmp_path / "theirs"
+    hf = make(hf_dir)
+    inputs = torch.randint(0, 260, (2, 16))
+    cfg = load_config(LORA, COMMON + [f"peft.base=hf:{hf_dir}", f"peft.lora_targets={json.dumps(targets)}"])
+
+    def our_model():
+        model = models.build_model(cfg.model, cfg.moe)
+        init_model_from(model, f"hf:{hf_dir}")
+        apply_lora(model, cfg.peft.lora_targets, cfg.peft.lora_rank, cfg.peft.lora_alpha)
+        return model.eval()
+
+    # Ours -> peft.
+    ours = our_model()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora" in name and ("B" in name.rsplit(".", 1)[1]):
+                p.normal_(0, 0.3)
+    spec = _spec(cfg, family)
+    os.makedirs(ours_dir)
+    save_file(adapter_tensors(ours, spec), ours_dir / "adapter_model.safetensors")
+    (ours_dir / "adapter_config.json").write_text(json.dumps(adapter_config(ours, cfg, spec, str(hf_dir))))
+    with torch.no_grad():
+        base_logits = hf(inputs).logits
+        theirs = _peft_model(hf_dir, ours_dir)(inputs).logits
+        assert (theirs - ours(inputs)).abs().max().item() <= 1e-4
+        assert (theirs - base_logits).abs().max().item() > 1e-2
+
+    # peft -> ours.
     torch.manual_seed(1)
-    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=hf_targets,
                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
                            init_lora_weights=False)
-    theirs = peft.get_peft_model(hf, lora).eval()
-    theirs.save_pretrained(adapter_dir)
-    cfg = load_config(LORA, COMMON + [f"peft.base=hf:{hf_dir}", f"peft.init_adapter={adapter_dir}"])
-    ours = models.build_model(cfg.model, cfg.moe)
-    init_model_from(ours, f"hf:{hf_dir}")
-    apply_lora(ours, cfg.peft.lora_targets, cfg.peft.lora_rank, cfg.peft.lora_alpha)
-    missing = ours.load_state_dict(adapter_state(str(adapter_dir), cfg), strict=False).missing_keys
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager")
+    theirs = peft.get_peft_model(base, lora).eval()
+    theirs.save_pretrained(theirs_dir)
+    ours = our_model()
+    missing = ours.load_state_dict(adapter_state(str(theirs_dir), cfg), strict=False).missing_keys
     assert not [n for n in missing if "lora" in n]
-    inputs = torch.randint(0, 260, (2, 16))
     with torch.no_grad():
-        assert (theirs(inputs).logits - ours.eval()(inputs)).abs().max().item() <= 1e-4
-    # Its rank is r on gate_up_proj, so a run of rank 2r does not take it.
-    assert cli_error("run", LORA, "--run-dir", str(tmp_path / "bad"), "--set", *SMALL, f"peft.base=hf:{hf_dir}",
-                     f"peft.init_adapter={adapter_dir}", "peft.lora_rank=1", "peft.lora_alpha=2.0").startswith(
-        "peft.init_adapter: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight has shape (2, 32)")
+        theirs_logits = theirs(inputs).logits
+        assert (theirs_logits - ours(inputs)).abs().max().item() <= 1e-4
+        assert (theirs_logits - base_logits).abs().max().item() > 1e-2
