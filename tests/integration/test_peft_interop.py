@@ -200,3 +200,30 @@ def test_both_ways_on_random_adapters(tmp_path, family):
         theirs_logits = theirs(inputs).logits
         assert (theirs_logits - ours(inputs)).abs().max().item() <= 1e-4
         assert (theirs_logits - base_logits).abs().max().item() > 1e-2
+
+
+def test_deepseek_mla_adapter_and_what_an_adapter_cannot_carry(tmp_path):
+    """MLA: the q and shared-key LoRA B rows go out in DeepSeek's interleaved RoPE order. A run that
+    trained its routers (weights and aux-free bias) cannot be an adapter (one line); the
+    checkpoint's unchanged aux-free bias of a plain LoRA run is no obstacle."""
+    from tests.integration.test_hf_recipe import tiny_deepseek
+    from trainer.adapt.peft import load_peft_model
+
+    hf_dir = tmp_path / "hf"
+    tiny_deepseek(hf_dir)
+    _train(COMMON + [f"peft.base=hf:{hf_dir}", "peft.train_router=true"], tmp_path / "moving")
+    assert cli_error("export-hf", str(tmp_path / "moving"), "--out", str(tmp_path / "x"), "--adapter-only") == (
+        "export-hf --adapter-only: the run also changed layers.1.ffn.router.expert_bias_E (peft.train_router), "
+        "which a LoRA adapter cannot carry; merge-peft, then export-hf")
+    cfg, _ = _train(COMMON + [f"peft.base=hf:{hf_dir}"], tmp_path / "frozen")
+    cli_ok("export-hf", str(tmp_path / "frozen"), "--out", str(tmp_path / "adapter"), "--adapter-only")
+    _, ours = load_peft_model(str(tmp_path / "frozen" / "checkpoints" / "step_00000003"))
+    inputs = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        assert (_peft_model(hf_dir, tmp_path / "adapter")(inputs).logits - ours(inputs)).abs().max().item() <= 1e-4
+    # ... and back, bit for bit.
+    from trainer.adapt.peft_interop import adapter_state
+
+    state = adapter_state(str(tmp_path / "adapter"), cfg)
+    mine = dict(ours.named_parameters())
+    assert state and all(torch.equal(state[n], mine[n]) for n in state)

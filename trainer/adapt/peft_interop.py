@@ -189,6 +189,23 @@ def _simple_name_ok(name: str, spec: Spec) -> bool:
         return False
 
 
+def _changed_besides(trained: dict[str, torch.Tensor], lora: set[str], cfg: Config) -> list[str]:
+    """Tensors of the checkpoint, other than the LoRA ones, whose values are not the base's
+    (trained routers, and with them the aux-free bias; a LoRA run without peft.train_router stores
+    that bias unchanged)."""
+    import models
+    from trainer.adapt.peft import load_base
+
+    other = sorted(set(trained) - lora)
+    if not other:
+        return []
+    with torch.device("cpu"):
+        base = models.build_model(cfg.model, cfg.moe)
+    load_base(base, cfg.peft.base, cfg)
+    state = base.state_dict()
+    return [n for n in other if n not in state or not torch.equal(state[n], trained[n])]
+
+
 def export_peft_adapter(ckpt: str, out: str, model_type: str | None = None, dtype: str = "fp32") -> tuple[str, list[str]]:
     """Write the LoRA of checkpoint `ckpt` (a LoRA run of ours) as a peft adapter directory `out`.
 
@@ -213,8 +230,8 @@ def export_peft_adapter(ckpt: str, out: str, model_type: str | None = None, dtyp
     linears, experts = _modules(model)
     lora = {f"{n}.{leaf}" for n in linears for leaf in ("lora_A", "lora_B")}
     lora |= {f"{n}.lora.{leaf}" for n, m in experts.items() for leaf, _ in m.named_parameters()}
-    if other := sorted(set(read_model_state(path)) - lora):
-        raise ConfigError(f"{where}: the run also changed {other[0]} (peft.train_router, or a buffer training moves), "
+    if changed := _changed_besides(read_model_state(path), lora, cfg):
+        raise ConfigError(f"{where}: the run also changed {changed[0]} (peft.train_router), "
                           f"which a LoRA adapter cannot carry; merge-peft, then export-hf")
     family = _family(cfg, model_type, where)
     spec = _spec(cfg, family.model_type)
