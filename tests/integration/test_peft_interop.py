@@ -112,6 +112,16 @@ def test_lora_exports_to_peft_and_comes_back(tmp_path):
     assert cli_error(*run, "peft.lora_rank=2", "peft.lora_alpha=4.0", "peft.lora_targets=[layers.*.attn.*]") == (
         "peft.init_adapter: the adapter has model.layers.0.mlp.experts.base_layer.lora_A.weight, which no LoRA of "
         "this run holds (peft.lora_targets ['layers.*.attn.*'] adapt other modules)")
+    mixed_dir = tmp_path / "mixed"  # a rank-2r gate_up LoRA that is not block-diagonal: no rank-r form of ours
+    os.makedirs(mixed_dir)
+    (mixed_dir / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
+    key = "base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight"
+    from safetensors.torch import save_file
+
+    save_file({**written, key: written[key] + 1e-3}, mixed_dir / "adapter_model.safetensors")
+    assert cli_error(*run[:-1], f"peft.init_adapter={mixed_dir}", "peft.lora_rank=2", "peft.lora_alpha=4.0") == (
+        f"peft.init_adapter: {key} (rank 4) mixes gate and up rows across its two rank halves; ours has separate "
+        f"rank-2 w1 and w3 adapters, which express only a block-diagonal one")
     other_dir = tmp_path / "hf_wide"
     tiny_mixtral(other_dir, hidden=48)
     assert cli_error("run", LORA, "--run-dir", str(tmp_path / "bad"), "--set", *SMALL, f"peft.base=hf:{other_dir}",
