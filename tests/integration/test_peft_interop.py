@@ -237,3 +237,30 @@ def test_deepseek_mla_adapter_and_what_an_adapter_cannot_carry(tmp_path):
     state = adapter_state(str(tmp_path / "adapter"), cfg)
     mine = dict(ours.named_parameters())
     assert state and all(torch.equal(state[n], mine[n]) for n in state)
+
+
+@pytest.mark.distributed
+def test_init_adapter_under_expert_parallelism(tmp_path):
+    """Each ep rank takes its experts' share of the adapter: ep=2 (micro batch 4 on 2 ranks) has
+    the losses of one process (micro batch 8) from the same peft adapter."""
+    from tests.integration.test_cli import sparseforge
+
+    hf_dir, adapter_dir = tmp_path / "hf", tmp_path / "adapter"
+    torch.manual_seed(1)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                           init_lora_weights=False)
+    peft.get_peft_model(tiny_mixtral(hf_dir), lora).save_pretrained(adapter_dir)
+    common = SMALL[:2] + ["train.log_every=1", "train.steps=2", "eval.every=0", "optim.warmup_steps=1",
+                          "logging.progress_bar=false", "logging.heatmap_every=0", "checkpoint.every=2",
+                          "logging.wandb=false", "peft.lora_rank=2", "peft.lora_alpha=4.0", f"peft.base=hf:{hf_dir}",
+                          f"peft.init_adapter={adapter_dir}"]
+    losses = []
+    for name, extra in (("one", ["train.micro_batch_size=8"]), ("ep2", ["train.micro_batch_size=4", "parallel.ep=2"])):
+        nproc = ["--nproc-per-node", "2"] if name == "ep2" else []
+        proc, _ = sparseforge("run", LORA, *nproc, "--run-dir", str(tmp_path / name), "--set", *common, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"peft: LoRA adapters from {adapter_dir}" in proc.stdout
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            losses.append([r["loss"] for r in map(json.loads, f) if "loss" in r])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and len(losses[0]) == 2
