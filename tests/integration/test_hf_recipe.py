@@ -124,7 +124,7 @@ def test_init_from_preflight_one_line(tmp_path):
         "empty is not a Hugging Face model directory: no config.json")
     assert cli_error(*run, f"model.init_from=hf:{llama}") == \
         f"model.init_from: {llama}/config.json: model_type 'llama' is not supported; supported: mixtral, " \
-        f"qwen2_moe, olmoe, deepseek_v3"
+        f"qwen2_moe, olmoe, deepseek_v3, qwen3_moe, glm4_moe, deepseek_v2, dots1"
     assert cli_error(*run, f"model.init_from={llama}") == \
         f"model.init_from: {llama} is not a complete checkpoint of ours (step_XXXXXXXX with .metadata); " \
         f"for a Hugging Face directory write hf:{llama}"
