@@ -249,12 +249,19 @@ def test_round_trip_hf_ours_hf(tmp_path, name):
 
 def test_ours_exports_and_loads_without_hf_origin(tmp_path):
     """A model of ours (not imported) exports to the family that expresses it: our tiny preset
-    is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE."""
+    is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE; with per-head q/k norm
+    and a sliding window a Qwen3-MoE; with partial rotary, sigmoid scores and the aux-free bias a
+    GLM-4.5."""
     from trainer.recipe import load_config
 
     for overrides, family in [([], "mixtral"),
                               (["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "model.qkv_bias=true",
-                                "moe.renormalize=false", "moe.first_k_dense=1"], "qwen2_moe")]:
+                                "moe.renormalize=false", "moe.first_k_dense=1"], "qwen2_moe"),
+                              (["model.qk_norm_per_head=true", "model.head_dim=12", "model.sliding_window=5",
+                                "moe.moe_every=2"], "qwen3_moe"),
+                              (["moe.score_func=sigmoid", "moe.aux_free=true", "moe.num_shared_experts=1",
+                                "model.partial_rotary_factor=0.5", "model.qkv_bias=true", "moe.num_groups=2",
+                                "moe.topk_group=1"], "glm4_moe")]:
         cfg = load_config(None, ["model.preset=tiny", "model.d_model=32", "model.num_layers=2",
                                  "moe.expert_ffn_dim=16", "model.ffn_dim=32", "model.max_seq_len=64", "data.seq_len=32",
                                  *overrides])
