@@ -24,15 +24,16 @@ def add_hf_commands(sub) -> None:
     imp = sub.add_parser("import-hf", help="convert a Hugging Face MoE checkpoint (safetensors) into a checkpoint "
                                            "of ours, for model.init_from, peft.base or export-hf")
     imp.add_argument("hf_dir", help="directory with config.json and *.safetensors (mixtral, qwen2_moe, olmoe, "
-                                    "deepseek_v3)")
+                                    "deepseek_v3, qwen3_moe, glm4_moe, deepseek_v2, dots1)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write (named step_XXXXXXXX), or a "
                                                   "folder to write step_00000000 in")
     exp = sub.add_parser("export-hf", help="write a checkpoint of ours as a Hugging Face model directory")
     exp.add_argument("checkpoint", help="checkpoint directory step_XXXXXXXX (or a run directory: its latest)")
     exp.add_argument("--out", required=True, help="directory to write config.json and safetensors in")
     # Checked by export_hf (one-line errors); no choices here, so the parser needs no torch import.
-    exp.add_argument("--model-type", default=None, help="mixtral | qwen2_moe | olmoe | deepseek_v3 (default: the "
-                                                        "first family that expresses the model exactly)")
+    exp.add_argument("--model-type", default=None,
+                     help="mixtral | qwen2_moe | olmoe | deepseek_v3 | qwen3_moe | glm4_moe | deepseek_v2 | dots1 "
+                          "(default: the first family that expresses the model exactly)")
     exp.add_argument("--expert-layout", default="per_expert",
                      help="per_expert (default; as save_pretrained writes, read by transformers 4.x and 5.x) or "
                           "fused (transformers 5's experts.gate_up_proj/down_proj)")

@@ -2,8 +2,10 @@
 
     gqa  grouped-query attention (Llama/Mixtral), with the options of the families we import:
          q/k/v biases (`qkv_bias`, Qwen2-MoE), an output bias (`attn_out_bias`), RMSNorm over the
-         whole q and k projections before RoPE (`qk_norm`, OLMoE) and clamping of q/k/v
-         (`clip_qkv`, OLMoE)
+         whole q and k projections before RoPE (`qk_norm`, OLMoE) or over each head's channels
+         (`qk_norm_per_head`, Qwen3-MoE, GLM-4.5, dots1), clamping of q/k/v (`clip_qkv`, OLMoE),
+         RoPE on the first `partial_rotary_factor` of each head's channels (GLM-4.5) and a
+         sliding window (`sliding_window` keys back, on the layers of `sliding_window_layers`)
     mla  multi-head latent attention (DeepSeek-V2/V3): q through an optional low-rank bottleneck,
          keys and values from one compressed latent per token, RoPE only on a separate slice of
          qk_rope_head_dim channels whose key is shared by all heads
@@ -75,21 +77,40 @@ def apply_rope(x_BSHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 def rope_dim(cfg) -> int:
-    """Channels per head that RoPE rotates: the head dim, or MLA's qk_rope_head_dim."""
+    """Channels per head that RoPE rotates: the first partial_rotary_factor of the head dim (the
+    whole head by default), or MLA's qk_rope_head_dim."""
     if cfg.attention == "mla":
         return cfg.mla_qk_rope_head_dim
-    return cfg.head_dim or cfg.d_model // cfg.num_heads
+    # int(), as transformers truncates head_dim * partial_rotary_factor
+    return int((cfg.head_dim or cfg.d_model // cfg.num_heads) * cfg.partial_rotary_factor)
 
 
-def build_attention(cfg) -> nn.Module:
-    """The attention a `models.config.ModelConfig` asks for."""
+def layer_window(cfg, layer_id: int) -> int:
+    """The sliding window of layer `layer_id` (0: full causal attention)."""
+    if cfg.sliding_window and (not cfg.sliding_window_layers or layer_id in cfg.sliding_window_layers):
+        return cfg.sliding_window
+    return 0
+
+
+def build_attention(cfg, layer_id: int = 0) -> nn.Module:
+    """The attention a `models.config.ModelConfig` asks for, in layer `layer_id`."""
     if cfg.attention == "mla":
         return MLAttention(cfg)
     if cfg.attention != "gqa":
         raise ValueError(f"model.attention={cfg.attention!r} is not one of {', '.join(ATTENTIONS)}")
     return Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or cfg.d_model // cfg.num_heads,
                      qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, qk_norm=cfg.qk_norm,
-                     clip_qkv=cfg.clip_qkv, norm_eps=cfg.norm_eps)
+                     clip_qkv=cfg.clip_qkv, norm_eps=cfg.norm_eps, qk_norm_per_head=cfg.qk_norm_per_head,
+                     rotary_dim=rope_dim(cfg), window=layer_window(cfg, layer_id))
+
+
+def window_mask(num_tokens: int, window: int, mask_B1SS: torch.Tensor | None, device) -> torch.Tensor:
+    """Causal attention to the last `window` tokens (self included), as transformers'
+    sliding_window_overlay (kv > q - window), and within `mask_B1SS` when one is given."""
+    pos = torch.arange(num_tokens, device=device)
+    offset_SS = pos[:, None] - pos[None, :]
+    band_11SS = ((offset_SS >= 0) & (offset_SS < window))[None, None]
+    return band_11SS if mask_B1SS is None else mask_B1SS & band_11SS
 
 
 def _attend(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor, mask_B1SS: torch.Tensor | None,
@@ -117,32 +138,51 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
-                 clip_qkv: float = 0.0, norm_eps: float = 1e-5):
+                 clip_qkv: float = 0.0, norm_eps: float = 1e-5, qk_norm_per_head: bool = False,
+                 rotary_dim: int = 0, window: int = 0):
         super().__init__()
+        if qk_norm and qk_norm_per_head:
+            raise ValueError("qk_norm (whole projection) and qk_norm_per_head: choose one")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.clip_qkv = clip_qkv
+        self.clip_qkv, self.window = clip_qkv, window
+        self.rotary_dim = rotary_dim or head_dim  # RoPE on channels [0, rotary_dim) of each head
         self.wq = nn.Linear(d_model, num_heads * head_dim, bias=qkv_bias)
         self.wk = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
         self.wv = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(num_heads * head_dim, d_model, bias=out_bias)
-        # OLMoE: one RMSNorm over all heads' channels at once (not per head), before RoPE.
-        self.q_norm = nn.RMSNorm(num_heads * head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = nn.RMSNorm(num_kv_heads * head_dim, eps=norm_eps) if qk_norm else None
+        # Before RoPE. OLMoE: one RMSNorm over all heads' channels at once; Qwen3-MoE (per head):
+        # one over head_dim, its weight shared by every head.
+        self.qk_norm_per_head = qk_norm_per_head
+        q_width, k_width = (head_dim, head_dim) if qk_norm_per_head else (num_heads * head_dim, num_kv_heads * head_dim)
+        self.q_norm = nn.RMSNorm(q_width, eps=norm_eps) if qk_norm or qk_norm_per_head else None
+        self.k_norm = nn.RMSNorm(k_width, eps=norm_eps) if qk_norm or qk_norm_per_head else None
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
         """cos, sin: [S, h] or [B, S, h]; mask_B1SS: a document mask (models/doc_mask.py) or None."""
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv > 0:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = apply_rope(q.view(B, S, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = q.view(B, S, self.num_heads, self.head_dim), k.view(B, S, self.num_kv_heads, self.head_dim)
+        if self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         v = v.view(B, S, self.num_kv_heads, self.head_dim)
+        if self.window and S > self.window:
+            mask_B1SS = window_mask(S, self.window, mask_B1SS, x_BSD.device)
         o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask_B1SS, enable_gqa=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+    def _rope(self, x_BSHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE on the first rotary_dim channels of each head (GLM-4.5's partial
+        rotary; all of them by default), the rest passed through."""
+        if self.rotary_dim == self.head_dim:
+            return apply_rope(x_BSHd, cos, sin)
+        rot, rest = x_BSHd.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+        return torch.cat([apply_rope(rot, cos, sin), rest], dim=-1)
 
     def init_weights(self, std: float, out_std: float, init: Init) -> None:
         for w in (self.wq, self.wk, self.wv):

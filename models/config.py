@@ -40,10 +40,12 @@ Family = Literal["llm", "dit"]
 AttentionKind = Literal["gqa", "mla"]
 Routing = Literal["token_choice", "expert_choice"]
 ScoreFunc = Literal["softmax", "sigmoid"]
+GroupScore = Literal["top2_sum", "max"]
 DropPolicy = Literal["probability", "position"]
 Backend = Literal["auto", "loop", "grouped_mm", "megablocks"]
 ROUTINGS, SCORE_FUNCS, DROP_POLICIES, BACKEND_CHOICES = (get_args(t) for t in (Routing, ScoreFunc, DropPolicy,
                                                                                   Backend))
+GROUP_SCORES = get_args(GroupScore)
 PEFT_METHODS = ("none", "full", "lora", "perft", "esft")
 PERFT_VARIANTS = ("S", "D", "R", "E")  # shared, dense, routed, per expert
 ESFT_SCORES = ("gate_mass", "token_share")
@@ -72,6 +74,10 @@ class ModelConfig(ConfigSection):
     attn_out_bias: bool = False  # bias on the attention output projection
     qk_norm: bool = False  # gqa: RMSNorm over the whole q and k projections before RoPE (OLMoE)
     clip_qkv: float = bounded(0.0, ge=0)  # gqa: clamp q, k, v to [-c, c] (OLMoE); 0: off
+    qk_norm_per_head: bool = False  # gqa: RMSNorm over each head's q and k channels before RoPE (Qwen3-MoE)
+    partial_rotary_factor: float = bounded(1.0, gt=0, le=1)  # gqa: RoPE on this first fraction of a head's channels
+    sliding_window: int = bounded(0, ge=0)  # gqa: attend to the last W tokens (self included); 0: off
+    sliding_window_layers: list[int] = field(default_factory=list)  # the windowed layers; empty: all
     mla_q_lora_rank: int = bounded(0, ge=0)  # rank of the q bottleneck; 0: a full-rank q projection
     mla_kv_lora_rank: int = 512  # the compressed kv latent per token
     mla_qk_nope_head_dim: int = 128  # q/k channels per head without RoPE
@@ -117,7 +123,8 @@ class MoEConfig(ConfigSection):
     score_func: ScoreFunc = "softmax"  # sigmoid: DeepSeek-V3
     renormalize: bool = True  # chosen top-k weights rescaled to sum 1 (token choice)
     num_groups: int = bounded(0, ge=0)  # group-limited routing (DeepSeek-V3): expert groups; 0: off
-    topk_group: int = bounded(0, ge=0)  # groups kept per token (group score = sum of its top-2 expert scores)
+    topk_group: int = bounded(0, ge=0)  # groups kept per token
+    group_score: GroupScore = "top2_sum"  # a group's score: sum of its top-2 expert scores (V3) | max (V2)
     routed_scaling_factor: float = bounded(1.0, gt=0)  # multiplies the routed experts' gate weights
     router_jitter: float = bounded(0.0, ge=0, lt=1)  # eps of U[1-eps, 1+eps] noise on the router input (training)
     # Balancing: each loss has its own coefficient (0: off) and its own log key moe/<name>.
@@ -175,7 +182,7 @@ def shape_fields(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict[str, object
         fields.update({"model.vocab_size": m.vocab_size, "model.num_kv_heads": m.num_kv_heads,
                        "model.tie_embeddings": m.tie_embeddings, "model.attention": m.attention,
                        "model.qkv_bias": m.qkv_bias, "model.attn_out_bias": m.attn_out_bias,
-                       "model.qk_norm": m.qk_norm})
+                       "model.qk_norm": m.qk_norm, "model.qk_norm_per_head": m.qk_norm_per_head})
         if m.attention == "mla":
             fields.update({f"model.{k}": getattr(m, k) for k in (
                 "mla_q_lora_rank", "mla_kv_lora_rank", "mla_qk_nope_head_dim", "mla_qk_rope_head_dim",
@@ -230,12 +237,19 @@ def _check_attention(m: ModelConfig) -> None:
         for key, value in dims.items():
             require(value > 0, f"{key}: must be > 0 with model.attention=mla, got {value}")
         require(m.mla_qk_rope_head_dim % 2 == 0, f"model.mla_qk_rope_head_dim={m.mla_qk_rope_head_dim} must be even for RoPE")
-        require(not m.qk_norm and m.clip_qkv == 0, "model.qk_norm, model.clip_qkv: gqa options, not for model.attention=mla")
+        require(not m.qk_norm and m.clip_qkv == 0 and not m.qk_norm_per_head and m.partial_rotary_factor == 1.0
+                and m.sliding_window == 0, "model.qk_norm, model.qk_norm_per_head, model.clip_qkv, "
+                "model.partial_rotary_factor, model.sliding_window: gqa options, not for model.attention=mla")
         return
+    require(not (m.qk_norm and m.qk_norm_per_head), "model.qk_norm and model.qk_norm_per_head: choose one")
+    require(all(0 <= i < m.num_layers for i in m.sliding_window_layers),
+            f"model.sliding_window_layers={m.sliding_window_layers}: layer ids must be in [0, {m.num_layers})")
     if m.head_dim == 0:
         require(m.d_model % m.num_heads == 0,
                 f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} (or set model.head_dim)")
-    require(m.resolved_head_dim % 2 == 0, "model head_dim must be even for RoPE")
+    rotary = int(m.resolved_head_dim * m.partial_rotary_factor)
+    require(rotary > 0 and rotary % 2 == 0, f"model head_dim x model.partial_rotary_factor = {rotary} channels: "
+                                             f"must be even and > 0 for RoPE")
 
 
 def _check_routing(moe: MoEConfig) -> None:

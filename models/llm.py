@@ -34,7 +34,7 @@ class Block(nn.Module):
     def __init__(self, layer_id: int, cfg, moe_cfg):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = build_attention(cfg)
+        self.attn = build_attention(cfg, layer_id)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if is_moe_layer(layer_id, moe_cfg):
             self.ffn: nn.Module = MoE(cfg.d_model, moe_layer_config(layer_id, moe_cfg))

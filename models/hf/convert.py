@@ -9,18 +9,19 @@
 Name map (HF prefix `model.layers.{i}.`, ours `layers.{i}.`):
     embed_tokens / norm / lm_head            tok_embeddings / norm / output
     input_layernorm, post_attention_layernorm   attn_norm, ffn_norm
-    self_attn.{q,k,v,o}_proj, q_norm, k_norm     attn.{wq,wk,wv,wo}, q_norm, k_norm
+    self_attn.{q,k,v,o}_proj, q_norm, k_norm     attn.{wq,wk,wv,wo}, q_norm, k_norm (whole projection or per head)
     self_attn.q_a_proj, q_a_layernorm, q_b_proj, q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
         kv_b_proj (MLA)                      attn.wq_a, q_a_norm, wq_b, wq, wkv_a, kv_a_norm, wkv_b
     mlp.{gate,up,down}_proj (dense)          ffn.{w1,w3,w2}
     mlp.gate (+ e_score_correction_bias)     ffn.router.gate (+ expert_bias_E)
-    mlp.shared_expert(s).{gate,up,down}_proj ffn.shared_experts.{w1,w3,w2};  mlp.shared_expert_gate
+    mlp.shared_experts.{gate,up,down}_proj   ffn.shared_experts.{w1,w3,w2} (Qwen2-MoE: mlp.shared_expert,
+                                             and mlp.shared_expert_gate)
     routed experts, fused layout (transformers 5 in memory):
         mlp.experts.gate_up_proj [E, 2F, D] = [w1; w3],  mlp.experts.down_proj [E, D, F] = w2
     routed experts, per-expert layout (what save_pretrained writes, and transformers 4.x):
         mlp.experts.{e}.{gate,up,down}_proj.weight; Mixtral: block_sparse_moe.experts.{e}.{w1,w3,w2}.weight
         and block_sparse_moe.gate
-DeepSeek's interleaved RoPE (rope_interleave, channel pairs (0,1), (2,3), ...) equals our
+DeepSeek's interleaved RoPE (V2 always, V3 with rope_interleave, channel pairs (0,1), (2,3), ...) equals our
 rotate-half RoPE on channels reordered evens-then-odds, so the rows that make the RoPE part of q
 and of the shared key are permuted on import and back on export.
 """
@@ -45,6 +46,7 @@ _MIXTRAL_EXPERT = {"w1": "w1", "w3": "w3", "w2": "w2"}
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # HF tensors that carry nothing we need: RoPE tables of old checkpoints.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_MTP_FAMILIES = ("deepseek_v3", "glm4_moe")  # checkpoints with multi-token-prediction layers after the last
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class Spec:
 
     @property
     def shared_name(self) -> str:
-        return "shared_experts" if self.model_type == "deepseek_v3" else "shared_expert"
+        return "shared_expert" if self.model_type == "qwen2_moe" else "shared_experts"
 
 
 def detect_expert_layout(hf_names, where: str) -> str:
@@ -232,8 +234,8 @@ def hf_to_ours(our_shapes: dict[str, tuple], hf_names, read: Read, spec: Spec,
 def _ignorable(name: str, spec: Spec, tied: bool) -> bool:
     if _IGNORED.search(name) or (tied and name == "lm_head.weight"):
         return True
-    match = re.match(r"^model\.layers\.(\d+)\.", name)  # DeepSeek's MTP modules follow the last layer
-    return spec.model_type == "deepseek_v3" and match is not None and int(match.group(1)) >= spec.num_layers
+    match = re.match(r"^model\.layers\.(\d+)\.", name)  # DeepSeek's and GLM's MTP modules follow the last layer
+    return spec.model_type in _MTP_FAMILIES and match is not None and int(match.group(1)) >= spec.num_layers
 
 
 def ours_to_hf(state: dict[str, torch.Tensor], spec: Spec) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,10 +11,11 @@ ARCH_KEYS = {
     "model": ("family", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim",
               "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings", "attention", "qkv_bias", "attn_out_bias",
               "qk_norm", "clip_qkv", "mla_q_lora_rank", "mla_kv_lora_rank", "mla_qk_nope_head_dim",
-              "mla_qk_rope_head_dim", "mla_v_head_dim"),
+              "mla_qk_rope_head_dim", "mla_v_head_dim", "qk_norm_per_head", "partial_rotary_factor", "sliding_window",
+              "sliding_window_layers"),
     "moe": ("num_experts", "top_k", "expert_ffn_dim", "moe_every", "first_k_dense", "num_shared_experts",
             "shared_expert_ffn_dim", "shared_expert_gate", "routing", "score_func", "renormalize", "num_groups",
-            "topk_group", "routed_scaling_factor", "aux_free", "layer_num_experts"),
+            "topk_group", "routed_scaling_factor", "aux_free", "layer_num_experts", "group_score"),
 }
 
 
@@ -50,13 +51,15 @@ def read_common(hf: dict, d: dict, where: str) -> dict:
                 norm_eps=float(get("rms_norm_eps")), tie_embeddings=bool(get("tie_word_embeddings")),
                 attention="gqa", qkv_bias=False, attn_out_bias=False, qk_norm=False, clip_qkv=0.0,
                 mla_q_lora_rank=0, mla_kv_lora_rank=512, mla_qk_nope_head_dim=128, mla_qk_rope_head_dim=64,
-                mla_v_head_dim=128)
+                mla_v_head_dim=128, qk_norm_per_head=False, partial_rotary_factor=1.0, sliding_window=0,
+                sliding_window_layers=[])
 
 
 def moe_keys(**kw) -> dict:
     base = dict(moe_every=1, first_k_dense=0, num_shared_experts=0, shared_expert_ffn_dim=0,
                 shared_expert_gate=False, routing="token_choice", score_func="softmax", renormalize=True,
-                num_groups=0, topk_group=0, routed_scaling_factor=1.0, aux_free=False, layer_num_experts=[])
+                num_groups=0, topk_group=0, routed_scaling_factor=1.0, aux_free=False, layer_num_experts=[],
+                group_score="top2_sum")
     return {**base, **kw}
 
 
@@ -89,7 +92,9 @@ def common_problems(m, moe) -> list[str]:
     return out
 
 
-def gqa_problems(m, *, qkv_bias, out_bias, qk_norm: bool = False, clip: bool = False) -> list[str]:
+def gqa_problems(m, *, qkv_bias, out_bias, qk_norm: bool = False, clip: bool = False,
+                 qk_norm_per_head: bool | None = False, partial_rotary: bool = False,
+                 window: bool = False) -> list[str]:
     """What a GQA family without these options cannot hold (None: either value is fine)."""
     out = []
     if m.attention != "gqa":
@@ -102,6 +107,12 @@ def gqa_problems(m, *, qkv_bias, out_bias, qk_norm: bool = False, clip: bool = F
         out.append(f"model.qk_norm={m.qk_norm}")
     if m.clip_qkv and not clip:
         out.append(f"model.clip_qkv={m.clip_qkv}")
+    if qk_norm_per_head is not None and m.qk_norm_per_head != qk_norm_per_head:
+        out.append(f"model.qk_norm_per_head={m.qk_norm_per_head}")
+    if m.partial_rotary_factor != 1.0 and not partial_rotary:
+        out.append(f"model.partial_rotary_factor={m.partial_rotary_factor}")
+    if m.sliding_window and not window:
+        out.append(f"sliding-window attention (model.sliding_window={m.sliding_window})")
     return out
 
 

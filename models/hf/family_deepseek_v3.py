@@ -41,6 +41,8 @@ def _deepseek_v3_problems(m, moe) -> list[str]:
     width = moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
     if width % moe.expert_ffn_dim:
         out.append(f"shared experts of total width {width}, not a multiple of moe.expert_ffn_dim={moe.expert_ffn_dim}")
+    if moe.num_groups and moe.group_score != "top2_sum":
+        out.append(f"moe.group_score={moe.group_score} (DeepSeek-V3 scores a group by its top 2)")
     if moe.num_experts // max(moe.num_groups, 1) < 2:
         out.append("expert groups of one expert (transformers scores a group by its top 2)")
     return out

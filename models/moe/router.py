@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import DROP_POLICIES, ROUTINGS, SCORE_FUNCS
+from models.config import DROP_POLICIES, GROUP_SCORES, ROUTINGS, SCORE_FUNCS
 from models.moe.capacity import expert_capacity, keep_within_capacity
 
 
@@ -93,9 +93,10 @@ class TopKRouter(nn.Module):
         renormalize: rescale the k chosen scores to sum to 1 (Mixtral, Qwen2-MoE, DeepSeek-V3)
             or keep them raw (OLMoE, DiT-MoE).
         score_func: "softmax" over experts, or an independent "sigmoid" per expert (DeepSeek-V3).
-        num_groups, topk_group: group-limited routing (DeepSeek-V3); 0 = off. The E experts form
-            G groups; a group's score is the sum of its top-2 expert scores (top-1 if a group has
-            one expert); a token picks its top-k among the experts of its best topk_group groups.
+        num_groups, topk_group: group-limited routing (DeepSeek-V2/V3); 0 = off. The E experts form
+            G groups; a token picks its top-k among the experts of its best topk_group groups.
+        group_score: a group's score: "top2_sum", the sum of its top-2 expert scores (DeepSeek-V3;
+            top-1 if a group has one expert), or "max", its best expert's (DeepSeek-V2).
         routed_scaling_factor: multiplies the final gate weights.
         jitter: eps of the multiplicative router-input noise U[1-eps, 1+eps] (training only).
         aux_free: keep a per-expert bias (buffer `expert_bias_E`, in the state_dict) added to the
@@ -110,6 +111,7 @@ class TopKRouter(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True,
                  score_func: str = "softmax", *, num_groups: int = 0, topk_group: int = 0,
+                 group_score: str = "top2_sum",
                  routed_scaling_factor: float = 1.0, jitter: float = 0.0, aux_free: bool = False,
                  aux_free_update_rate: float = 1e-3, capacity_factor: float = 0.0,
                  drop_policy: str = "probability", pad_to_capacity: bool = False, skip_beta: float = 0.0):
@@ -126,7 +128,9 @@ class TopKRouter(nn.Module):
             raise ValueError(f"num_groups={num_groups}, topk_group={topk_group} do not fit "
                              f"num_experts={E}, top_k={top_k}")
         self.num_experts, self.top_k, self.renormalize, self.score_func = E, top_k, renormalize, score_func
-        self.num_groups, self.topk_group = num_groups, topk_group
+        if group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score={group_score!r} is not one of {', '.join(GROUP_SCORES)}")
+        self.num_groups, self.topk_group, self.group_score = num_groups, topk_group, group_score
         self.routed_scaling_factor, self.jitter = routed_scaling_factor, jitter
         self.aux_free, self.aux_free_update_rate = aux_free, aux_free_update_rate
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
@@ -148,8 +152,11 @@ class TopKRouter(nn.Module):
         if self.num_groups > 0:
             T, G = choice_TE.shape[0], self.num_groups
             choice_TGg = choice_TE.view(T, G, -1)
-            top2 = min(2, choice_TGg.shape[-1])
-            group_score_TG = choice_TGg.topk(top2, dim=-1).values.sum(dim=-1)
+            if self.group_score == "max":
+                group_score_TG = choice_TGg.amax(dim=-1)
+            else:
+                top2 = min(2, choice_TGg.shape[-1])
+                group_score_TG = choice_TGg.topk(top2, dim=-1).values.sum(dim=-1)
             best_group_TJ = group_score_TG.topk(self.topk_group, dim=-1).indices
             keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_group_TJ, True)
             # -inf, not 0 (as in the HF port): biased scores can be negative, and an expert of a
@@ -212,6 +219,7 @@ class TopKRouter(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", groups={self.num_groups}/{self.topk_group}" if self.num_groups else ""
+        extra += f" by {self.group_score}" if self.num_groups and self.group_score != "top2_sum" else ""
         extra += f", capacity_factor={self.capacity_factor}" if self.can_drop else ""
         extra += f", skip_beta={self.skip_beta:.4g}" if self.skip_beta > 0 else ""
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
@@ -273,7 +281,7 @@ def build_router(d_model: int, moe_cfg) -> nn.Module:
     if c.routing != "token_choice":
         raise ValueError(f"routing={c.routing!r} is not one of {', '.join(ROUTINGS)}")
     return TopKRouter(d_model, c.num_experts, c.top_k, c.renormalize, c.score_func,
-                      num_groups=c.num_groups, topk_group=c.topk_group,
+                      num_groups=c.num_groups, topk_group=c.topk_group, group_score=c.group_score,
                       routed_scaling_factor=c.routed_scaling_factor, jitter=c.router_jitter,
                       aux_free=c.aux_free, aux_free_update_rate=c.aux_free_update_rate,
                       capacity_factor=c.capacity_factor, drop_policy=c.drop_policy,

@@ -2,7 +2,11 @@
 with ep=2 (each rank holds half the experts and routes its own tokens through the all-to-all),
 our model's logits match transformers' on each rank's batch within 1e-4 (fp32), for DeepSeek-V3
 (MLA, sigmoid group-limited routing with the correction bias, shared experts, a dense first
-layer) and Qwen2-MoE (gated shared expert, q/k/v biases). One spawn runs both."""
+layer), Qwen2-MoE (gated shared expert, q/k/v biases), GLM-4.5 (partial rotary, per-head q/k norm,
+sigmoid group-limited routing with the correction bias, shared experts) and DeepSeek-V2 (MLA, softmax
+routing limited to the groups of the best experts), Qwen3-MoE (per-head q/k norm, a sliding window,
+a dense middle layer) and dots1 (a sliding window on some layers, sigmoid routing). One spawn runs
+them all."""
 import pytest
 import torch
 
@@ -10,7 +14,7 @@ from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-FAMILIES = ("deepseek_v3", "qwen2_moe")
+FAMILIES = ("deepseek_v3", "qwen2_moe", "glm4_moe", "deepseek_v2", "qwen3_moe", "dots1")
 
 
 def _tokens(rank):
@@ -48,7 +52,8 @@ def test_imported_model_matches_transformers_under_ep2(tmp_path):
             expected[name] = [hf(_tokens(rank)).logits for rank in range(2)]
     results = run_distributed(_rank, 2, hf_dirs)
     for name in FAMILIES:
-        num_experts = {"deepseek_v3": 8, "qwen2_moe": 6}[name]
+        num_experts = {"deepseek_v3": 8, "qwen2_moe": 6, "glm4_moe": 6, "deepseek_v2": 8, "qwen3_moe": 6,
+                       "dots1": 6}[name]
         for rank, result in enumerate(results):
             logits, local_experts = result[name]
             assert set(local_experts) == {num_experts // 2}  # each rank holds half the experts

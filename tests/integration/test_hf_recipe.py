@@ -3,6 +3,7 @@
 Commands that spawn nothing run through `launch.cli.main` in this process (same code, no
 interpreter start-up); the training run goes through torchrun."""
 import json
+import math
 import os
 
 import pytest
@@ -124,7 +125,7 @@ def test_init_from_preflight_one_line(tmp_path):
         "empty is not a Hugging Face model directory: no config.json")
     assert cli_error(*run, f"model.init_from=hf:{llama}") == \
         f"model.init_from: {llama}/config.json: model_type 'llama' is not supported; supported: mixtral, " \
-        f"qwen2_moe, olmoe, deepseek_v3"
+        f"qwen2_moe, olmoe, deepseek_v3, qwen3_moe, glm4_moe, deepseek_v2, dots1"
     assert cli_error(*run, f"model.init_from={llama}") == \
         f"model.init_from: {llama} is not a complete checkpoint of ours (step_XXXXXXXX with .metadata); " \
         f"for a Hugging Face directory write hf:{llama}"
@@ -170,3 +171,38 @@ def test_peft_lora_from_an_hf_base_trains_merges_and_exports_back(tmp_path):
         exported = back(inputs).logits
         assert (exported - adapted(inputs)).abs().max().item() <= 1e-4
         assert (exported - hf(inputs).logits).abs().max().item() > 1e-4  # the adapters changed it
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "glm4_moe", "deepseek_v2", "dots1"])
+def test_pretrain_from_each_new_family(tmp_path, name):
+    """model.init_from: hf:DIR for the families of issue 20 (per-head q/k norm, sliding windows,
+    partial rotary, group-limited softmax routing): two steps in-process from the tiny odd-shaped
+    models of the unit tests (vocabulary widened to the byte tokenizer's); step 1's loss is the
+    HF model's cross entropy on that batch, and step 2 trains on."""
+    from tests.unit.test_hf_checkpoint import CONFIGS
+    from trainer.lm.data import build_text_data
+    from trainer.loop import Trainer
+    from trainer.recipe import load_config
+
+    hf_cfg = CONFIGS[name]()
+    hf_cfg.vocab_size = 260
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for buffer_name, t in hf.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                t.normal_(0, 0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    overrides = SMALL + [f"model.init_from=hf:{tmp_path / 'hf'}", "train.steps=2", "eval.every=0",
+                         "checkpoint.keep_last=0", "logging.wandb=false"]
+    cfg = load_config(RECIPE, overrides)
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    Trainer(cfg, str(run_dir)).run()
+    with open(run_dir / "metrics.jsonl") as f:
+        losses = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    assert sorted(losses) == [1, 2] and all(map(math.isfinite, losses.values()))
+    inputs, targets = next(build_text_data(cfg.data, cfg.train.micro_batch_size, 0, 1, cfg.train.seed).train_batches())
+    with torch.no_grad():
+        hf_loss = torch.nn.functional.cross_entropy(hf(inputs).logits.flatten(0, 1), targets.flatten()).item()
+    assert losses[1] == pytest.approx(hf_loss, rel=1e-5)

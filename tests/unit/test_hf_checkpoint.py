@@ -63,6 +63,41 @@ CONFIGS = {
         routed_scaling_factor=1.5, norm_topk_prob=False, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=4,
         qk_rope_head_dim=8, v_head_dim=4, rope_interleave=False, attention_bias=True, bos_token_id=0,
         eos_token_id=1),
+    # Per-head q/k RMSNorm, head_dim 12 (x 4 heads != hidden 32), attention biases (o_proj too),
+    # layer 1 dense (mlp_only_layers: MoE every 2nd layer), renormalised top-3, a sliding window of 4 on every layer.
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON, num_key_value_heads=2, head_dim=12, intermediate_size=40, num_hidden_layers=3,
+        moe_intermediate_size=16, num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1],
+        decoder_sparse_step=1, attention_bias=True, use_sliding_window=True, sliding_window=4),
+    # Partial rotary (RoPE on the first 6 of head_dim 10), q/k/v biases (no o_proj bias),
+    # per-head q/k norm, sigmoid + correction bias in 3 groups keep 2, routed scale, 2 shared
+    # experts, first layer dense, GQA 4/2.
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(
+        **COMMON, num_key_value_heads=2, head_dim=10, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=3, n_routed_experts=6, n_group=3, topk_group=2, num_experts_per_tok=3,
+        first_k_dense_replace=1, n_shared_experts=2, routed_scaling_factor=1.8, norm_topk_prob=True,
+        attention_bias=True, use_qk_norm=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 8000.0, "partial_rotary_factor": 0.6}),
+    # MLA with a q bottleneck (RoPE in pairs), softmax group-limited greedy (group score = max) in 4
+    # groups keep 2, routed scale, 2 shared experts, first layer dense.
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=8,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1,
+        n_shared_experts=2, routed_scaling_factor=2.0, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=6, bos_token_id=0, eos_token_id=1),
+    # Full-rank q, greedy top-2, attention biases, every layer MoE.
+    "deepseek_v2_plain": lambda: transformers.DeepseekV2Config(
+        **COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, n_routed_experts=4,
+        topk_method="greedy", num_experts_per_tok=2, first_k_dense_replace=0, n_shared_experts=1,
+        routed_scaling_factor=1.0, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=8,
+        v_head_dim=4, attention_bias=True, bos_token_id=0, eos_token_id=1),
+    # Per-head q/k norm, attention biases, sigmoid + correction bias in 2 groups keep 1, no
+    # renormalisation, 1 shared expert, first layer dense, a window of 5 on layers 1 and 2.
+    "dots1": lambda: transformers.Dots1Config(
+        **COMMON, num_key_value_heads=2, head_dim=12, intermediate_size=40, moe_intermediate_size=16,
+        num_hidden_layers=3, n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.5, norm_topk_prob=False,
+        attention_bias=True, sliding_window=5, max_window_layers=1),
 }
 TOKENS = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -132,6 +167,21 @@ EXPECTED = {
                     ("moe", "num_groups"): 4, ("moe", "topk_group"): 2, ("moe", "routed_scaling_factor"): 2.5,
                     ("moe", "first_k_dense"): 1, ("moe", "num_shared_experts"): 2, ("moe", "aux_free"): True},
     "deepseek_v3_plain": {("model", "mla_q_lora_rank"): 0, ("moe", "renormalize"): False, ("model", "qkv_bias"): True},
+    "qwen3_moe": {("model", "qk_norm_per_head"): True, ("model", "head_dim"): 12, ("model", "attn_out_bias"): True,
+                  ("model", "sliding_window"): 4, ("model", "sliding_window_layers"): [], ("moe", "first_k_dense"): 0,
+                  ("moe", "moe_every"): 2, ("moe", "num_shared_experts"): 0, ("moe", "renormalize"): True},
+    "glm4_moe": {("model", "partial_rotary_factor"): 0.6, ("model", "qk_norm_per_head"): True,
+                 ("model", "qkv_bias"): True, ("model", "attn_out_bias"): False, ("model", "rope_theta"): 8000.0,
+                 ("moe", "score_func"): "sigmoid", ("moe", "aux_free"): True, ("moe", "num_groups"): 3,
+                 ("moe", "topk_group"): 2, ("moe", "routed_scaling_factor"): 1.8, ("moe", "first_k_dense"): 1,
+                 ("moe", "num_shared_experts"): 2},
+    "deepseek_v2": {("model", "attention"): "mla", ("moe", "score_func"): "softmax", ("moe", "num_groups"): 4,
+                    ("moe", "group_score"): "max", ("moe", "renormalize"): False, ("moe", "aux_free"): False,
+                    ("moe", "routed_scaling_factor"): 2.0, ("moe", "first_k_dense"): 1},
+    "deepseek_v2_plain": {("model", "mla_q_lora_rank"): 0, ("moe", "num_groups"): 0, ("model", "qkv_bias"): True},
+    "dots1": {("model", "qk_norm_per_head"): True, ("model", "sliding_window"): 5,
+              ("model", "sliding_window_layers"): [1, 2], ("moe", "score_func"): "sigmoid", ("moe", "aux_free"): True,
+              ("moe", "num_groups"): 2, ("moe", "renormalize"): False, ("model", "attn_out_bias"): True},
 }
 
 
@@ -152,7 +202,8 @@ def test_imported_logits_match_transformers(tmp_path, name, layout):
     assert expected.abs().max() > 1.0  # not a degenerate comparison of near-zero logits
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v3_plain"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v3_plain", "qwen3_moe",
+                                  "glm4_moe", "deepseek_v2", "deepseek_v2_plain", "dots1"])
 def test_round_trip_hf_ours_hf(tmp_path, name):
     """HF -> our checkpoint -> HF, in both expert layouts (the fused one sharded): transformers
     loads the export with the original's weights bit for bit, and gives exactly its logits.
@@ -198,12 +249,19 @@ def test_round_trip_hf_ours_hf(tmp_path, name):
 
 def test_ours_exports_and_loads_without_hf_origin(tmp_path):
     """A model of ours (not imported) exports to the family that expresses it: our tiny preset
-    is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE."""
+    is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE; with per-head q/k norm
+    and a sliding window a Qwen3-MoE; with partial rotary, sigmoid scores and the aux-free bias a
+    GLM-4.5."""
     from trainer.recipe import load_config
 
     for overrides, family in [([], "mixtral"),
                               (["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "model.qkv_bias=true",
-                                "moe.renormalize=false", "moe.first_k_dense=1"], "qwen2_moe")]:
+                                "moe.renormalize=false", "moe.first_k_dense=1"], "qwen2_moe"),
+                              (["model.qk_norm_per_head=true", "model.head_dim=12", "model.sliding_window=5",
+                                "moe.moe_every=2"], "qwen3_moe"),
+                              (["moe.score_func=sigmoid", "moe.aux_free=true", "moe.num_shared_experts=1",
+                                "model.partial_rotary_factor=0.5", "model.qkv_bias=true", "moe.num_groups=2",
+                                "moe.topk_group=1"], "glm4_moe")]:
         cfg = load_config(None, ["model.preset=tiny", "model.d_model=32", "model.num_layers=2",
                                  "moe.expert_ffn_dim=16", "model.ffn_dim=32", "model.max_seq_len=64", "data.seq_len=32",
                                  *overrides])

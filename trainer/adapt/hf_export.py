@@ -81,8 +81,9 @@ def export_hf(ckpt: str, out: str, model_type: str | None = None, expert_layout:
 
 
 def _with_bias(state: dict, family: Family, cfg: Config) -> dict:
-    """DeepSeek-V3 always has e_score_correction_bias; a model without the aux-free bias gets zeros."""
-    if family.model_type != "deepseek_v3" or cfg.moe.aux_free:
+    """DeepSeek-V3, GLM-4.5 and dots1 always have e_score_correction_bias; a model without the
+    aux-free bias gets zeros."""
+    if family.model_type not in ("deepseek_v3", "glm4_moe", "dots1") or cfg.moe.aux_free:
         return state
     state = dict(state)
     for key in [k for k in state if k.endswith(".ffn.router.gate.weight")]:
