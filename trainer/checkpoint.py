@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from parallel import ParallelMesh, barrier, unwrap
 from parallel.checkpoint_adapter import from_checkpoint, to_checkpoint
+from trainer.checkpoint_save import (PendingSave, SaveFailed, all_ok, checkpoint_group, failure_message,
+                                     local_state_bytes, total_bytes)
 from trainer.checkpoint_files import (checkpoint_problem, checkpoint_root, choose_resume, fsync_dir,
                                       prune_checkpoints, write_manifest)
 from trainer.config import Config, ConfigError
@@ -95,8 +97,10 @@ def _wrapped_extra(target, extra_state: dict | None, mesh: ParallelMesh) -> dict
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, cfg: Config,
                     mesh: ParallelMesh, extra_state: dict | None = None, run_state: dict | None = None,
-                    engine=None) -> str:
-    """Write step `step` atomically on every rank; returns the final directory.
+                    engine=None, background: bool = False):
+    """Write step `step` atomically on every rank (the phases: trainer/checkpoint_save.py); returns
+    the final directory, or with `background` a `PendingSave` whose `wait()` returns it. A failed
+    save raises `SaveFailed` on every rank, its partial directory removed.
 
     `extra_state`: more {parameter name: tensor} dicts saved beside the model under their own
     name (the DiT's EMA weights), sharded and resharded like the parameters.
@@ -111,32 +115,61 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    # 2. every rank writes its DCP shards (collective: DCP plans the write across ranks).
-    #    Expert shards go in as DTensors over the ep group: each expert is stored once.
     target = unwrap(model)
     model_sd, optim_sd = get_state_dict(target, optimizer, options=_sd_options(target))
+    # Expert shards go in as DTensors over the ep group: each expert is stored once.
     to_checkpoint(target, model_sd, optim_sd, mesh)
-    dcp.save({"model": model_sd, "optim": optim_sd, **_wrapped_extra(target, extra_state, mesh)}, checkpoint_id=tmp)
-    if engine is not None:  # collective: every rank writes its ZeRO partition
-        engine.save(tmp)
-    # 3. every rank writes the state that is its own.
+    state = {"model": model_sd, "optim": optim_sd, **_wrapped_extra(target, extra_state, mesh)}
+    needed = total_bytes(local_state_bytes(state))
+    # 2. every rank writes the state that is its own, before any shard: a background write is
+    #    then published only after these exist. All ranks agree that they succeeded.
     extra = {"step": step, "scheduler": scheduler.state_dict(), "data": data.state_dict(),
              "rng": _rng_state(), "world_size": mesh.world_size, "run_state": run_state or {}}
-    torch.save(extra, os.path.join(tmp, f"extra_rank{mesh.rank}.pt"))
-    if mesh.is_main:
-        save_config(cfg, os.path.join(tmp, "config.yaml"))
-    barrier()
-    # 4. rank 0 lists what every rank wrote (the manifest: a file lost or cut short later is
-    #    detected), publishes it with one rename, then prunes the oldest beyond keep_last.
-    if mesh.is_main:
+    error: BaseException | None = None
+    try:
+        torch.save(extra, os.path.join(tmp, f"extra_rank{mesh.rank}.pt"))
+        if mesh.is_main:
+            save_config(cfg, os.path.join(tmp, "config.yaml"))
+    except Exception as e:  # noqa: BLE001 - a full disk or any I/O error: reported as one line below
+        error = e
+    if not all_ok(error is None):
+        _fail(mesh, step, tmp, error or "another rank's write failed", needed)
+
+    def publish() -> None:
+        # 4. rank 0 lists what every rank wrote (the manifest: a file lost or cut short later is
+        #    detected), publishes it with one rename, then prunes the oldest beyond keep_last.
         write_manifest(tmp, step)
         if os.path.isdir(final):  # re-saving the same step (a rerun): replace the old one
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(os.path.dirname(final))
         prune_checkpoints(run_dir, cfg.checkpoint.keep_last, just_saved=final)
+
+    # 3. the shards (collective: DCP plans the write across ranks).
+    if background:
+        future = dcp.async_save(state, checkpoint_id=tmp, process_group=checkpoint_group())
+        return PendingSave(step, tmp, final, future, publish, mesh.is_main, needed)
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+        if engine is not None:  # collective: every rank writes its ZeRO partition
+            engine.save(tmp)
+    except Exception as e:  # noqa: BLE001 - DCP raises on every rank when any rank's write failed
+        error = e
+    if not all_ok(error is None):
+        _fail(mesh, step, tmp, error or "another rank's write failed", needed)
+    barrier()
+    if mesh.is_main:
+        publish()
     barrier()
     return final
+
+
+def _fail(mesh: ParallelMesh, step: int, tmp: str, error, needed: int) -> None:
+    """Remove the partial save (rank 0) and raise SaveFailed on every rank."""
+    if mesh.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    raise SaveFailed(failure_message(step, tmp, error, needed))
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, data, mesh: ParallelMesh,

@@ -102,6 +102,11 @@ class CheckpointConfig(ConfigSection):
     enabled: bool = True
     every: int = bounded(100, gt=0)
     keep_last: int = bounded(2, ge=0)  # 0: keep all
+    # Write the shards from a background thread while training goes on (a CPU copy first); the
+    # run waits for the last one before it ends (docs/reliability.md).
+    async_save: bool = False
+    # A save that fails (a full disk, an I/O error): stop the run, or warn and train on.
+    on_error: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -202,6 +207,8 @@ def _check_engine(cfg: Config) -> None:
         return
     require(cfg.parallel.data_parallel == "ddp", "train.engine=deepspeed: not with parallel.data_parallel=fsdp "
                                                  "(ZeRO shards the data-parallel state itself)")
+    require(not cfg.checkpoint.async_save, "checkpoint.async_save: not with train.engine=deepspeed (ZeRO writes "
+                                           "its partitions itself, synchronously)")
     require(tr.zero_stage != 3, "train.zero_stage=3: ZeRO-3 would partition the expert parameters that "
                                 "parallel.ep shards; use 1 or 2")
     require(cfg.parallel.pp == 1, f"train.engine=deepspeed: not with parallel.pp={cfg.parallel.pp} (pipeline "

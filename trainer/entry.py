@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {rank}: config error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # noqa: BLE001 - one line naming the rank, then the traceback
+        from trainer.checkpoint_save import SaveFailed
+
+        if isinstance(e, SaveFailed):  # the line says it all (every rank has it: rank 0 tells)
+            if rank == 0:
+                print(f"rank {rank}: {e}", file=sys.stderr, flush=True)
+            return 1
         print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         traceback.print_exc()
         return 1

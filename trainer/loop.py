@@ -13,6 +13,7 @@ from parallel import ParallelMesh, all_reduce_mean, build_mesh, pick_device, unw
 from parallel.watchdog import Watchdog
 from trainer.build import construct, trains_aux_free_bias
 from trainer.checkpoint import load_checkpoint, resume_point, save_checkpoint
+from trainer.checkpoint_save import PendingSave, SaveFailed
 from trainer.checkpoint_files import latest_checkpoint
 from trainer.config import Config
 from trainer.guards import CollapseMonitor, NonFiniteGuard
@@ -45,6 +46,7 @@ class Trainer:
         self.mesh: ParallelMesh = build_mesh(cfg.parallel, self.device)
         # Heartbeats, so a failed collective names the ranks that did not arrive (parallel/watchdog.py).
         self.watchdog = Watchdog.start(self.mesh.rank, self.mesh.world_size, cfg.parallel.timeout_s)
+        self.pending_save: PendingSave | None = None  # a checkpoint being written in the background
         # Data, loss and evaluation of the family.
         self.task = build_task(cfg, self.mesh, self.device) if task is None else task
         self.data = self.task.data
@@ -142,13 +144,11 @@ class Trainer:
                 stopping = cfg.train.stop_at_step and self.step == cfg.train.stop_at_step
                 if cfg.checkpoint.enabled and (self.step % cfg.checkpoint.every == 0
                                                or self.step == cfg.train.steps or stopping):
-                    self.watchdog.mark(self.step, "checkpoint save")
-                    save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                    self.data, cfg, mesh, extra_state=self.extra_state(),
-                                    run_state=self.run_state(), engine=self.engine)
+                    self._save(log)
                 if stopping:
                     log.print(f"stopping at step {self.step} (train.stop_at_step); rerun to resume")
                     break
+            self._wait_for_save(log)  # the run ends once its last checkpoint is published
         except Exception as error:
             explained = self.watchdog.explain(error)  # a failed collective: who did not arrive
             if explained is not None:
@@ -160,6 +160,35 @@ class Trainer:
         if val_loss is not None and mesh.is_main:
             print(self.task.final_line(self.step, val_loss, final_eval or {}), flush=True)
         return TrainResult(self.step, val_loss, self.task.reference_loss, final_eval)
+
+    def _save(self, log: MetricsLogger) -> None:
+        """A checkpoint of this step: synchronous, or in the background (checkpoint.async_save)
+        after the previous background save is published (at most one in flight)."""
+        self._wait_for_save(log)
+        self.watchdog.mark(self.step, "checkpoint save")
+        try:
+            saved = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.data,
+                                    self.cfg, self.mesh, extra_state=self.extra_state(), run_state=self.run_state(),
+                                    engine=self.engine, background=self.cfg.checkpoint.async_save)
+        except SaveFailed as e:
+            self._save_failed(e, log)
+            return
+        if isinstance(saved, PendingSave):
+            self.pending_save = saved
+
+    def _wait_for_save(self, log: MetricsLogger) -> None:
+        pending, self.pending_save = self.pending_save, None
+        if pending is not None:
+            self.watchdog.mark(self.step, f"checkpoint save of step {pending.step} (background)")
+            try:
+                pending.wait()
+            except SaveFailed as e:
+                self._save_failed(e, log)
+
+    def _save_failed(self, error: SaveFailed, log: MetricsLogger) -> None:
+        if self.cfg.checkpoint.on_error == "stop":
+            raise error
+        log.print(f"warning: {error}; training on (checkpoint.on_error=skip)")
 
     def _task_metrics(self) -> dict:
         """The task's own per-step metrics (DiT: diffusion/mse, diffusion/vlb), mean over dp."""
