@@ -38,6 +38,8 @@ def require(cond: bool, message: str) -> None:
 # The names of what models/ implements; the modules that implement them import these.
 Family = Literal["llm", "dit"]
 AttentionKind = Literal["gqa", "mla"]
+RopeScalingKind = Literal["none", "linear", "dynamic", "yarn"]  # models/rope.py
+ExpertAct = Literal["swiglu", "clamped_swiglu"]  # models/moe/backends.py
 Routing = Literal["token_choice", "expert_choice"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["probability", "position"]
@@ -63,6 +65,17 @@ class ModelConfig(ConfigSection):
     ffn_dim: int = bounded(512, gt=0)  # hidden size of dense (non-MoE) FFN layers
     max_seq_len: int = bounded(512, gt=0)
     rope_theta: float = 10000.0
+    # RoPE context extension (models/rope.py, as transformers computes it): none | linear |
+    # dynamic (NTK) | yarn. The other rope_* keys only matter when it is not none.
+    rope_scaling: RopeScalingKind = "none"
+    rope_factor: float = bounded(1.0, gt=0)  # context extension factor
+    rope_original_max_seq_len: int = bounded(0, ge=0)  # the pre-extension context; 0: max_seq_len
+    rope_beta_fast: float = bounded(32.0, gt=0)  # yarn: rotations bounding the extrapolated band
+    rope_beta_slow: float = bounded(1.0, gt=0)  # yarn: rotations bounding the interpolated band
+    rope_mscale: float = bounded(0.0, ge=0)  # yarn: mscale (0: unset)
+    rope_mscale_all_dim: float = bounded(0.0, ge=0)  # yarn: mscale_all_dim (0: unset); MLA softmax scale too
+    rope_attention_factor: float = bounded(0.0, ge=0)  # yarn: cos/sin factor; 0: from factor and mscales
+    rope_truncate: bool = True  # yarn: round the correction band to whole dims
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -72,6 +85,9 @@ class ModelConfig(ConfigSection):
     attn_out_bias: bool = False  # bias on the attention output projection
     qk_norm: bool = False  # gqa: RMSNorm over the whole q and k projections before RoPE (OLMoE)
     clip_qkv: float = bounded(0.0, ge=0)  # gqa: clamp q, k, v to [-c, c] (OLMoE); 0: off
+    attn_sinks: bool = False  # gqa: a learned per-head logit in every softmax denominator (gpt-oss)
+    sliding_window: int = bounded(0, ge=0)  # gqa: attend to the last W tokens only; 0: off
+    sliding_window_layers: list[int] = field(default_factory=list)  # layers with the window; empty: all
     mla_q_lora_rank: int = bounded(0, ge=0)  # rank of the q bottleneck; 0: a full-rank q projection
     mla_kv_lora_rank: int = 512  # the compressed kv latent per token
     mla_qk_nope_head_dim: int = 128  # q/k channels per head without RoPE
@@ -111,6 +127,13 @@ class MoEConfig(ConfigSection):
     num_shared_experts: int = bounded(0, ge=0)
     shared_expert_ffn_dim: int = bounded(0, ge=0)  # 0: expert_ffn_dim
     shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x·w_gate)
+    router_bias: bool = False  # a bias on the router logits (gpt-oss)
+    expert_bias: bool = False  # biases on the routed experts' gate, up and down projections (gpt-oss)
+    # Routed experts' activation: swiglu silu(g)·u | clamped_swiglu (gpt-oss):
+    # g' = min(g, limit), u' = clamp(u, ±limit), out = (u' + 1)·g'·sigmoid(alpha·g')
+    expert_act: ExpertAct = "swiglu"
+    swiglu_alpha: float = bounded(1.702, gt=0)
+    swiglu_limit: float = bounded(7.0, gt=0)
     # Routing. expert_choice (each expert picks its top-C tokens) is not causal: a token's
     # routing depends on later tokens, so it suits DiTs and leaks the future in causal LMs.
     routing: Routing = "token_choice"
@@ -175,7 +198,7 @@ def shape_fields(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict[str, object
         fields.update({"model.vocab_size": m.vocab_size, "model.num_kv_heads": m.num_kv_heads,
                        "model.tie_embeddings": m.tie_embeddings, "model.attention": m.attention,
                        "model.qkv_bias": m.qkv_bias, "model.attn_out_bias": m.attn_out_bias,
-                       "model.qk_norm": m.qk_norm})
+                       "model.qk_norm": m.qk_norm, "model.attn_sinks": m.attn_sinks})
         if m.attention == "mla":
             fields.update({f"model.{k}": getattr(m, k) for k in (
                 "mla_q_lora_rank", "mla_kv_lora_rank", "mla_qk_nope_head_dim", "mla_qk_rope_head_dim",
@@ -191,7 +214,8 @@ def shape_fields(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict[str, object
         fields.update({"moe.expert_ffn_dim": moe.expert_ffn_dim, "moe.moe_every": moe.moe_every,
                        "moe.first_k_dense": moe.first_k_dense, "moe.num_shared_experts": moe.num_shared_experts,
                        "moe.shared_expert_ffn_dim": shared, "moe.shared_expert_gate": moe.shared_expert_gate,
-                       "moe.aux_free": moe.aux_free, "moe.layer_num_experts": list(moe.layer_num_experts)})
+                       "moe.aux_free": moe.aux_free, "moe.layer_num_experts": list(moe.layer_num_experts),
+                       "moe.router_bias": moe.router_bias, "moe.expert_bias": moe.expert_bias})
     return fields
 
 
@@ -231,11 +255,16 @@ def _check_attention(m: ModelConfig) -> None:
             require(value > 0, f"{key}: must be > 0 with model.attention=mla, got {value}")
         require(m.mla_qk_rope_head_dim % 2 == 0, f"model.mla_qk_rope_head_dim={m.mla_qk_rope_head_dim} must be even for RoPE")
         require(not m.qk_norm and m.clip_qkv == 0, "model.qk_norm, model.clip_qkv: gqa options, not for model.attention=mla")
+        require(not m.attn_sinks and m.sliding_window == 0,
+                "model.attn_sinks, model.sliding_window: gqa options, not for model.attention=mla")
         return
     if m.head_dim == 0:
         require(m.d_model % m.num_heads == 0,
                 f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} (or set model.head_dim)")
     require(m.resolved_head_dim % 2 == 0, "model head_dim must be even for RoPE")
+    require(all(0 <= i < m.num_layers for i in m.sliding_window_layers),
+            f"model.sliding_window_layers={m.sliding_window_layers}: layer indices below model.num_layers={m.num_layers}")
+    require(m.sliding_window > 0 or not m.sliding_window_layers, "model.sliding_window_layers: needs model.sliding_window > 0")
 
 
 def _check_routing(moe: MoEConfig) -> None:

@@ -19,6 +19,7 @@ from models.doc_mask import document_positions_and_mask
 from models.ffn import FeedForward
 from models.init import Init, initialize, seed_from_global_rng
 from models.moe import MoE
+from models.rope import RopeScaling
 
 
 def configure_moe_layers(moe_ffns: list, moe_cfg) -> None:
@@ -34,7 +35,7 @@ class Block(nn.Module):
     def __init__(self, layer_id: int, cfg, moe_cfg):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = build_attention(cfg)
+        self.attn = build_attention(cfg, layer_id)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if is_moe_layer(layer_id, moe_cfg):
             self.ffn: nn.Module = MoE(cfg.d_model, moe_layer_config(layer_id, moe_cfg))
@@ -78,7 +79,7 @@ class MoETransformer(nn.Module):
         # Tied: the head reads tok_embeddings.weight in forward instead of sharing a Parameter
         # object, because to_empty()/_apply re-create parameters per module and would untie them.
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rope = RotaryTables(self.rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryTables(self.rope_dim, cfg.max_seq_len, cfg.rope_theta, RopeScaling.from_config(cfg))
         if not self.norm.weight.is_meta:
             initialize(self, seed_from_global_rng() if seed is None else seed)
 

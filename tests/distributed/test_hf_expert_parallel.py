@@ -2,7 +2,8 @@
 with ep=2 (each rank holds half the experts and routes its own tokens through the all-to-all),
 our model's logits match transformers' on each rank's batch within 1e-4 (fp32), for DeepSeek-V3
 (MLA, sigmoid group-limited routing with the correction bias, shared experts, a dense first
-layer) and Qwen2-MoE (gated shared expert, q/k/v biases). One spawn runs both."""
+layer), Qwen2-MoE (gated shared expert, q/k/v biases) and gpt-oss (expert biases, which shard with
+the experts; sinks, sliding window, YaRN). One spawn runs all three."""
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-FAMILIES = ("deepseek_v3", "qwen2_moe")
+FAMILIES = ("deepseek_v3", "qwen2_moe", "gpt_oss")
 
 
 def _tokens(rank):
@@ -32,7 +33,7 @@ def _rank(rank, world_size, hf_dirs):
         model = parallelize(model, mesh, cfg.parallel).eval()
         experts = [m for n, m in unwrap(model).named_modules() if n.endswith("ffn.experts")]
         with torch.no_grad():
-            out[name] = (model(_tokens(rank)), [e.w1_EFD.shape[0] for e in experts])
+            out[name] = (model(_tokens(rank)), [t.shape[0] for e in experts for t in e.parameters()])
     return out
 
 
@@ -48,9 +49,9 @@ def test_imported_model_matches_transformers_under_ep2(tmp_path):
             expected[name] = [hf(_tokens(rank)).logits for rank in range(2)]
     results = run_distributed(_rank, 2, hf_dirs)
     for name in FAMILIES:
-        num_experts = {"deepseek_v3": 8, "qwen2_moe": 6}[name]
+        num_experts = {"deepseek_v3": 8, "qwen2_moe": 6, "gpt_oss": 6}[name]
         for rank, result in enumerate(results):
             logits, local_experts = result[name]
-            assert set(local_experts) == {num_experts // 2}  # each rank holds half the experts
+            assert set(local_experts) == {num_experts // 2}  # each rank holds half the experts (biases too)
             diff = (logits - expected[name][rank]).abs().max().item()
             assert diff <= 1e-4, (name, rank, diff)

@@ -92,6 +92,8 @@ def _our_shapes(cfg: Config) -> dict[str, tuple]:
 
 def conversion_spec(family: Family, hf_cfg: dict, cfg: Config, expert_layout: str) -> Spec:
     m = cfg.model
+    if family.model_type == "gpt_oss":
+        expert_layout = "fused"  # the only layout transformers reads and writes for gpt-oss
     return Spec(family.model_type, expert_layout, m.num_layers,
                 rope_interleave=family.model_type == "deepseek_v3" and bool(hf_cfg.get("rope_interleave", True)),
                 mla_nope=m.mla_qk_nope_head_dim, mla_rope=m.mla_qk_rope_head_dim, kv_lora_rank=m.mla_kv_lora_rank)
