@@ -3,6 +3,7 @@
 Commands that spawn nothing run through `launch.cli.main` in this process (same code, no
 interpreter start-up); the training run goes through torchrun."""
 import json
+import math
 import os
 
 import pytest
@@ -124,7 +125,7 @@ def test_init_from_preflight_one_line(tmp_path):
         "empty is not a Hugging Face model directory: no config.json")
     assert cli_error(*run, f"model.init_from=hf:{llama}") == \
         f"model.init_from: {llama}/config.json: model_type 'llama' is not supported; supported: mixtral, " \
-        f"qwen2_moe, olmoe, deepseek_v3"
+        f"qwen2_moe, olmoe, deepseek_v3, gpt_oss"
     assert cli_error(*run, f"model.init_from={llama}") == \
         f"model.init_from: {llama} is not a complete checkpoint of ours (step_XXXXXXXX with .metadata); " \
         f"for a Hugging Face directory write hf:{llama}"
@@ -170,3 +171,35 @@ def test_peft_lora_from_an_hf_base_trains_merges_and_exports_back(tmp_path):
         exported = back(inputs).logits
         assert (exported - adapted(inputs)).abs().max().item() <= 1e-4
         assert (exported - hf(inputs).logits).abs().max().item() > 1e-4  # the adapters changed it
+
+
+def test_pretrain_from_hf_gpt_oss_in_process(tmp_path):
+    """A cheap variant for gpt-oss (sinks, a sliding window, YaRN, biased router and experts, the
+    clamped SwiGLU): the tiny recipe started from `model.init_from: hf:DIR` in this process has a
+    step-1 loss equal to the HF model's cross entropy, and trains (finite losses, weights move)."""
+    from trainer.recipe import load_config
+    from trainer.loop import Trainer
+    from trainer.lm.data import build_text_data
+
+    hf_cfg = transformers.GptOssConfig(
+        vocab_size=260, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        max_position_embeddings=64, initializer_range=0.1, swiglu_limit=1.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = load_config(RECIPE, SMALL + [f"model.init_from=hf:{tmp_path / 'hf'}", "logging.wandb=false", "eval.every=0",
+                                       "checkpoint.keep_last=0", "train.steps=2", "checkpoint.every=2"])
+    assert cfg.model.attn_sinks and cfg.moe.expert_act == "clamped_swiglu"  # the HF model's architecture
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    Trainer(cfg, str(run_dir)).run()
+    with open(run_dir / "metrics.jsonl") as f:
+        losses = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    assert sorted(losses) == [1, 2] and all(map(math.isfinite, losses.values()))
+    inputs, targets = next(build_text_data(cfg.data, cfg.train.micro_batch_size, 0, 1, cfg.train.seed).train_batches())
+    with torch.no_grad():
+        hf_loss = torch.nn.functional.cross_entropy(hf(inputs).logits.flatten(0, 1), targets.flatten()).item()
+    assert losses[1] == pytest.approx(hf_loss, rel=1e-5)
+    assert losses[2] != losses[1]
