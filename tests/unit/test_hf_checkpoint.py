@@ -231,12 +231,18 @@ def test_round_trip_hf_ours_hf(tmp_path, name):
 
 def test_ours_exports_and_loads_without_hf_origin(tmp_path):
     """A model of ours (not imported) exports to the family that expresses it: our tiny preset
-    is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE."""
+    is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE; with sinks, a window on
+    layer 1, YaRN, biased router and experts and the clamped SwiGLU a gpt-oss."""
     from trainer.recipe import load_config
 
     for overrides, family in [([], "mixtral"),
                               (["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "model.qkv_bias=true",
-                                "moe.renormalize=false", "moe.first_k_dense=1"], "qwen2_moe")]:
+                                "moe.renormalize=false", "moe.first_k_dense=1"], "qwen2_moe"),
+                              (["model.attn_sinks=true", "model.sliding_window=4", "model.sliding_window_layers=[1]",
+                                "model.qkv_bias=true", "model.attn_out_bias=true", "moe.router_bias=true",
+                                "moe.expert_bias=true", "moe.expert_act=clamped_swiglu", "moe.swiglu_limit=0.5",
+                                "model.rope_scaling=yarn", "model.rope_factor=2", "model.rope_original_max_seq_len=8"],
+                               "gpt_oss")]:
         cfg = load_config(None, ["model.preset=tiny", "model.d_model=32", "model.num_layers=2",
                                  "moe.expert_ffn_dim=16", "model.ffn_dim=32", "model.max_seq_len=64", "data.seq_len=32",
                                  *overrides])
