@@ -4,8 +4,9 @@
          q/k/v biases (`qkv_bias`, Qwen2-MoE), an output bias (`attn_out_bias`), RMSNorm over the
          whole q and k projections before RoPE (`qk_norm`, OLMoE) or over each head's channels
          (`qk_norm_per_head`, Qwen3-MoE, GLM-4.5, dots1), clamping of q/k/v (`clip_qkv`, OLMoE),
-         RoPE on the first `partial_rotary_factor` of each head's channels (GLM-4.5) and a
-         sliding window (`sliding_window` keys back, on the layers of `sliding_window_layers`)
+         RoPE on the first `partial_rotary_factor` of each head's channels (GLM-4.5), learned
+         per-head attention sinks (`attn_sinks`, gpt-oss) and a sliding window (`sliding_window`
+         keys back, on the layers of `sliding_window_layers`; gpt-oss, Qwen3-MoE, dots1)
     mla  multi-head latent attention (DeepSeek-V2/V3): q through an optional low-rank bottleneck,
          keys and values from one compressed latent per token, RoPE only on a separate slice of
          qk_rope_head_dim channels whose key is shared by all heads
@@ -27,24 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.init import Init
+from models.rope import RopeScaling, mla_softmax_scale, rope_tables
 
 ATTENTIONS = ("gqa", "mla")
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each [max_seq_len, head_dim // 2], fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
 
 
 class RotaryTables(nn.Module):
     """The RoPE tables of a model as non-persistent buffers, one module shared by the model and its
     pipeline stages: materialising a stage materialises the tables every stage reads."""
 
-    def __init__(self, dim: int, max_seq_len: int, theta: float):
+    def __init__(self, dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None = None):
         super().__init__()
         self.dim, self.max_seq_len, self.theta = dim, max_seq_len, theta
+        self.scaling = scaling or RopeScaling()  # models/rope.py: none, linear, dynamic, yarn
         self.register_buffer("cos", torch.empty(max_seq_len, dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
         self.init_buffers()
@@ -53,7 +49,7 @@ class RotaryTables(nn.Module):
     def init_buffers(self) -> None:
         """Derived from the config, small: computed whole on every rank (nothing on meta)."""
         if not self.cos.is_meta:
-            cos, sin = rope_tables(self.dim, self.max_seq_len, self.theta, self.cos.device)
+            cos, sin = rope_tables(self.dim, self.max_seq_len, self.theta, self.scaling, self.cos.device)
             self.cos.copy_(cos)
             self.sin.copy_(sin)
 
@@ -61,6 +57,9 @@ class RotaryTables(nn.Module):
         """(cos, sin) of positions 0..num_positions-1."""
         if num_positions > self.max_seq_len:
             raise ValueError(f"sequence length {num_positions} exceeds max_seq_len={self.max_seq_len}")
+        if self.scaling.kind == "dynamic" and num_positions > self.scaling.original_max_seq_len:
+            # Dynamic NTK: the whole window's tables depend on its length (small, computed here).
+            return rope_tables(self.dim, num_positions, self.theta, self.scaling, self.cos.device)
         return self.cos[:num_positions], self.sin[:num_positions]
 
 
@@ -101,7 +100,7 @@ def build_attention(cfg, layer_id: int = 0) -> nn.Module:
     return Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or cfg.d_model // cfg.num_heads,
                      qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, qk_norm=cfg.qk_norm,
                      clip_qkv=cfg.clip_qkv, norm_eps=cfg.norm_eps, qk_norm_per_head=cfg.qk_norm_per_head,
-                     rotary_dim=rope_dim(cfg), window=layer_window(cfg, layer_id))
+                     rotary_dim=rope_dim(cfg), window=layer_window(cfg, layer_id), sinks=cfg.attn_sinks)
 
 
 def window_mask(num_tokens: int, window: int, mask_B1SS: torch.Tensor | None, device) -> torch.Tensor:
@@ -114,17 +113,36 @@ def window_mask(num_tokens: int, window: int, mask_B1SS: torch.Tensor | None, de
 
 
 def _attend(q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor, mask_B1SS: torch.Tensor | None,
-            enable_gqa: bool = False) -> torch.Tensor:
+            enable_gqa: bool = False, scale: float | None = None) -> torch.Tensor:
     """Causal SDPA, or SDPA under a boolean mask (True: attend) that already holds causality.
     A mask rules out the flash kernel on GPU, so the unmasked path keeps is_causal=True."""
     if mask_B1SS is None:
-        return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, is_causal=True, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, is_causal=True, enable_gqa=enable_gqa,
+                                              scale=scale)
     if enable_gqa and k_BHSd.shape[1] != q_BHSd.shape[1]:
         # On CUDA, enable_gqa with a mask leaves only the math kernel (S² scores per head in
         # memory); repeated kv heads keep the memory-efficient kernel available.
         repeats = q_BHSd.shape[1] // k_BHSd.shape[1]
         k_BHSd, v_BHSd = k_BHSd.repeat_interleave(repeats, dim=1), v_BHSd.repeat_interleave(repeats, dim=1)
-    return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask_B1SS)
+    return F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask_B1SS, scale=scale)
+
+
+def _attend_with_sinks(q_BHSd: torch.Tensor, k_BKSd: torch.Tensor, v_BKSd: torch.Tensor,
+                       mask: torch.Tensor | None, sinks_H: torch.Tensor) -> torch.Tensor:
+    """Explicit softmax attention whose denominator also holds one learned logit per head (gpt-oss
+    attention sinks: a head can attend to "nothing"). Scores and softmax in fp32; mask: boolean
+    (True: attend), None: causal."""
+    B, H, S, d = q_BHSd.shape
+    repeats = H // k_BKSd.shape[1]
+    k, v = k_BKSd.repeat_interleave(repeats, dim=1), v_BKSd.repeat_interleave(repeats, dim=1)
+    scores_BHSS = torch.matmul(q_BHSd.float(), k.float().transpose(2, 3)) * d ** -0.5
+    if mask is None:
+        mask = torch.ones(S, S, dtype=torch.bool, device=q_BHSd.device).tril()
+    scores_BHSS = scores_BHSS.masked_fill(~mask, float("-inf"))
+    sinks = sinks_H.float().view(1, H, 1, 1).expand(B, H, S, 1)
+    combined = torch.cat([scores_BHSS, sinks], dim=-1)
+    probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def _init_linear(linear: nn.Linear, std: float, init: Init) -> None:
@@ -139,7 +157,7 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
                  clip_qkv: float = 0.0, norm_eps: float = 1e-5, qk_norm_per_head: bool = False,
-                 rotary_dim: int = 0, window: int = 0):
+                 rotary_dim: int = 0, window: int = 0, sinks: bool = False):
         super().__init__()
         if qk_norm and qk_norm_per_head:
             raise ValueError("qk_norm (whole projection) and qk_norm_per_head: choose one")
@@ -156,6 +174,8 @@ class Attention(nn.Module):
         q_width, k_width = (head_dim, head_dim) if qk_norm_per_head else (num_heads * head_dim, num_kv_heads * head_dim)
         self.q_norm = nn.RMSNorm(q_width, eps=norm_eps) if qk_norm or qk_norm_per_head else None
         self.k_norm = nn.RMSNorm(k_width, eps=norm_eps) if qk_norm or qk_norm_per_head else None
+        # gpt-oss: one learned logit per head that joins every softmax denominator.
+        self.sinks = nn.Parameter(torch.empty(num_heads)) if sinks else None
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,7 +193,10 @@ class Attention(nn.Module):
         v = v.view(B, S, self.num_kv_heads, self.head_dim)
         if self.window and S > self.window:
             mask_B1SS = window_mask(S, self.window, mask_B1SS, x_BSD.device)
-        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask_B1SS, enable_gqa=True)
+        if self.sinks is not None:
+            o = _attend_with_sinks(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask_B1SS, self.sinks)
+        else:
+            o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask_B1SS, enable_gqa=True)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
     def _rope(self, x_BSHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -191,6 +214,8 @@ class Attention(nn.Module):
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 init.ones(norm.weight)
+        if self.sinks is not None:
+            init.zeros(self.sinks)  # a sink logit of 0: one virtual key with score 0 at the start
 
 
 class MLAttention(nn.Module):
@@ -199,7 +224,7 @@ class MLAttention(nn.Module):
     q = W_qb · RMSNorm(W_qa · x) (or W_q · x when mla_q_lora_rank is 0), split per head into a
     no-RoPE part [N] and a RoPE part [R]. W_kva · x gives the latent c [L] and one RoPE key [R]
     shared by every head; W_kvb · RMSNorm(c) gives each head's no-RoPE key [N] and value [V].
-    Scores are scaled by 1/sqrt(N + R). The latent norms use eps 1e-6, as DeepSeek's code.
+    Scores are scaled by 1/sqrt(N + R) (times YaRN's mscale² with mscale_all_dim). The latent norms use eps 1e-6, as DeepSeek's code.
     `qkv_bias` puts biases on W_qa and W_kva (DeepSeek's attention_bias), `attn_out_bias` on W_o.
     """
 
@@ -220,6 +245,9 @@ class MLAttention(nn.Module):
         self.kv_a_norm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=cfg.attn_out_bias)
+        # 1/sqrt(N + R), corrected by YaRN's mscale_all_dim (None: SDPA's default, the same value).
+        scale = mla_softmax_scale(qk_dim, RopeScaling.from_config(cfg))
+        self.softmax_scale = None if scale == qk_dim ** -0.5 else scale
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,7 +263,8 @@ class MLAttention(nn.Module):
         q_BSHd = torch.cat([q_nope_BSHN, apply_rope(q_rope_BSHR, cos, sin)], dim=-1)
         k_BSHd = torch.cat([k_nope_BSHN, k_rope_BS1R.expand(B, S, H, R)], dim=-1)
         # The value dim may differ from the q/k dim; SDPA's default scale is 1/sqrt(N + R).
-        o = _attend(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), v_BSHV.transpose(1, 2), mask_B1SS)
+        o = _attend(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), v_BSHV.transpose(1, 2), mask_B1SS,
+                    scale=self.softmax_scale)
         return self.wo(o.transpose(1, 2).reshape(B, S, H * V))
 
     def init_weights(self, std: float, out_std: float, init: Init) -> None:

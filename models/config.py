@@ -38,6 +38,8 @@ def require(cond: bool, message: str) -> None:
 # The names of what models/ implements; the modules that implement them import these.
 Family = Literal["llm", "dit"]
 AttentionKind = Literal["gqa", "mla"]
+RopeScalingKind = Literal["none", "linear", "dynamic", "yarn"]  # models/rope.py
+ExpertAct = Literal["swiglu", "clamped_swiglu"]  # models/moe/backends.py
 Routing = Literal["token_choice", "expert_choice"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 GroupScore = Literal["top2_sum", "max"]
@@ -65,6 +67,17 @@ class ModelConfig(ConfigSection):
     ffn_dim: int = bounded(512, gt=0)  # hidden size of dense (non-MoE) FFN layers
     max_seq_len: int = bounded(512, gt=0)
     rope_theta: float = 10000.0
+    # RoPE context extension (models/rope.py, as transformers computes it): none | linear |
+    # dynamic (NTK) | yarn. The other rope_* keys only matter when it is not none.
+    rope_scaling: RopeScalingKind = "none"
+    rope_factor: float = bounded(1.0, gt=0)  # context extension factor
+    rope_original_max_seq_len: int = bounded(0, ge=0)  # the pre-extension context; 0: max_seq_len
+    rope_beta_fast: float = bounded(32.0, gt=0)  # yarn: rotations bounding the extrapolated band
+    rope_beta_slow: float = bounded(1.0, gt=0)  # yarn: rotations bounding the interpolated band
+    rope_mscale: float = bounded(0.0, ge=0)  # yarn: mscale (0: unset)
+    rope_mscale_all_dim: float = bounded(0.0, ge=0)  # yarn: mscale_all_dim (0: unset); MLA softmax scale too
+    rope_attention_factor: float = bounded(0.0, ge=0)  # yarn: cos/sin factor; 0: from factor and mscales
+    rope_truncate: bool = True  # yarn: round the correction band to whole dims
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -76,6 +89,7 @@ class ModelConfig(ConfigSection):
     clip_qkv: float = bounded(0.0, ge=0)  # gqa: clamp q, k, v to [-c, c] (OLMoE); 0: off
     qk_norm_per_head: bool = False  # gqa: RMSNorm over each head's q and k channels before RoPE (Qwen3-MoE)
     partial_rotary_factor: float = bounded(1.0, gt=0, le=1)  # gqa: RoPE on this first fraction of a head's channels
+    attn_sinks: bool = False  # gqa: a learned per-head logit in every softmax denominator (gpt-oss)
     sliding_window: int = bounded(0, ge=0)  # gqa: attend to the last W tokens (self included); 0: off
     sliding_window_layers: list[int] = field(default_factory=list)  # the windowed layers; empty: all
     mla_q_lora_rank: int = bounded(0, ge=0)  # rank of the q bottleneck; 0: a full-rank q projection
@@ -117,6 +131,13 @@ class MoEConfig(ConfigSection):
     num_shared_experts: int = bounded(0, ge=0)
     shared_expert_ffn_dim: int = bounded(0, ge=0)  # 0: expert_ffn_dim
     shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x·w_gate)
+    router_bias: bool = False  # a bias on the router logits (gpt-oss)
+    expert_bias: bool = False  # biases on the routed experts' gate, up and down projections (gpt-oss)
+    # Routed experts' activation: swiglu silu(g)·u | clamped_swiglu (gpt-oss):
+    # g' = min(g, limit), u' = clamp(u, ±limit), out = (u' + 1)·g'·sigmoid(alpha·g')
+    expert_act: ExpertAct = "swiglu"
+    swiglu_alpha: float = bounded(1.702, gt=0)
+    swiglu_limit: float = bounded(7.0, gt=0)
     # Routing. expert_choice (each expert picks its top-C tokens) is not causal: a token's
     # routing depends on later tokens, so it suits DiTs and leaks the future in causal LMs.
     routing: Routing = "token_choice"
@@ -182,7 +203,8 @@ def shape_fields(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict[str, object
         fields.update({"model.vocab_size": m.vocab_size, "model.num_kv_heads": m.num_kv_heads,
                        "model.tie_embeddings": m.tie_embeddings, "model.attention": m.attention,
                        "model.qkv_bias": m.qkv_bias, "model.attn_out_bias": m.attn_out_bias,
-                       "model.qk_norm": m.qk_norm, "model.qk_norm_per_head": m.qk_norm_per_head})
+                       "model.qk_norm": m.qk_norm, "model.qk_norm_per_head": m.qk_norm_per_head,
+                       "model.attn_sinks": m.attn_sinks})
         if m.attention == "mla":
             fields.update({f"model.{k}": getattr(m, k) for k in (
                 "mla_q_lora_rank", "mla_kv_lora_rank", "mla_qk_nope_head_dim", "mla_qk_rope_head_dim",
@@ -198,7 +220,8 @@ def shape_fields(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict[str, object
         fields.update({"moe.expert_ffn_dim": moe.expert_ffn_dim, "moe.moe_every": moe.moe_every,
                        "moe.first_k_dense": moe.first_k_dense, "moe.num_shared_experts": moe.num_shared_experts,
                        "moe.shared_expert_ffn_dim": shared, "moe.shared_expert_gate": moe.shared_expert_gate,
-                       "moe.aux_free": moe.aux_free, "moe.layer_num_experts": list(moe.layer_num_experts)})
+                       "moe.aux_free": moe.aux_free, "moe.layer_num_experts": list(moe.layer_num_experts),
+                       "moe.router_bias": moe.router_bias, "moe.expert_bias": moe.expert_bias})
     return fields
 
 
@@ -238,8 +261,9 @@ def _check_attention(m: ModelConfig) -> None:
             require(value > 0, f"{key}: must be > 0 with model.attention=mla, got {value}")
         require(m.mla_qk_rope_head_dim % 2 == 0, f"model.mla_qk_rope_head_dim={m.mla_qk_rope_head_dim} must be even for RoPE")
         require(not m.qk_norm and m.clip_qkv == 0 and not m.qk_norm_per_head and m.partial_rotary_factor == 1.0
-                and m.sliding_window == 0, "model.qk_norm, model.qk_norm_per_head, model.clip_qkv, "
-                "model.partial_rotary_factor, model.sliding_window: gqa options, not for model.attention=mla")
+                and m.sliding_window == 0 and not m.attn_sinks, "model.qk_norm, model.qk_norm_per_head, "
+                "model.clip_qkv, model.partial_rotary_factor, model.sliding_window, model.attn_sinks: gqa options, "
+                "not for model.attention=mla")
         return
     require(not (m.qk_norm and m.qk_norm_per_head), "model.qk_norm and model.qk_norm_per_head: choose one")
     require(all(0 <= i < m.num_layers for i in m.sliding_window_layers),
@@ -250,6 +274,7 @@ def _check_attention(m: ModelConfig) -> None:
     rotary = int(m.resolved_head_dim * m.partial_rotary_factor)
     require(rotary > 0 and rotary % 2 == 0, f"model head_dim x model.partial_rotary_factor = {rotary} channels: "
                                              f"must be even and > 0 for RoPE")
+    require(m.sliding_window > 0 or not m.sliding_window_layers, "model.sliding_window_layers: needs model.sliding_window > 0")
 
 
 def _check_routing(moe: MoEConfig) -> None:

@@ -19,6 +19,7 @@ from models.doc_mask import document_positions_and_mask
 from models.ffn import FeedForward
 from models.init import Init, initialize, seed_from_global_rng
 from models.moe import MoE
+from models.rope import RopeScaling
 
 
 def configure_moe_layers(moe_ffns: list, moe_cfg) -> None:
@@ -78,7 +79,7 @@ class MoETransformer(nn.Module):
         # Tied: the head reads tok_embeddings.weight in forward instead of sharing a Parameter
         # object, because to_empty()/_apply re-create parameters per module and would untie them.
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rope = RotaryTables(self.rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryTables(self.rope_dim, cfg.max_seq_len, cfg.rope_theta, RopeScaling.from_config(cfg))
         if not self.norm.weight.is_meta:
             initialize(self, seed_from_global_rng() if seed is None else seed)
 

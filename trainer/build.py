@@ -168,6 +168,10 @@ def construct(cfg: Config, mesh: ParallelMesh, task, run_dir: str, resume_path: 
     peft = adapted.peft
     if cfg.peft.method != "none":  # base weights (also on resume: PEFT checkpoints hold none)
         peft, base_line = prepare_peft(parts.model, cfg, task, mesh, resume_path, adapted.peft)
+        if cfg.peft.init_adapter and resume_path is None:  # on resume the checkpoint holds the adapters
+            from trainer.adapt.peft_interop import load_init_adapter  # a peft library adapter (lora)
+
+            base_line += "; " + load_init_adapter(parts.model, cfg)
         lines += [base_line, peft.summary]
     parts = wrap(parts, cfg, mesh)
     return Built(cfg, model, parts, optimize(unwrap(parts.model), cfg, mesh), counts, adapted.prune, peft, lines)

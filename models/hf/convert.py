@@ -21,6 +21,13 @@ Name map (HF prefix `model.layers.{i}.`, ours `layers.{i}.`):
     routed experts, per-expert layout (what save_pretrained writes, and transformers 4.x):
         mlp.experts.{e}.{gate,up,down}_proj.weight; Mixtral: block_sparse_moe.experts.{e}.{w1,w3,w2}.weight
         and block_sparse_moe.gate
+gpt-oss (transformers reads and writes one layout, fused and transposed, gate/up interleaved):
+    self_attn.sinks                          attn.sinks
+    mlp.router.weight / .bias                ffn.router.gate.weight / .bias
+    mlp.experts.gate_up_proj [E, D, 2F], gate columns 0, 2, 4, ... and up columns 1, 3, 5, ...
+                                             experts.w1_EFD, w3_EFD (transposed)
+    mlp.experts.gate_up_proj_bias [E, 2F] (interleaved the same way)   experts.b1_EF, b3_EF
+    mlp.experts.down_proj [E, F, D], down_proj_bias [E, D]              experts.w2_EDF (transposed), b2_ED
 DeepSeek's interleaved RoPE (V2 always, V3 with rope_interleave, channel pairs (0,1), (2,3), ...) equals our
 rotate-half RoPE on channels reordered evens-then-odds, so the rows that make the RoPE part of q
 and of the shared key are permuted on import and back on export.
@@ -79,6 +86,9 @@ class Spec:
 def detect_expert_layout(hf_names, where: str) -> str:
     """'fused' (mlp.experts.gate_up_proj) or 'per_expert' (experts.{e}.*), from the tensor names."""
     names = list(hf_names)
+    if any(n.endswith(".experts.gate_up_proj_blocks") for n in names):
+        raise HFFormatError(f"{where}: MXFP4-quantised experts (gate_up_proj_blocks) are not supported; save a "
+                            "dequantised copy with transformers first (Mxfp4Config(dequantize=True))")
     fused = any(n.endswith(".experts.gate_up_proj") for n in names)
     per_expert = any(re.search(r"\.experts\.\d+\.", n) for n in names)
     if fused and per_expert:
@@ -102,9 +112,13 @@ def _simple_name(key: str, spec: Spec) -> str | None:
     parts = rest.split(".")
     if rest in ("attn_norm.weight", "ffn_norm.weight"):
         return p + ("input_layernorm.weight" if rest.startswith("attn") else "post_attention_layernorm.weight")
+    if rest == "attn.sinks":
+        return p + "self_attn.sinks"
     if parts[0] == "attn" and parts[1] in _ATTN:
         return p + f"self_attn.{_ATTN[parts[1]]}.{parts[2]}"
     moe = p + spec.moe_prefix
+    if spec.model_type == "gpt_oss" and rest in ("ffn.router.gate.weight", "ffn.router.gate.bias"):
+        return moe + ".router." + parts[-1]
     if rest == "ffn.router.gate.weight":
         return moe + ".gate.weight"
     if rest == "ffn.router.expert_bias_E":
@@ -143,10 +157,16 @@ def _rope_rows(key: str, spec: Spec, num_rows: int) -> torch.Tensor | None:
     return None
 
 
+_GPT_OSS_EXPERT = {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj", "b1": "gate_up_proj_bias",
+                   "b3": "gate_up_proj_bias", "b2": "down_proj_bias"}
+
+
 def _expert_source(key: str, spec: Spec, experts: range) -> tuple[str, list[str]]:
-    """(w1|w3|w2, the HF names holding experts `experts` of our stacked tensor `key`)."""
+    """(w1|w3|w2|b1|b3|b2, the HF names holding experts `experts` of our stacked tensor `key`)."""
     layer, leaf = _LAYER_KEY.match(key).group(1), key.rsplit(".", 1)[1]
     w = leaf.split("_")[0]
+    if spec.model_type == "gpt_oss":
+        return w, [f"model.layers.{layer}.mlp.experts.{_GPT_OSS_EXPERT[w]}"]
     if spec.expert_layout == "per_expert":
         base = f"model.layers.{layer}.{spec.moe_prefix}.experts"
         names = _MIXTRAL_EXPERT if spec.model_type == "mixtral" else _FFN
@@ -158,6 +178,8 @@ def _expert_source(key: str, spec: Spec, experts: range) -> tuple[str, list[str]
 def _read_experts(key: str, shape: tuple, read: Read, spec: Spec, experts: range) -> torch.Tensor:
     """Experts `experts` of one of our stacked expert tensors (w1_EFD, w3_EFD, w2_EDF)."""
     w, names = _expert_source(key, spec, experts)
+    if spec.model_type == "gpt_oss":
+        return _read_gpt_oss_experts(w, names[0], shape, read(names[0], slice(experts.start, experts.stop)))
     if spec.expert_layout == "per_expert":
         return torch.stack([read(n, None) for n in names])
     rows = slice(experts.start, experts.stop)
@@ -169,6 +191,40 @@ def _read_experts(key: str, shape: tuple, read: Read, spec: Spec, experts: range
         raise HFFormatError(f"{names[0]} has shape {(-1, *gate_up.shape[1:])} per expert, expected "
                             f"{(-1, 2 * F_, shape[2])}")
     return gate_up[:, :F_] if w == "w1" else gate_up[:, F_:]
+
+
+def _read_gpt_oss_experts(w: str, name: str, shape: tuple, hf_E: torch.Tensor) -> torch.Tensor:
+    """Our w1/w3/w2/b1/b3/b2 rows from gpt-oss's gate_up_proj [E, D, 2F] (gate, up interleaved on
+    the last dim), down_proj [E, F, D] and their biases."""
+    if w in ("w1", "w3"):  # our [E, F, D]
+        expected = (shape[2], 2 * shape[1])
+    elif w == "w2":  # our [E, D, F]
+        expected = (shape[2], shape[1])
+    else:  # our [E, F] (b1, b3) or [E, D] (b2)
+        expected = (2 * shape[1],) if w in ("b1", "b3") else (shape[1],)
+    if tuple(hf_E.shape[1:]) != expected:
+        raise HFFormatError(f"{name} has shape {(-1, *hf_E.shape[1:])} per expert, expected {(-1, *expected)}")
+    if w in ("w1", "w3"):
+        return hf_E[..., 0 if w == "w1" else 1::2].transpose(1, 2)
+    if w == "w2":
+        return hf_E.transpose(1, 2)
+    return hf_E[..., 0 if w == "b1" else 1::2] if w in ("b1", "b3") else hf_E
+
+
+def _gpt_oss_to_hf(key: str, tensor: torch.Tensor, state: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """gpt-oss's expert tensors from our stacked w1/w2 (with w3) and b1/b2 (with b3); w3, b3: nothing."""
+    layer, leaf = _LAYER_KEY.match(key).group(1), key.rsplit(".", 1)[1]
+    w = leaf.split("_")[0]
+    base = f"model.layers.{layer}.mlp.experts."
+    if w == "w1":  # [E, F, D] twice -> [E, D, F, 2] -> [E, D, 2F]: gate, up, gate, up, ...
+        up = state[key.replace("w1_EFD", "w3_EFD")]
+        yield base + "gate_up_proj", torch.stack([tensor.transpose(1, 2), up.transpose(1, 2)], -1).flatten(2)
+    elif w == "b1":
+        yield base + "gate_up_proj_bias", torch.stack([tensor, state[key.replace("b1_EF", "b3_EF")]], -1).flatten(1)
+    elif w == "w2":
+        yield base + "down_proj", tensor.transpose(1, 2)
+    elif w == "b2":
+        yield base + "down_proj_bias", tensor
 
 
 def hf_sources(key: str, shape: tuple, spec: Spec) -> list[str]:
@@ -248,6 +304,9 @@ def ours_to_hf(state: dict[str, torch.Tensor], spec: Spec) -> Iterator[tuple[str
             yield name, tensor if rows is None else tensor[torch.argsort(rows)]
             continue
         leaf = key.rsplit(".", 1)[1]
+        if spec.model_type == "gpt_oss":
+            yield from _gpt_oss_to_hf(key, tensor, state)
+            continue
         if leaf == "w3_EFD":
             continue  # written with w1 (fused) or below (per expert)
         layer, w = _LAYER_KEY.match(key).group(1), leaf.split("_")[0]

@@ -13,8 +13,8 @@ Pure: no transformers, no files. Shapes are checked again when the weights are c
 """
 from __future__ import annotations
 
-from models.hf import (family_deepseek_v2, family_deepseek_v3, family_dots1, family_glm4_moe, family_mixtral,
-                       family_olmoe, family_qwen2_moe, family_qwen3_moe)
+from models.hf import (family_deepseek_v2, family_deepseek_v3, family_dots1, family_glm4_moe, family_gpt_oss,
+                       family_mixtral, family_olmoe, family_qwen2_moe, family_qwen3_moe)
 from models.hf.family_base import ARCH_KEYS, Family, HFFormatError  # noqa: F401 - the API
 
 __all__ = ["ARCH_KEYS", "FAMILIES", "Family", "HFFormatError", "family_of", "infer_family"]
@@ -22,7 +22,7 @@ __all__ = ["ARCH_KEYS", "FAMILIES", "Family", "HFFormatError", "family_of", "inf
 # Order matters for infer_family (the first that expresses an architecture exactly wins).
 FAMILIES = {module.FAMILY.model_type: module.FAMILY for module in (
     family_mixtral, family_qwen2_moe, family_olmoe, family_deepseek_v3,
-    family_qwen3_moe, family_glm4_moe, family_deepseek_v2, family_dots1,
+    family_qwen3_moe, family_glm4_moe, family_deepseek_v2, family_dots1, family_gpt_oss,
 )}
 
 

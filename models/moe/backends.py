@@ -4,8 +4,8 @@ Shape legend (suffixes on tensor names):
     N  (token, slot) rows sorted by expert     D  model dim
     E  experts held here                       F  expert ffn dim
 
-Every backend is `fn(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF) -> y_ND` and
-gives every expert's weights a gradient, zeros for experts that got no rows: DDP insists that
+Every backend is `fn(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras=None) -> y_ND`
+and gives every expert's weights a gradient, zeros for experts that got no rows: DDP insists that
 every parameter takes part in each backward.
 
     loop        any device and dtype: one autograd node that runs per-expert matmuls on
@@ -32,12 +32,47 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from dataclasses import dataclass
+
 from models.config import BACKEND_CHOICES
 
 MEGABLOCKS_HINT = "pip install megablocks (CUDA only; it brings the grouped_gemm kernels)"
 
 ExpertBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                          torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """silu(g)·u ("swiglu"), or gpt-oss's "clamped_swiglu": g' = min(g, limit),
+    u' = clamp(u, -limit, limit), (u' + 1)·g'·sigmoid(alpha·g')."""
+
+    kind: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @classmethod
+    def from_config(cls, moe_cfg) -> "ExpertActivation":
+        return cls(moe_cfg.expert_act, moe_cfg.swiglu_alpha, moe_cfg.swiglu_limit)
+
+    def __call__(self, g_NF: torch.Tensor, u_NF: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return F.silu(g_NF) * u_NF
+        if self.kind != "clamped_swiglu":
+            raise ValueError(f"moe.expert_act={self.kind!r} is not one of swiglu, clamped_swiglu")
+        g_NF = g_NF.clamp(max=self.limit)
+        u_NF = u_NF.clamp(-self.limit, self.limit)
+        return (u_NF + 1) * (g_NF * torch.sigmoid(g_NF * self.alpha))
+
+
+@dataclass(frozen=True)
+class ExpertExtras:
+    """What plain SwiGLU experts lack: biases (None: none) and the activation."""
+
+    b1_EF: torch.Tensor | None
+    b3_EF: torch.Tensor | None
+    b2_ED: torch.Tensor | None
+    act: ExpertActivation
 
 
 _AUTOCAST_DEVICES: dict[str, bool] = {}  # device type -> has autocast (a dict, not lru_cache: dynamo traces it)
@@ -161,12 +196,36 @@ def _grad_buffer(w: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch.T
 # graph would specialise and recompile every step (parallel/compile.py compiles around it).
 @torch.compiler.disable
 def loop_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
-                 w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+                 w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                 extras: ExpertExtras | None = None) -> torch.Tensor:
     """Token-sorted loop over experts: works on every device and dtype."""
     counts = num_tokens_per_expert_E.tolist()  # chunk bounds must be host ints
+    if extras is not None:
+        return _loop_with_extras(x_sorted_ND, counts, w1_EFD, w3_EFD, w2_EDF, extras)
     x_ND, w1_EFD, w3_EFD, w2_EDF = _cast(x_sorted_ND, w1_EFD, w3_EFD, w2_EDF)
     with _autocast_off(x_ND.device.type):
         return _LoopSwiGLU.apply(x_ND, counts, w1_EFD, w3_EFD, w2_EDF)
+
+
+def _loop_with_extras(x_ND, counts, w1_EFD, w3_EFD, w2_EDF, extras: ExpertExtras) -> torch.Tensor:
+    """Biased experts and other activations: per-expert chunks under plain autograd (slicing w[e]
+    gives idle experts zero gradients; with no rows at all a zero term keeps every weight in the graph)."""
+    biases = [b for b in (extras.b1_EF, extras.b3_EF, extras.b2_ED) if b is not None]
+    x_ND, w1_EFD, w3_EFD, w2_EDF, *biases = _cast(x_ND, w1_EFD, w3_EFD, w2_EDF, *biases)
+    b1, b3, b2 = biases if biases else (None, None, None)
+    outs = []
+    with _autocast_off(x_ND.device.type):
+        for e, s, t in _chunks(counts):
+            x = x_ND[s:t]
+            g, u = x @ w1_EFD[e].t(), x @ w3_EFD[e].t()
+            if b1 is not None:
+                g, u = g + b1[e], u + b3[e]
+            y = extras.act(g, u) @ w2_EDF[e].t()
+            outs.append(y if b2 is None else y + b2[e])
+        if not outs:
+            zero = sum(p.sum() for p in (x_ND, w1_EFD, w3_EFD, w2_EDF, *biases)) * 0
+            return x_ND.new_zeros(0, w2_EDF.shape[1]) + zero
+        return torch.cat(outs)
 
 
 # -- grouped GEMM backends ---------------------------------------------------------------------
@@ -212,7 +271,7 @@ def _torch_grouped_mm():
 
 
 def _grouped_swiglu(matmul, x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
-                    w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+                    w3_EFD: torch.Tensor, w2_EDF: torch.Tensor, extras: ExpertExtras | None = None) -> torch.Tensor:
     """SwiGLU of every expert through `matmul(a_NI, w_EOI)` = a's rows of expert e @ w[e]ᵀ.
 
     w1 and w3 are fused into one [E, 2F, D] operand: one grouped GEMM instead of two, for the
@@ -223,19 +282,27 @@ def _grouped_swiglu(matmul, x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: 
         w13_E2FD = torch.cat([_ZeroIdleGrad.apply(w1_EFD, counts_E),
                               _ZeroIdleGrad.apply(w3_EFD, counts_E)], dim=1)
         g_NF, u_NF = matmul(x_ND, w13_E2FD).chunk(2, dim=-1)
-        y_ND = matmul(F.silu(g_NF) * u_NF, _ZeroIdleGrad.apply(w2_EDF, counts_E))
+        if extras is None:
+            return _ContiguousGrad.apply(matmul(F.silu(g_NF) * u_NF, _ZeroIdleGrad.apply(w2_EDF, counts_E)))
+        rows = lambda b_E: b_E.to(x_ND.dtype).repeat_interleave(counts_E, dim=0, output_size=x_ND.shape[0])
+        if extras.b1_EF is not None:
+            g_NF, u_NF = g_NF + rows(extras.b1_EF), u_NF + rows(extras.b3_EF)
+        y_ND = matmul(extras.act(g_NF, u_NF), _ZeroIdleGrad.apply(w2_EDF, counts_E))
+        if extras.b2_ED is not None:
+            y_ND = y_ND + rows(extras.b2_ED)
         return _ContiguousGrad.apply(y_ND)
 
 
 def grouped_mm_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
-                       w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+                       w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                       extras: ExpertExtras | None = None) -> torch.Tensor:
     """torch grouped GEMM over the expert-sorted rows; group ends stay on device (no sync)."""
     if x_sorted_ND.shape[0] == 0:  # kernels reject an empty problem; nothing to compute anyway
-        return loop_backend(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+        return loop_backend(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras)
     gmm = _torch_grouped_mm()
     offs_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
     matmul = lambda a_NI, w_EOI: gmm(a_NI, w_EOI.transpose(-2, -1), offs=offs_E)
-    return _grouped_swiglu(matmul, x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+    return _grouped_swiglu(matmul, x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras)
 
 
 def _import_megablocks_gmm():
@@ -251,22 +318,23 @@ def _import_megablocks_gmm():
 
 
 def megablocks_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
-                       w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+                       w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                       extras: ExpertExtras | None = None) -> torch.Tensor:
     """MegaBlocks dMoE grouped GEMM on the expert-sorted rows (CUDA only)."""
     gmm = _import_megablocks_gmm()
     if x_sorted_ND.device.type != "cuda":
         raise RuntimeError(f"moe.backend='megablocks' runs on CUDA only, got {x_sorted_ND.device}; "
                            "use moe.backend=auto or loop")
-    return _megablocks_swiglu(gmm, x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+    return _megablocks_swiglu(gmm, x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras)
 
 
-def _megablocks_swiglu(gmm, x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF) -> torch.Tensor:
+def _megablocks_swiglu(gmm, x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF, extras=None) -> torch.Tensor:
     """`gmm(a, w, batch_sizes, trans_b=True)` = a's rows of expert e @ w[e]ᵀ (grouped_gemm API)."""
     if x_ND.shape[0] == 0:  # gmm asserts that some expert has rows
-        return loop_backend(x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF)
+        return loop_backend(x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF, extras)
     batch_sizes_E = counts_E.to("cpu", torch.int64)  # grouped_gemm takes host counts
     matmul = lambda a_NI, w_EOI: gmm(a_NI.contiguous(), w_EOI.contiguous(), batch_sizes_E, trans_b=True)
-    return _grouped_swiglu(matmul, x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF)
+    return _grouped_swiglu(matmul, x_ND, counts_E, w1_EFD, w3_EFD, w2_EDF, extras)
 
 
 BACKENDS: dict[str, ExpertBackend] = {

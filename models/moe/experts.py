@@ -21,8 +21,8 @@ from torch import nn
 from models.init import Init, seed_from_global_rng
 
 # Re-exported: the backends are chosen by name through this module.
-from models.moe.backends import (BACKEND_CHOICES, BACKENDS, ExpertBackend, compute_dtype,  # noqa: F401
-                                 resolve_backend, select_backend)
+from models.moe.backends import (BACKEND_CHOICES, BACKENDS, ExpertActivation, ExpertBackend,  # noqa: F401
+                                 ExpertExtras, compute_dtype, resolve_backend, select_backend)
 
 EXPERTS_ATTR = "experts"  # the attribute name an MoE layer gives its GroupedExperts
 
@@ -40,11 +40,14 @@ class GroupedExperts(nn.Module):
         d_model: D.
         ffn_dim: F.
         backend: "auto" | "loop" | "grouped_mm" | "megablocks" (see models/moe/backends.py).
+        bias: biases b1_EF (gate), b3_EF (up), b2_ED (down), as gpt-oss (moe.expert_bias).
+        act: the activation (moe.expert_act); plain SwiGLU without biases keeps the fused kernels.
     """
 
     is_expert_module = True  # parallel/ shards every parameter of this module along dim 0
 
-    def __init__(self, num_experts: int, d_model: int, ffn_dim: int, backend: str = "auto"):
+    def __init__(self, num_experts: int, d_model: int, ffn_dim: int, backend: str = "auto", *,
+                 bias: bool = False, act: ExpertActivation = ExpertActivation()):
         super().__init__()
         self.num_experts = num_experts
         self.backend = backend
@@ -52,6 +55,13 @@ class GroupedExperts(nn.Module):
         self.w1_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))  # gate
         self.w3_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))  # up
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim))  # down
+        self.act = act
+        if bias:  # dim 0 is the expert too: expert parallelism shards them with the weights
+            self.b1_EF = nn.Parameter(torch.empty(num_experts, ffn_dim))
+            self.b3_EF = nn.Parameter(torch.empty(num_experts, ffn_dim))
+            self.b2_ED = nn.Parameter(torch.empty(num_experts, d_model))
+        else:
+            self.b1_EF = self.b3_EF = self.b2_ED = None
         # Expert LoRA (models/peft.ExpertLoRA), set from outside: maps the three weights to
         # effective ones W + ΔW, so every backend runs unchanged.
         self.lora: nn.Module | None = None
@@ -62,7 +72,10 @@ class GroupedExperts(nn.Module):
         w1_EFD, w3_EFD, w2_EDF = self.w1_EFD, self.w3_EFD, self.w2_EDF
         if self.lora is not None:
             w1_EFD, w3_EFD, w2_EDF = self.lora(w1_EFD, w3_EFD, w2_EDF)
-        return fn(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+        if self.b1_EF is None and self.act.kind == "swiglu":
+            return fn(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+        extras = ExpertExtras(self.b1_EF, self.b3_EF, self.b2_ED, self.act)
+        return fn(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras)
 
     def active_backend(self, x_sorted_ND: torch.Tensor) -> str:
         """The backend that runs for inputs like `x_sorted_ND` (device, dtype, autocast)."""
@@ -76,7 +89,12 @@ class GroupedExperts(nn.Module):
         init.normal(self.w1_EFD, std)
         init.normal(self.w3_EFD, std)
         init.normal(self.w2_EDF, out_std)
+        for b in (self.b1_EF, self.b3_EF, self.b2_ED):
+            if b is not None:
+                init.zeros(b)
 
     def extra_repr(self) -> str:
         E, F_, D = self.w1_EFD.shape
-        return f"num_experts={E}, d_model={D}, ffn_dim={F_}, backend={self.backend!r}"
+        extra = (", bias=True" if self.b1_EF is not None else "") + \
+            (f", act={self.act.kind}" if self.act.kind != "swiglu" else "")
+        return f"num_experts={E}, d_model={D}, ffn_dim={F_}, backend={self.backend!r}{extra}"

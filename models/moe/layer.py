@@ -17,7 +17,7 @@ from torch import nn
 from models.ffn import FeedForward
 from models.init import Init, seed_from_global_rng
 from models.moe.dispatcher import Dispatcher, LocalDispatcher
-from models.moe.experts import GroupedExperts
+from models.moe.experts import ExpertActivation, GroupedExperts
 from models.moe.losses import (expert_balance_loss, load_balancing_loss, router_entropy, router_z_loss,
                                sequence_load_balancing_loss)
 from models.moe.recompute import is_recomputing
@@ -80,7 +80,8 @@ class MoE(nn.Module):
         self.expert_balance_loss_coeff = c.expert_balance_loss_coeff if token_choice else 0.0
         self.z_loss_coeff = c.z_loss_coeff
         self.router = build_router(d_model, c)
-        self.experts = GroupedExperts(c.num_experts, d_model, c.expert_ffn_dim, c.backend)
+        self.experts = GroupedExperts(c.num_experts, d_model, c.expert_ffn_dim, c.backend, bias=c.expert_bias,
+                                      act=ExpertActivation.from_config(c))
         # n shared SwiGLUs of width F summed == one SwiGLU of width n·F (concatenated hidden).
         shared_dim = c.num_shared_experts * (c.shared_expert_ffn_dim or c.expert_ffn_dim)
         self.shared_experts = FeedForward(d_model, shared_dim) if shared_dim > 0 else None
@@ -209,6 +210,8 @@ class MoE(nn.Module):
         (models/init.py; standalone: from torch's global generator); the aux-free bias zero."""
         init = init or Init(self, seed_from_global_rng())
         init.normal(self.router.gate.weight, std)
+        if self.router.gate.bias is not None:
+            init.zeros(self.router.gate.bias)
         if self.expert_bias_E is not None and not self.expert_bias_E.is_meta:
             self.expert_bias_E.zero_()  # after to_empty() the buffer holds garbage
         self.experts.init_weights(std, out_std, init)

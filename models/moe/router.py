@@ -72,7 +72,8 @@ def _router_logits(router: nn.Module, x_TD: torch.Tensor, jitter: float) -> torc
         # Switch Transformer: multiplicative noise on the router input only (not the experts'
         # input) explores routings without perturbing what the experts compute.
         x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - jitter, 1.0 + jitter)
-    return F.linear(x_TD, router.gate.weight.to(x_TD.dtype))
+    bias = router.gate.bias  # gpt-oss (moe.router_bias)
+    return F.linear(x_TD, router.gate.weight.to(x_TD.dtype), None if bias is None else bias.to(x_TD.dtype))
 
 
 def _scores(logits_TE: torch.Tensor, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +105,8 @@ class TopKRouter(nn.Module):
             moves it after every optimizer step.
         aux_free_update_rate: u of that update.
         capacity_factor, drop_policy, pad_to_capacity: see models/moe/capacity.py; 0 = dropless.
+        bias: a bias on the router logits (gpt-oss; softmax over all experts then renormalised
+            over the top-k equals its softmax over the top-k logits).
         skip_beta: dynamic skipping (NAEE), eval mode only; 0 = off. A token drops its 2nd (and
             any later) expert whose gate weight is below skip_beta × its 1st expert's. The model
             sets it per layer from moe.skip_beta (models/pruning calibrates it).
@@ -114,7 +117,8 @@ class TopKRouter(nn.Module):
                  group_score: str = "top2_sum",
                  routed_scaling_factor: float = 1.0, jitter: float = 0.0, aux_free: bool = False,
                  aux_free_update_rate: float = 1e-3, capacity_factor: float = 0.0,
-                 drop_policy: str = "probability", pad_to_capacity: bool = False, skip_beta: float = 0.0):
+                 drop_policy: str = "probability", pad_to_capacity: bool = False, skip_beta: float = 0.0,
+                 bias: bool = False):
         super().__init__()
         E = num_experts
         if not 1 <= top_k <= E:
@@ -136,7 +140,7 @@ class TopKRouter(nn.Module):
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.pad_to_capacity = pad_to_capacity
         self.skip_beta = skip_beta
-        self.gate = nn.Linear(d_model, E, bias=False)
+        self.gate = nn.Linear(d_model, E, bias=bias)  # bias: gpt-oss's router (moe.router_bias)
         # A None buffer stays out of the state_dict, so checkpoints without aux_free are unchanged.
         self.register_buffer("expert_bias_E", torch.zeros(E) if aux_free else None)
 
@@ -243,7 +247,7 @@ class ExpertChoiceRouter(nn.Module):
     can_drop = True  # tokens that no expert picks are reported as dropped
 
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float, score_func: str = "softmax",
-                 routed_scaling_factor: float = 1.0, jitter: float = 0.0):
+                 routed_scaling_factor: float = 1.0, jitter: float = 0.0, bias: bool = False):
         super().__init__()
         if capacity_factor <= 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0 for expert choice")
@@ -251,7 +255,7 @@ class ExpertChoiceRouter(nn.Module):
             raise ValueError(f"score_func={score_func!r} is not one of {', '.join(SCORE_FUNCS)}")
         self.num_experts, self.capacity_factor, self.score_func = num_experts, capacity_factor, score_func
         self.routed_scaling_factor, self.jitter = routed_scaling_factor, jitter
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.gate = nn.Linear(d_model, num_experts, bias=bias)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts
@@ -277,7 +281,7 @@ def build_router(d_model: int, moe_cfg) -> nn.Module:
     c = moe_cfg
     if c.routing == "expert_choice":
         return ExpertChoiceRouter(d_model, c.num_experts, c.capacity_factor or float(c.top_k),
-                                  c.score_func, c.routed_scaling_factor, c.router_jitter)
+                                  c.score_func, c.routed_scaling_factor, c.router_jitter, bias=c.router_bias)
     if c.routing != "token_choice":
         raise ValueError(f"routing={c.routing!r} is not one of {', '.join(ROUTINGS)}")
     return TopKRouter(d_model, c.num_experts, c.top_k, c.renormalize, c.score_func,
@@ -285,4 +289,4 @@ def build_router(d_model: int, moe_cfg) -> nn.Module:
                       routed_scaling_factor=c.routed_scaling_factor, jitter=c.router_jitter,
                       aux_free=c.aux_free, aux_free_update_rate=c.aux_free_update_rate,
                       capacity_factor=c.capacity_factor, drop_policy=c.drop_policy,
-                      pad_to_capacity=c.pad_to_capacity)
+                      pad_to_capacity=c.pad_to_capacity, bias=c.router_bias)

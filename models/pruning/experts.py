@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from models.moe import MoE, TopKRouter, moe_layers
+from models.moe import TopKRouter, moe_layers
 from models.pruning.calibrate import RATIO_BINS, Calibration
 
 
@@ -143,6 +143,8 @@ def _combine(router: nn.Module, kept: list[int], x_RD: torch.Tensor, y_ERD: torc
 def _set_subset(sub: nn.Module, router: nn.Module, kept: list[int]) -> None:
     idx = torch.tensor(kept, device=router.gate.weight.device)
     sub.gate.weight.data.copy_(router.gate.weight.data[idx])
+    if router.gate.bias is not None:  # gpt-oss (moe.router_bias)
+        sub.gate.bias.data.copy_(router.gate.bias.data[idx])
     if getattr(router, "expert_bias_E", None) is not None:
         sub.expert_bias_E.copy_(router.expert_bias_E[idx])
 
@@ -211,6 +213,9 @@ def _slice_router(router: nn.Module, idx: torch.Tensor) -> None:
     E = len(idx)
     router.gate.weight = nn.Parameter(router.gate.weight.detach()[idx].clone(),
                                       requires_grad=router.gate.weight.requires_grad)
+    if router.gate.bias is not None:  # gpt-oss (moe.router_bias)
+        bias = router.gate.bias
+        router.gate.bias = nn.Parameter(bias.detach()[idx].clone(), requires_grad=bias.requires_grad)
     router.gate.out_features = E
     router.num_experts = E
     if isinstance(router, TopKRouter):

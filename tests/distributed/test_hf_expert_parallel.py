@@ -5,8 +5,8 @@ our model's logits match transformers' on each rank's batch within 1e-4 (fp32), 
 layer), Qwen2-MoE (gated shared expert, q/k/v biases), GLM-4.5 (partial rotary, per-head q/k norm,
 sigmoid group-limited routing with the correction bias, shared experts) and DeepSeek-V2 (MLA, softmax
 routing limited to the groups of the best experts), Qwen3-MoE (per-head q/k norm, a sliding window,
-a dense middle layer) and dots1 (a sliding window on some layers, sigmoid routing). One spawn runs
-them all."""
+a dense middle layer), dots1 (a sliding window on some layers, sigmoid routing) and gpt-oss (expert
+biases, which shard with the experts; sinks, sliding window, YaRN). One spawn runs them all."""
 import pytest
 import torch
 
@@ -14,7 +14,7 @@ from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-FAMILIES = ("deepseek_v3", "qwen2_moe", "glm4_moe", "deepseek_v2", "qwen3_moe", "dots1")
+FAMILIES = ("deepseek_v3", "qwen2_moe", "glm4_moe", "deepseek_v2", "qwen3_moe", "dots1", "gpt_oss")
 
 
 def _tokens(rank):
@@ -36,7 +36,7 @@ def _rank(rank, world_size, hf_dirs):
         model = parallelize(model, mesh, cfg.parallel).eval()
         experts = [m for n, m in unwrap(model).named_modules() if n.endswith("ffn.experts")]
         with torch.no_grad():
-            out[name] = (model(_tokens(rank)), [e.w1_EFD.shape[0] for e in experts])
+            out[name] = (model(_tokens(rank)), [t.shape[0] for e in experts for t in e.parameters()])
     return out
 
 
@@ -53,9 +53,9 @@ def test_imported_model_matches_transformers_under_ep2(tmp_path):
     results = run_distributed(_rank, 2, hf_dirs)
     for name in FAMILIES:
         num_experts = {"deepseek_v3": 8, "qwen2_moe": 6, "glm4_moe": 6, "deepseek_v2": 8, "qwen3_moe": 6,
-                       "dots1": 6}[name]
+                       "dots1": 6, "gpt_oss": 6}[name]
         for rank, result in enumerate(results):
             logits, local_experts = result[name]
-            assert set(local_experts) == {num_experts // 2}  # each rank holds half the experts
+            assert set(local_experts) == {num_experts // 2}  # each rank holds half the experts (biases too)
             diff = (logits - expected[name][rank]).abs().max().item()
             assert diff <= 1e-4, (name, rank, diff)

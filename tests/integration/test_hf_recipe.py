@@ -125,7 +125,7 @@ def test_init_from_preflight_one_line(tmp_path):
         "empty is not a Hugging Face model directory: no config.json")
     assert cli_error(*run, f"model.init_from=hf:{llama}") == \
         f"model.init_from: {llama}/config.json: model_type 'llama' is not supported; supported: mixtral, " \
-        f"qwen2_moe, olmoe, deepseek_v3, qwen3_moe, glm4_moe, deepseek_v2, dots1"
+        f"qwen2_moe, olmoe, deepseek_v3, qwen3_moe, glm4_moe, deepseek_v2, dots1, gpt_oss"
     assert cli_error(*run, f"model.init_from={llama}") == \
         f"model.init_from: {llama} is not a complete checkpoint of ours (step_XXXXXXXX with .metadata); " \
         f"for a Hugging Face directory write hf:{llama}"
@@ -173,10 +173,11 @@ def test_peft_lora_from_an_hf_base_trains_merges_and_exports_back(tmp_path):
         assert (exported - hf(inputs).logits).abs().max().item() > 1e-4  # the adapters changed it
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "glm4_moe", "deepseek_v2", "dots1"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "glm4_moe", "deepseek_v2", "dots1", "gpt_oss"])
 def test_pretrain_from_each_new_family(tmp_path, name):
     """model.init_from: hf:DIR for the families of issue 20 (per-head q/k norm, sliding windows,
-    partial rotary, group-limited softmax routing): two steps in-process from the tiny odd-shaped
+    partial rotary, group-limited softmax routing; gpt-oss: sinks, YaRN, biased router and
+    experts, the clamped SwiGLU): two steps in-process from the tiny odd-shaped
     models of the unit tests (vocabulary widened to the byte tokenizer's); step 1's loss is the
     HF model's cross entropy on that batch, and step 2 trains on."""
     from tests.unit.test_hf_checkpoint import CONFIGS
@@ -206,3 +207,4 @@ def test_pretrain_from_each_new_family(tmp_path, name):
     with torch.no_grad():
         hf_loss = torch.nn.functional.cross_entropy(hf(inputs).logits.flatten(0, 1), targets.flatten()).item()
     assert losses[1] == pytest.approx(hf_loss, rel=1e-5)
+    assert losses[2] != losses[1]

@@ -70,7 +70,7 @@ def test_wrong_type_names_key_expected_and_given():
     (["model.partial_rotary_factor=0.1"], 1, r"model\.partial_rotary_factor = 3 channels: must be even"),
     (["model.sliding_window=8", "model.sliding_window_layers=[0, 9]"], 1, r"sliding_window_layers=\[0, 9\]: layer ids"),
     (["model.attention=mla", "model.sliding_window=8"], 1,
-     r"model\.sliding_window: gqa options, not for model\.attention=mla"),
+     r"model\.attn_sinks: gqa options, not for model\.attention=mla"),
     (["moe.group_score=mean"], 1, r"moe\.group_score: 'mean' is not one of top2_sum, max"),
 ])
 def test_cross_field_checks(override, world, message):

@@ -98,6 +98,29 @@ CONFIGS = {
         num_hidden_layers=3, n_routed_experts=6, n_group=2, topk_group=1, num_experts_per_tok=2,
         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.5, norm_topk_prob=False,
         attention_bias=True, sliding_window=5, max_window_layers=1),
+    # YaRN RoPE (cos/sin times the attention factor, untruncated band) on a Mixtral.
+    "mixtral_yarn": lambda: transformers.MixtralConfig(
+        **COMMON, num_key_value_heads=2, head_dim=8, intermediate_size=24, num_hidden_layers=2, num_local_experts=4,
+        num_experts_per_tok=2, rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 16, "beta_fast": 8.0,
+                                                "beta_slow": 0.5, "truncate": False}),
+    # DeepSeek-V3 with YaRN and mscale != mscale_all_dim: the RoPE tables' attention factor and MLA's
+    # softmax scale times mscale(mscale_all_dim)².
+    "deepseek_v3_yarn": lambda: transformers.DeepseekV3Config(
+        **COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_shared_experts=1, routed_scaling_factor=2.0, norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=12,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6, rope_interleave=True, bos_token_id=0, eos_token_id=1,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0, "original_max_position_embeddings": 8,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}),
+    # Attention sinks, a 4-token window on layers 0 and 2 (layer_types), q/k/v/o biases, head_dim 12
+    # (x 4 heads != hidden 32), YaRN; router bias, softmax over the top-2 logits; expert biases and
+    # the clamped SwiGLU with a limit the perturbed activations reach; 6 experts of width 20 (even: ep=2).
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **COMMON, num_key_value_heads=2, head_dim=12, intermediate_size=20, num_hidden_layers=3, num_local_experts=6,
+        num_experts_per_tok=2, sliding_window=4, swiglu_limit=0.8, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}),
 }
 TOKENS = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -182,6 +205,15 @@ EXPECTED = {
     "dots1": {("model", "qk_norm_per_head"): True, ("model", "sliding_window"): 5,
               ("model", "sliding_window_layers"): [1, 2], ("moe", "score_func"): "sigmoid", ("moe", "aux_free"): True,
               ("moe", "num_groups"): 2, ("moe", "renormalize"): False, ("model", "attn_out_bias"): True},
+    "mixtral_yarn": {("model", "rope_scaling"): "yarn", ("model", "rope_factor"): 4.0,
+                     ("model", "rope_original_max_seq_len"): 16, ("model", "rope_beta_fast"): 8.0,
+                     ("model", "rope_beta_slow"): 0.5, ("model", "rope_truncate"): False},
+    "deepseek_v3_yarn": {("model", "rope_scaling"): "yarn", ("model", "rope_factor"): 8.0, ("model", "rope_mscale"): 1.0,
+                         ("model", "rope_mscale_all_dim"): 0.8, ("model", "rope_original_max_seq_len"): 8},
+    "gpt_oss": {("model", "attn_sinks"): True, ("model", "sliding_window"): 4, ("model", "sliding_window_layers"): [0, 2],
+                ("model", "qkv_bias"): True, ("model", "attn_out_bias"): True, ("model", "head_dim"): 12,
+                ("model", "rope_scaling"): "yarn", ("moe", "router_bias"): True, ("moe", "expert_bias"): True,
+                ("moe", "expert_act"): "clamped_swiglu", ("moe", "swiglu_limit"): 0.8, ("moe", "renormalize"): True},
 }
 
 
@@ -203,7 +235,8 @@ def test_imported_logits_match_transformers(tmp_path, name, layout):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v3_plain", "qwen3_moe",
-                                  "glm4_moe", "deepseek_v2", "deepseek_v2_plain", "dots1"])
+                                  "glm4_moe", "deepseek_v2", "deepseek_v2_plain", "dots1", "mixtral_yarn",
+                                  "deepseek_v3_yarn", "gpt_oss"])
 def test_round_trip_hf_ours_hf(tmp_path, name):
     """HF -> our checkpoint -> HF, in both expert layouts (the fused one sharded): transformers
     loads the export with the original's weights bit for bit, and gives exactly its logits.
@@ -251,7 +284,8 @@ def test_ours_exports_and_loads_without_hf_origin(tmp_path):
     """A model of ours (not imported) exports to the family that expresses it: our tiny preset
     is a Mixtral; with a gated shared expert and q/k/v biases a Qwen2-MoE; with per-head q/k norm
     and a sliding window a Qwen3-MoE; with partial rotary, sigmoid scores and the aux-free bias a
-    GLM-4.5."""
+    GLM-4.5; with sinks, a window on layer 1, YaRN, biased router and experts and the clamped
+    SwiGLU a gpt-oss."""
     from trainer.recipe import load_config
 
     for overrides, family in [([], "mixtral"),
@@ -261,7 +295,12 @@ def test_ours_exports_and_loads_without_hf_origin(tmp_path):
                                 "moe.moe_every=2"], "qwen3_moe"),
                               (["moe.score_func=sigmoid", "moe.aux_free=true", "moe.num_shared_experts=1",
                                 "model.partial_rotary_factor=0.5", "model.qkv_bias=true", "moe.num_groups=2",
-                                "moe.topk_group=1"], "glm4_moe")]:
+                                "moe.topk_group=1"], "glm4_moe"),
+                              (["model.attn_sinks=true", "model.sliding_window=4", "model.sliding_window_layers=[1]",
+                                "model.qkv_bias=true", "model.attn_out_bias=true", "moe.router_bias=true",
+                                "moe.expert_bias=true", "moe.expert_act=clamped_swiglu", "moe.swiglu_limit=0.5",
+                                "model.rope_scaling=yarn", "model.rope_factor=2", "model.rope_original_max_seq_len=8"],
+                               "gpt_oss")]:
         cfg = load_config(None, ["model.preset=tiny", "model.d_model=32", "model.num_layers=2",
                                  "moe.expert_ffn_dim=16", "model.ffn_dim=32", "model.max_seq_len=64", "data.seq_len=32",
                                  *overrides])

@@ -95,6 +95,8 @@ def conversion_spec(family: Family, hf_cfg: dict, cfg: Config, expert_layout: st
     # DeepSeek's MLA RoPE pairs neighbouring channels: always in V2, unless rope_interleave=false in V3.
     interleave = (family.model_type == "deepseek_v2"
                   or family.model_type == "deepseek_v3" and bool(hf_cfg.get("rope_interleave", True)))
+    if family.model_type == "gpt_oss":
+        expert_layout = "fused"  # the only layout transformers reads and writes for gpt-oss
     return Spec(family.model_type, expert_layout, m.num_layers, rope_interleave=interleave,
                 mla_nope=m.mla_qk_nope_head_dim, mla_rope=m.mla_qk_rope_head_dim, kv_lora_rank=m.mla_kv_lora_rank)
 

@@ -189,10 +189,6 @@ def prepare_peft(model: nn.Module, cfg: Config, task, mesh, resume_path: str | N
         (PeftState, the base's log line).
     """
     base_line = load_base(model, cfg.peft.base, cfg, mesh)
-    if cfg.peft.init_adapter and resume_path is None:  # on resume the checkpoint holds the adapters
-        from trainer.adapt.peft_interop import load_init_adapter
-
-        base_line += "; " + load_init_adapter(model, cfg)
     if cfg.peft.method != "esft":
         return adapted, base_line
     selection = read_run_state(resume_path).get("esft_selection") if resume_path is not None else None
