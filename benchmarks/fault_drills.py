@@ -14,7 +14,18 @@ Drills (tests/helpers/faults.py holds them; tests/integration/test_faults.py run
                (SIGKILL of the stopped rank after torchrun's 30 s grace)
   non-finite   optim.lr=1e30: non-finite steps skipped, the third in a row stops the run
   bad-input    bad recipes through the real CLI: one line, exit 2, nothing left running
-The last line is {"drills": N, "passed": N, "lost_steps_max": ...}.
+  async-vs-sync  the same 2-rank run saving synchronously and in the background: the same tensors
+  kill-async   SIGKILL of every rank while a background write is in flight: the previous
+               checkpoint stays the latest, the rerun resumes from it with the reference's losses
+  full-disk    the disk filled after a checkpoint: the next save fails in one line naming the path
+               and the bytes, its partial directory removed; stop (then resume once there is room)
+               or, with checkpoint.on_error=skip, train on (needs root for a size-limited tmpfs)
+  lost-node    2 namespace hosts, host 1 killed and cut off mid-run: torchrun's restart and a
+               replacement host resume from the last checkpoint; losses equal a one-node run's
+  save stall   the time a save blocks the step loop, synchronous vs background (one process,
+               a ~45 MB checkpoint; target: async <= 20% of sync)
+The last line is {"drills": N, "passed": N, "lost_steps_max": ..., "lost_node_recovered_s": ...,
+"save_stall_ms": {"sync": .., "async": ..}, "async_stall_vs_sync": .., "checkpoint_mb": ..}.
 """
 from __future__ import annotations
 
@@ -29,6 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.helpers import faults as fh  # noqa: E402
+from tests.helpers import reliability_drills as rd  # noqa: E402
 
 
 def main() -> int:
@@ -64,10 +76,28 @@ def main() -> int:
     drill("hang", fh.drill_hang, base, timeout_s=3.0)
     drill("non-finite", fh.drill_nonfinite, base)
     drill("bad-input", fh.drill_bad_inputs, os.path.join(base, "bad"))
+    pair = drill("async-vs-sync", rd.drill_async_equals_sync, os.path.join(base, "async"))
+    if pair["passed"]:
+        drill("kill-async", rd.drill_kill_during_background_write, os.path.join(base, "async"), pair)
+    if rd.full_disk_unavailable() is None:
+        drill("full-disk", rd.drill_full_disk, os.path.join(base, "disk"), "stop")
+        drill("full-disk-skip", rd.drill_full_disk, os.path.join(base, "disk"), "skip")
+    else:
+        print(f"[SKIP] full-disk: {rd.full_disk_unavailable()}")
+    lost_node = drill("lost-node", rd.drill_lost_node, os.path.join(base, "node"))
+    stall = rd.measure_save_stall()
+    print(f"save stall: sync {1e3 * stall['sync']['stall_s']:.0f} ms, async {1e3 * stall['async']['stall_s']:.0f} ms "
+          f"(x{stall['async_vs_sync']:.2f}) per save of a {stall['sync']['checkpoint_mb']:.0f} MB checkpoint; "
+          f"a step takes {1e3 * stall['sync']['step_s']:.0f} ms", flush=True)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     print(json.dumps({"drills": len(results), "passed": sum(r["passed"] for r in results),
-                      "lost_steps_max": max(lost) if lost else None}))
+                      "lost_steps_max": max(lost) if lost else None,
+                      "lost_node_recovered_s": round(lost_node.get("recovered_s", 0), 1),
+                      "save_stall_ms": {"sync": round(1e3 * stall["sync"]["stall_s"], 1),
+                                        "async": round(1e3 * stall["async"]["stall_s"], 1)},
+                      "async_stall_vs_sync": round(stall["async_vs_sync"], 3),
+                      "checkpoint_mb": round(stall["sync"]["checkpoint_mb"], 1)}))
     return 0 if all(r["passed"] for r in results) else 1
 
 

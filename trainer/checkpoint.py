@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -153,7 +154,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, data, 
         dcp.save(state, checkpoint_id=tmp)
         if engine is not None:  # collective: every rank writes its ZeRO partition
             engine.save(tmp)
-    except Exception as e:  # noqa: BLE001 - DCP raises on every rank when any rank's write failed
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises on every rank when any rank's write failed
         error = e
     if not all_ok(error is None):
         _fail(mesh, step, tmp, error or "another rank's write failed", needed)

@@ -65,13 +65,27 @@ def total_bytes(local: int) -> int:
     return int(t.item())
 
 
+def describe_error(error: BaseException | str) -> str:
+    """One line for a failed write: DCP's CheckpointException gathers every rank's error and says
+    only which ranks failed on its first line, so the underlying error (this rank's, else the
+    first) is named instead."""
+    if isinstance(error, str):
+        return error
+    failures = getattr(error, "failures", None)
+    if failures:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        exc, _ = failures.get(rank) or next(iter(failures.values()))
+        return f"{one_line(exc)} (on rank{'s' if len(failures) > 1 else ''} {', '.join(map(str, sorted(failures)))})"
+    return one_line(error)
+
+
 def failure_message(step: int, tmp: str, error: BaseException | str, needed: int) -> str:
     root = os.path.dirname(tmp)
     try:
         free = shutil.disk_usage(root).free
     except OSError:
         free = -1
-    what = error if isinstance(error, str) else one_line(error)
+    what = describe_error(error)
     return (f"checkpoint save of step {step} failed: {tmp}: {what}; it needs about {needed / 1e6:,.1f} MB, "
             f"{free / 1e6:,.1f} MB free; the partial save was removed and the previous checkpoint stays the latest")
 

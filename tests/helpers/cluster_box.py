@@ -271,6 +271,17 @@ class ClusterBox:
             out.append(int(m.group(1)) if m else 0)
         return out
 
+    def take_down(self, host: int) -> None:
+        """A whole host lost: every process in its namespace SIGKILLed (sockets closed as a
+        crashed machine's would be, by the peers' timeouts or resets), then its link cut."""
+        _kill_namespace_processes(self.hosts[host].netns)
+        _ip("-n", self.switch, "link", "set", f"p{self.hosts[host].index}", "down")
+
+    def bring_up(self, host: int) -> None:
+        """The host's link back (a replacement machine at the same address); start processes on
+        it again with `popen`."""
+        _ip("-n", self.switch, "link", "set", f"p{self.hosts[host].index}", "up")
+
     # -- processes ---------------------------------------------------------------------------
 
     def env(self, host: int, extra: dict | None = None) -> dict:

@@ -164,20 +164,27 @@ def _fill(path: str, leave_bytes: int) -> str:
 
 
 def drill_full_disk(base: str, on_error: str = "stop") -> dict:
-    """A run on a 320 MB tmpfs whose disk is filled after the step-4 checkpoint: the step-8 save
+    """A run on a 640 MB tmpfs whose disk is filled after the step-4 checkpoint: the step-8 save
     fails for lack of space. One line names the path and the bytes; the partial save is removed;
     step 4 stays the latest and resumes once there is room (on_error=stop), or the run trains on
     (on_error=skip)."""
     from trainer.checkpoint_files import latest_checkpoint
 
     disk = os.path.join(base, f"disk_{on_error}")
-    with small_disk(disk, 320):
+    with small_disk(disk, 640):
         run_dir = os.path.join(disk, "run")
         run = fh.Run(run_dir, args(f"checkpoint.on_error={on_error}", "checkpoint.async_save=true"))
         try:
+            ranks = fh.wait_for(lambda: len(run.ranks()) == 2 and run.ranks(), 600, "2 rank processes")
             fh.wait_for(lambda: fh.has_checkpoint(run_dir, EVERY) or run.proc.poll() is not None, 600,
                         "the step-4 checkpoint")
-            filler = _fill(disk, 256 * 1024)  # room for log lines, not for a ~100 MB checkpoint
+            for p in ranks.values():  # held still while the disk fills, so the next save is step 8's
+                p.send_signal(signal.SIGSTOP)
+            try:
+                filler = _fill(disk, 256 * 1024)  # room for log lines, not for a ~90 MB checkpoint
+            finally:
+                for p in ranks.values():
+                    p.send_signal(signal.SIGCONT)
             code = run.wait(600)
         except BaseException:
             run.kill_all()
@@ -250,3 +257,71 @@ def measure_save_stall(steps: int = 9, every: int = 3) -> dict:
                          "checkpoint_mb": size / 1e6 / (steps // every)}
     out["async_vs_sync"] = out["async"]["stall_s"] / out["sync"]["stall_s"]
     return out
+
+
+# --------------------------------------------------------------------------- a lost node
+
+
+def drill_lost_node(base: str, steps: int = 16, every: int = 4) -> dict:
+    """Two namespace hosts, one rank each, c10d rendezvous at host 0, train.max_restarts=2. After
+    the step-4 checkpoint, host 1 is lost (every process SIGKILLed, its link cut); host 0's rank
+    fails, its torchrun agent restarts and waits in the rendezvous; a replacement host 1 (the same
+    command, the link back) joins; both resume from the latest checkpoint and finish. The steps
+    computed before the loss and again after it have equal losses, and every loss equals a
+    one-node run's (2 local ranks: the same global batch and layout)."""
+    import sys
+
+    from tests.helpers.cluster_box import ClusterBox, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        return {"did": "lost node", "result": f"skipped: {reason}", "passed": True, "skipped": reason}
+    common = ["--set", *fh.TINY, f"train.steps={steps}", f"checkpoint.every={every}", "checkpoint.keep_last=0",
+              "train.max_restarts=2", "parallel.timeout_s=30"]
+    reference = fh.Run(os.path.join(base, "one_node"), ["--nproc-per-node", "2", *common])
+    ref_code = reference.wait(900)
+    run_dir = os.path.join(base, "lost_node")
+    env = {"PYTHONPATH": fh.ROOT, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    with ClusterBox(num_hosts=2) as box:
+        argv = [sys.executable, "-m", "launch.cli", "run", fh.RECIPE, "--run-dir", run_dir, "--nnodes", "2",
+                "--nproc-per-node", "1", "--rdzv-endpoint", f"{box.hosts[0].addr}:29400", *common]
+        logs = [open(os.path.join(base, f"host{h}.log"), "w") for h in range(2)]
+        host0 = box.popen(0, argv, env, cwd=fh.ROOT, stdout=logs[0], stderr=subprocess.STDOUT)
+        box.popen(1, argv, env, cwd=fh.ROOT, stdout=logs[1], stderr=subprocess.STDOUT)
+        fh.wait_for(lambda: fh.has_checkpoint(run_dir, every) and fh.last_step(run_dir) >= every + 2
+                    or host0.poll() is not None, 600, f"the step-{every} checkpoint and step {every + 2}")
+        before = fh.losses(run_dir)
+        lost_at = max(before, default=0)
+        box.take_down(1)
+        lost_time = time.monotonic()
+        time.sleep(2)
+        box.bring_up(1)
+        replacement = box.popen(1, argv, env, cwd=fh.ROOT, stdout=logs[1], stderr=subprocess.STDOUT)
+        try:
+            code0, code1 = host0.wait(900), replacement.wait(900)
+        except subprocess.TimeoutExpired:
+            code0 = code1 = None
+        recovered_s = time.monotonic() - lost_time
+        for log in logs:
+            log.close()
+    host_logs = []
+    for h in range(2):
+        with open(os.path.join(base, f"host{h}.log")) as f:
+            host_logs.append(f.read())
+    host0_log = host_logs[0]
+    # Global rank 0 prints it, on whichever host the new rendezvous made node 0.
+    resumed = [line for log in host_logs for line in log.splitlines() if line.startswith("resumed from")]
+    after = fh.losses(run_dir)
+    want = fh.losses(reference.run_dir)
+    redone = [s for s in before if s in after and s > every]
+    redone_equal = all(after[s] == before[s] for s in redone)
+    rel = max((abs(after[s] - want[s]) / abs(want[s]) for s in want if s in after), default=float("inf"))
+    passed = (ref_code == 0 and code0 == 0 and code1 == 0 and bool(resumed) and sorted(after) == list(range(1, steps + 1))
+              and redone_equal and rel <= 1e-5)
+    return {"did": f"2 hosts x 1 rank, c10d, train.max_restarts=2; host 1 lost at step {lost_at} (processes killed, "
+                   f"link cut), a replacement started 2 s later",
+            "result": f"exit {code0}/{code1} after {recovered_s:.0f} s; {resumed[-1] if resumed else 'did not resume'}; "
+                      f"{len(redone)} step(s) computed twice, {'equal' if redone_equal else 'DIFFERENT'}; losses vs "
+                      f"one node: max rel diff {rel:.1e}",
+            "passed": passed, "lost_steps": lost_at - every, "recovered_s": recovered_s,
+            "stderr": host0_log[-3000:]}

@@ -132,3 +132,15 @@ def test_two_hosts_c10d_matches_one_node(tmp_path, one_node_ep4, ep, overlap):
     assert sorted(got) == sorted(want)
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=REL), (step, got, want)
+
+
+def test_a_lost_host_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
+    """The lost-node drill (tests/helpers/reliability_drills.py): host 1 of 2 killed and cut off
+    mid-run; torchrun's restart and a replacement host resume from the last checkpoint; the losses
+    equal a one-node run's and the steps computed twice agree."""
+    _needs_box()
+    from tests.helpers.reliability_drills import drill_lost_node
+
+    result = drill_lost_node(str(tmp_path))
+    details = {k: v for k, v in result.items() if k != "stderr"}
+    assert result["passed"], f"{details}\n{result['stderr']}"
