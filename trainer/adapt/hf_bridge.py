@@ -77,23 +77,28 @@ class SafetensorsDir:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def _handle(self, name: str):
+    def _file(self, name: str) -> str:
         file = self._files.get(name)
         if file is None:
             raise HFFormatError(f"{self.hf_dir}: tensor {name} is missing")
-        if file not in self._open:
-            self._open[file] = safetensors_open()(file, "pt")
-        return self._open[file]
+        return file
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Tensor `name`, or only its dim-0 `rows` (read from the file as a slice)."""
-        if rows is None:
-            return self._handle(name).get_tensor(name)
-        return self._handle(name).get_slice(name)[rows]
+        """Tensor `name`, or only its dim-0 `rows` (read from the file as a slice).
+
+        Each read opens the file afresh: safe_open maps the file, and the pages read through a
+        mapping count as the process's memory until it is closed (a kept handle grows to the
+        whole file as its tensors are read)."""
+        with safetensors_open()(self._file(name), "pt") as handle:
+            return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
 
     def read_meta(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """`read` on the meta device: the shape and dtype from the file's header, no data."""
-        piece = self._handle(name).get_slice(name)
+        """`read` on the meta device: the shape and dtype from the file's header, no data read
+        (so the handles are kept: their mappings touch no tensor pages)."""
+        file = self._file(name)
+        if file not in self._open:
+            self._open[file] = safetensors_open()(file, "pt")
+        piece = self._open[file].get_slice(name)
         dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
         if dtype is None:
             raise HFFormatError(f"{self.hf_dir}: tensor {name} has dtype {piece.get_dtype()}, which we do not read")
