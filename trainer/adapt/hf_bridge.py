@@ -106,7 +106,7 @@ class SafetensorsDir:
         return tensor if rows is None else tensor[rows]
 
 
-def _our_shapes(cfg: Config) -> dict[str, tuple]:
+def our_shapes(cfg: Config) -> dict[str, tuple]:
     """Name -> shape of our model's state dict, from a model built on the meta device."""
     import models
 
@@ -145,7 +145,7 @@ def load_hf_state(hf_dir: str, cfg: Config) -> dict[str, torch.Tensor]:
     hf_cfg, family = read_hf_config(hf_dir)
     tensors = SafetensorsDir(hf_dir)
     layout = detect_expert_layout(tensors.names(), hf_dir)
-    return hf_to_ours(_our_shapes(cfg), tensors.names(), tensors.read, conversion_spec(family, hf_cfg, cfg, layout),
+    return hf_to_ours(our_shapes(cfg), tensors.names(), tensors.read, conversion_spec(family, hf_cfg, cfg, layout),
                       hf_dir, tied=cfg.model.tie_embeddings)
 
 
@@ -222,7 +222,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str, cfg: Config, strict: bo
     hf_cfg, family = read_hf_config(hf_dir)
     tensors = SafetensorsDir(hf_dir)
     spec = conversion_spec(family, hf_cfg, cfg, detect_expert_layout(tensors.names(), hf_dir))
-    shapes = _our_shapes(cfg)
+    shapes = our_shapes(cfg)
     if extra := unused_hf_names(shapes, tensors.names(), spec, tied=cfg.model.tie_embeddings):
         raise HFFormatError(f"{hf_dir}: {len(extra)} tensors have no place in our model, e.g. {extra[0]}")
     offsets = expert_offsets(model)
@@ -280,7 +280,7 @@ def import_hf(hf_dir: str, out: str) -> str:
     tensors = SafetensorsDir(hf_dir)
     try:
         spec = conversion_spec(family, hf_cfg, cfg, detect_expert_layout(tensors.names(), hf_dir))
-        shapes = _our_shapes(cfg)
+        shapes = our_shapes(cfg)
         check_hf_names(shapes, tensors.names(), spec, hf_dir, tied=cfg.model.tie_embeddings)
         # The conversion run on headers alone: every shape checked, every dtype known.
         planned = {key: hf_tensor(key, shape, tensors.read_meta, spec, hf_dir) for key, shape in shapes.items()}

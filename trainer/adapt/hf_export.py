@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from models.hf.convert import EXPERT_LAYOUTS, ours_to_hf
 from models.hf.families import FAMILIES, Family, HFFormatError, infer_family
-from trainer.adapt.hf_bridge import INDEX, SAFETENSORS_DTYPES, conversion_spec, safetensors_open
+from trainer.adapt.hf_bridge import INDEX, SAFETENSORS_DTYPES, conversion_spec, our_shapes, safetensors_open
 from trainer.adapt.sources import resolve_checkpoint
 from trainer.config import Config, ConfigError
 from trainer.recipe import checkpoint_config
@@ -75,7 +75,9 @@ def export_hf(ckpt: str, out: str, model_type: str | None = None, expert_layout:
             family.check(cfg.model, cfg.moe)
     except HFFormatError as e:
         raise ConfigError(f"export-hf: {e}") from None
-    stored = StoredTensors(path, skip=("output.weight",) if cfg.model.tie_embeddings else ())
+    # In our model's order (embeddings, layer by layer), whichever ranks wrote the checkpoint.
+    stored = StoredTensors(path, order=list(our_shapes(cfg)),
+                           skip=("output.weight",) if cfg.model.tie_embeddings else ())
     hf_cfg = family.to_hf(cfg.model, cfg.moe)
     hf_cfg["dtype"] = hf_cfg["torch_dtype"] = _DTYPE_NAMES.get(DTYPES[dtype] or stored.main_dtype(), "float32")
     spec = conversion_spec(family, hf_cfg, cfg, expert_layout)
@@ -103,15 +105,16 @@ class StoredTensors(Mapping):
     """The model tensors of checkpoint `path` by name, each read through DCP when looked up (whole:
     expert rows and FSDP shards from every rank's file) and not kept, so only the tensors in use
     are in memory. `meta`: every tensor on the meta device (shapes and dtypes, nothing read).
-    `skip`: names left out (a tied output.weight)."""
+    `order`: names in the order to iterate (others follow, sorted); `skip`: names left out (a
+    tied output.weight)."""
 
-    def __init__(self, path: str, skip=()):
+    def __init__(self, path: str, order=(), skip=()):
         self._reader = _MetadataOnce(path)
-        stored = self._reader.read_metadata().state_dict_metadata
-        self.meta = {fqn[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype, device="meta")
-                     for fqn, m in stored.items()
-                     if fqn.startswith("model.") and isinstance(m, TensorStorageMetadata)
-                     and fqn[len("model."):] not in skip}
+        stored = {fqn[len("model."):]: m for fqn, m in self._reader.read_metadata().state_dict_metadata.items()
+                  if fqn.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        rank = {name: i for i, name in enumerate(order)}
+        names = sorted((n for n in stored if n not in skip), key=lambda n: (rank.get(n, len(rank)), n))
+        self.meta = {n: torch.empty(stored[n].size, dtype=stored[n].properties.dtype, device="meta") for n in names}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensor = torch.empty_like(self.meta[name], device="cpu")
