@@ -20,7 +20,6 @@ import json
 import os
 
 import torch
-
 from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItemType
 
