@@ -37,7 +37,8 @@ def add_hf_commands(sub) -> None:
     exp.add_argument("--expert-layout", default="per_expert",
                      help="per_expert (default; as save_pretrained writes, read by transformers 4.x and 5.x) or "
                           "fused (transformers 5's experts.gate_up_proj/down_proj)")
-    exp.add_argument("--dtype", default="fp32", help="fp32 (default) | bf16 | fp16")
+    exp.add_argument("--dtype", default="auto", help="auto (default: as the checkpoint stores each tensor; fp32 "
+                                                     "from training, bf16 from a bf16 import) | fp32 | bf16 | fp16")
     exp.add_argument("--max-shard-size", default="5GB", help="larger models are sharded, with an index (default 5GB)")
     exp.add_argument("--adapter-only", action="store_true",
                      help="a LoRA checkpoint: write only its adapter, in the peft library's format "

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -241,19 +241,23 @@ def load_model_weights(path: str, model, mesh: ParallelMesh | None, section: str
     return sorted(sd)
 
 
-def write_weights_checkpoint(final: str, cfg: Config, state: dict[str, torch.Tensor], extra: dict) -> str:
+def write_weights_checkpoint(final: str, cfg: Config, state: dict[str, torch.Tensor], extra: dict,
+                             planner=None) -> str:
     """Write model weights alone as checkpoint directory `final` (step_XXXXXXXX) from one process
     without a process group, atomically (a .tmp directory, then one rename); returns `final`.
 
     Such a checkpoint (import-hf, merge-peft) loads as model.init_from, peft.base and export-hf;
     it holds no optimizer or data state, so --resume refuses it. `extra`: rank 0's extra state
-    (at least "step")."""
+    (at least "step"). `planner`: a DCP SavePlanner that makes the tensors while they are written
+    (import-hf's: `state` then holds meta tensors, and one tensor at a time is in memory); it
+    writes one file per tensor, because DCP keeps every tensor of a file until the file is done."""
     tmp = final.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
-        dcp.save({"model": state}, checkpoint_id=tmp, no_dist=True)
+        writer = FileSystemWriter(tmp, single_file_per_rank=planner is None)
+        dcp.save({"model": state}, storage_writer=writer, no_dist=True, planner=planner)
     torch.save({"world_size": 1, "run_state": {}, **extra}, os.path.join(tmp, "extra_rank0.pt"))
     save_config(cfg, os.path.join(tmp, "config.yaml"))
     if os.path.isdir(final):

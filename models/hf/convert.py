@@ -1,9 +1,11 @@
 """State-dict conversion between Hugging Face checkpoints and our `MoETransformer`.
 
-    hf_tensor(key, shape, read, spec, where, experts)   one of our tensors (fp32), reading only what
-                                                    it needs (some experts: dim-0 slices)
-    hf_to_ours(our_shapes, hf_names, read, spec)   our whole state dict (fp32) from HF tensors
-    ours_to_hf(state, spec)                         (HF name, tensor) pairs, one at a time
+    hf_tensor(key, shape, read, spec, where, experts)   one of our tensors (the source dtype),
+                                                    reading only what it needs (some experts: dim-0 slices)
+    check_hf_names(our_shapes, hf_names, spec, where)   every tensor present, none left over
+    hf_to_ours(our_shapes, hf_names, read, spec)   our whole state dict (the source dtype) from HF tensors
+    ours_to_hf(state, spec)                         (HF name, tensor) pairs, one at a time; `state`
+                                                    may be a lazy mapping (each tensor read when needed)
     detect_expert_layout(hf_names, where)           "fused" | "per_expert"
 
 Name map (HF prefix `model.layers.{i}.`, ours `layers.{i}.`):
@@ -235,7 +237,8 @@ def hf_sources(key: str, shape: tuple, spec: Spec) -> list[str]:
 
 def hf_tensor(key: str, shape: tuple, read: Read, spec: Spec, where: str,
               experts: range | None = None) -> torch.Tensor:
-    """Our tensor `key` (fp32, contiguous) from a Hugging Face checkpoint, reading only what it needs.
+    """Our tensor `key` (contiguous, in the checkpoint's dtype: a bf16 source stays bf16, the
+    caller casts) from a Hugging Face checkpoint, reading only what it needs.
 
     Args:
         shape: its unsharded shape in our model.
@@ -257,7 +260,7 @@ def hf_tensor(key: str, shape: tuple, read: Read, spec: Spec, where: str,
     rows = _rope_rows(key, spec, tensor.shape[0])
     if rows is not None:
         tensor = tensor[rows]
-    return tensor.to(torch.float32).contiguous()
+    return tensor.contiguous()
 
 
 def unused_hf_names(our_shapes: dict[str, tuple], hf_names, spec: Spec, tied: bool = False) -> list[str]:
@@ -267,16 +270,8 @@ def unused_hf_names(our_shapes: dict[str, tuple], hf_names, spec: Spec, tied: bo
     return sorted(n for n in set(hf_names) - used if not _ignorable(n, spec, tied))
 
 
-def hf_to_ours(our_shapes: dict[str, tuple], hf_names, read: Read, spec: Spec,
-               where: str, tied: bool = False) -> dict[str, torch.Tensor]:
-    """Our whole state dict (fp32, contiguous) from a Hugging Face checkpoint.
-
-    Args:
-        our_shapes: name -> shape of every tensor of our model's state dict (the target).
-        hf_names: every tensor name in the checkpoint (unused ones are an error, see `unused_hf_names`).
-        read: as for `hf_tensor`. spec: the checkpoint's layout. where: the directory, for
-            messages. tied: tie_embeddings.
-    """
+def check_hf_names(our_shapes: dict[str, tuple], hf_names, spec: Spec, where: str, tied: bool = False) -> None:
+    """Every HF tensor our model needs is there and none is left over; else HFFormatError naming one."""
     hf_names = set(hf_names)
     for key, shape in our_shapes.items():
         missing = [n for n in hf_sources(key, tuple(shape), spec) if n not in hf_names]
@@ -284,6 +279,19 @@ def hf_to_ours(our_shapes: dict[str, tuple], hf_names, read: Read, spec: Spec,
             raise HFFormatError(f"{where}: tensor {missing[0]} is missing (for our {key})")
     if extra := unused_hf_names(our_shapes, hf_names, spec, tied):
         raise HFFormatError(f"{where}: {len(extra)} tensors have no place in our model, e.g. {extra[0]}")
+
+
+def hf_to_ours(our_shapes: dict[str, tuple], hf_names, read: Read, spec: Spec,
+               where: str, tied: bool = False) -> dict[str, torch.Tensor]:
+    """Our whole state dict (contiguous, the source dtype) from a Hugging Face checkpoint.
+
+    Args:
+        our_shapes: name -> shape of every tensor of our model's state dict (the target).
+        hf_names: every tensor name in the checkpoint (unused ones are an error, see `unused_hf_names`).
+        read: as for `hf_tensor`. spec: the checkpoint's layout. where: the directory, for
+            messages. tied: tie_embeddings.
+    """
+    check_hf_names(our_shapes, hf_names, spec, where, tied)
     return {key: hf_tensor(key, tuple(shape), read, spec, where) for key, shape in our_shapes.items()}
 
 
@@ -296,10 +304,12 @@ def _ignorable(name: str, spec: Spec, tied: bool) -> bool:
 
 def ours_to_hf(state: dict[str, torch.Tensor], spec: Spec) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every tensor of our state dict, in the layout of `spec`; the inverse
-    of `hf_to_ours` (dtype unchanged)."""
-    for key, tensor in state.items():
+    of `hf_to_ours` (dtype unchanged). Each tensor of `state` is looked up when it is converted
+    (a routed expert's w3 with its w1), so a lazy mapping keeps one or two of ours in memory."""
+    for key in state:
         name = _simple_name(key, spec)
         if name is not None:
+            tensor = state[key]
             rows = _rope_rows(key, spec, tensor.shape[0])
             yield name, tensor if rows is None else tensor[torch.argsort(rows)]
             continue
@@ -311,12 +321,12 @@ def ours_to_hf(state: dict[str, torch.Tensor], spec: Spec) -> Iterator[tuple[str
             continue  # written with w1 (fused) or below (per expert)
         layer, w = _LAYER_KEY.match(key).group(1), leaf.split("_")[0]
         if spec.expert_layout == "per_expert":
-            pairs = [(key, tensor)] + ([(key.replace("w1_EFD", "w3_EFD"), state[key.replace("w1_EFD", "w3_EFD")])]
-                                       if w == "w1" else [])
-            for which, stacked in pairs:
+            for which in [key] + ([key.replace("w1_EFD", "w3_EFD")] if w == "w1" else []):
+                stacked = state[which]  # w3 is looked up once w1's experts are out
                 yield from zip(_expert_source(which, spec, range(stacked.shape[0]))[1], stacked.unbind(0))
+                del stacked
             continue
-        base = f"model.layers.{layer}.mlp.experts."
+        base, tensor = f"model.layers.{layer}.mlp.experts.", state[key]
         if w == "w2":
             yield base + "down_proj", tensor
         else:

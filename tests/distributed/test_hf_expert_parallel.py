@@ -59,3 +59,56 @@ def test_imported_model_matches_transformers_under_ep2(tmp_path):
             assert set(local_experts) == {num_experts // 2}  # each rank holds half the experts (biases too)
             diff = (logits - expected[name][rank]).abs().max().item()
             assert diff <= 1e-4, (name, rank, diff)
+
+
+class _NoData:
+    def state_dict(self) -> dict:
+        return {}
+
+
+def _save_ep2_and_one_rank(rank, world_size, out):
+    """The same weights (one seed) saved by rank 0 alone as a weights checkpoint, then by both
+    ranks through save_checkpoint after ep=2 sharded the experts (each rank writes its rows)."""
+    import models
+    from parallel import build_mesh, parallelize
+    from trainer.adapt.hf_bridge import write_checkpoint
+    from trainer.checkpoint import save_checkpoint
+    from trainer.recipe import load_config
+
+    cfg = load_config("recipes/llm/pretrain_tiny.yaml", ["model.d_model=64", "model.num_layers=2",
+                                                         "moe.expert_ffn_dim=32", "parallel.ep=2"])
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model, cfg.moe)
+    if rank == 0:
+        write_checkpoint(f"{out}/one_rank", cfg, model.state_dict(), {})
+    model = parallelize(model, build_mesh(cfg.parallel, torch.device("cpu")), cfg.parallel)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(f"{out}/run", 0, model, optimizer, scheduler, _NoData(), cfg,
+                    build_mesh(cfg.parallel, torch.device("cpu")))
+
+
+def test_export_of_an_ep2_run_equals_the_one_rank_export(tmp_path):
+    """export-hf reads a checkpoint written by 2 ranks with ep=2 (expert rows in each rank's file)
+    one tensor at a time, in one process, and writes exactly the files the same weights saved by
+    one process give, in both expert layouts."""
+    pytest.importorskip("safetensors")
+    import filecmp
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from trainer.adapt.hf_export import export_hf
+
+    run_distributed(_save_ep2_and_one_rank, 2, str(tmp_path))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000000"
+    stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert len(stored["model.layers.0.ffn.experts.w1_EFD"].chunks) == 2  # each rank wrote its experts
+    for layout in ("per_expert", "fused"):
+        _, files = export_hf(str(tmp_path / "run"), str(tmp_path / f"ep2_{layout}"), expert_layout=layout,
+                             max_shard_bytes=100_000)
+        _, reference = export_hf(str(tmp_path / "one_rank"), str(tmp_path / f"one_{layout}"), expert_layout=layout,
+                                 max_shard_bytes=100_000)
+        assert files == reference and any(f.endswith(".index.json") for f in files)
+        for name in files:
+            ep2, one = tmp_path / f"ep2_{layout}" / name, tmp_path / f"one_{layout}" / name
+            assert filecmp.cmp(ep2, one, shallow=False), name

@@ -391,6 +391,34 @@ def test_init_from_a_checkpoint_of_ours(tmp_path):
             assert torch.equal(a, b), name
 
 
+def test_bf16_model_stays_bf16(tmp_path):
+    """A bf16 model imports as a bf16 checkpoint (no fp32 copy on the way), which model.init_from
+    loads into our fp32 model as the exact upcast values, and which exports back (--dtype auto)
+    bit for bit in bf16; --dtype fp32 upcasts."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hf_dir = save(hf_model("qwen2_moe").to(torch.bfloat16), tmp_path / "hf", "per_expert")
+    ckpt = import_hf(hf_dir, str(tmp_path / "ckpt"))
+    stored = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    assert {m.properties.dtype for m in stored.values() if hasattr(m, "properties")} == {torch.bfloat16}
+    cfg = hf_config(hf_dir)
+    model = models.build_model(cfg.model, cfg.moe)
+    init_model_from(model, ckpt)
+    for (name, a), b in zip(ours_from(hf_dir).state_dict().items(), model.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a, b), name
+    source = load_file(os.path.join(hf_dir, "model.safetensors"))
+    for dtype in ("auto", "fp32"):
+        export_hf(ckpt, str(tmp_path / dtype), dtype=dtype)
+        with open(tmp_path / dtype / "config.json") as f:
+            assert json.load(f)["torch_dtype"] == {"auto": "bfloat16", "fp32": "float32"}[dtype]
+        exported = load_file(str(tmp_path / dtype / "model.safetensors"))
+        assert sorted(exported) == sorted(source)
+        for name, t in source.items():
+            want = t if dtype == "auto" else t.float()
+            assert exported[name].dtype == want.dtype and torch.equal(exported[name], want), name
+
+
 def test_max_shard_size_parsing():
     from launch.hf import parse_size
 

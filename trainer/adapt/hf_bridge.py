@@ -2,7 +2,8 @@
 trainer/adapt/hf_export.py; where a source is and what it holds: trainer/adapt/sources.py).
 
     import_hf(hf_dir, out)                 -> our checkpoint step_00000000 (DCP + config.yaml), no
-                                              process group needed
+                                              process group needed; streamed: one tensor at a time
+                                              in memory, in the source's dtype
     check_init_source(source)              launcher preflight of model.init_from (one-line errors)
     init_model_from(model, source)         fills a live model in place; returns a log line
 
@@ -19,8 +20,10 @@ import json
 import os
 
 import torch
+from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItemType
 
-from models.hf.convert import Spec, detect_expert_layout, hf_tensor, hf_to_ours, unused_hf_names
+from models.hf.convert import Spec, check_hf_names, detect_expert_layout, hf_tensor, hf_to_ours, unused_hf_names
 from models.hf.families import Family, HFFormatError
 from trainer.adapt.sources import INIT_FROM, read_hf_config, resolve_checkpoint, split_source
 from parallel.materialize import expert_offsets, local_part, share_of
@@ -30,6 +33,10 @@ from trainer.config import Config, ConfigError, validate
 from trainer.recipe import checkpoint_config
 
 INDEX = "model.safetensors.index.json"
+# safetensors' dtype names (the header's "dtype" field).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def safetensors_open():
@@ -69,19 +76,36 @@ class SafetensorsDir:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Tensor `name`, or only its dim-0 `rows` (read from the file as a slice)."""
+    def _file(self, name: str) -> str:
         file = self._files.get(name)
         if file is None:
             raise HFFormatError(f"{self.hf_dir}: tensor {name} is missing")
+        return file
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name`, or only its dim-0 `rows` (read from the file as a slice).
+
+        Each read opens the file afresh: safe_open maps the file, and the pages read through a
+        mapping count as the process's memory until it is closed (a kept handle grows to the
+        whole file as its tensors are read)."""
+        with safetensors_open()(self._file(name), "pt") as handle:
+            return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
+
+    def read_meta(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """`read` on the meta device: the shape and dtype from the file's header, no data read
+        (so the handles are kept: their mappings touch no tensor pages)."""
+        file = self._file(name)
         if file not in self._open:
             self._open[file] = safetensors_open()(file, "pt")
-        if rows is None:
-            return self._open[file].get_tensor(name)
-        return self._open[file].get_slice(name)[rows]
+        piece = self._open[file].get_slice(name)
+        dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+        if dtype is None:
+            raise HFFormatError(f"{self.hf_dir}: tensor {name} has dtype {piece.get_dtype()}, which we do not read")
+        tensor = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+        return tensor if rows is None else tensor[rows]
 
 
-def _our_shapes(cfg: Config) -> dict[str, tuple]:
+def our_shapes(cfg: Config) -> dict[str, tuple]:
     """Name -> shape of our model's state dict, from a model built on the meta device."""
     import models
 
@@ -119,11 +143,12 @@ def hf_config(hf_dir: str) -> Config:
 
 
 def load_hf_state(hf_dir: str, cfg: Config) -> dict[str, torch.Tensor]:
-    """Our state dict (fp32, CPU) of the Hugging Face model in `hf_dir`, for the model of `cfg`."""
+    """Our state dict (CPU, the source's dtypes) of the Hugging Face model in `hf_dir`, for the
+    model of `cfg`: the whole model in memory (import_hf streams instead)."""
     hf_cfg, family = read_hf_config(hf_dir)
     tensors = SafetensorsDir(hf_dir)
     layout = detect_expert_layout(tensors.names(), hf_dir)
-    return hf_to_ours(_our_shapes(cfg), tensors.names(), tensors.read, conversion_spec(family, hf_cfg, cfg, layout),
+    return hf_to_ours(our_shapes(cfg), tensors.names(), tensors.read, conversion_spec(family, hf_cfg, cfg, layout),
                       hf_dir, tied=cfg.model.tie_embeddings)
 
 
@@ -134,13 +159,15 @@ def has_tokenizer(hf_dir: str) -> bool:
 # -- our checkpoints ------------------------------------------------------------------------------
 
 
-def write_checkpoint(out: str, cfg: Config, state: dict[str, torch.Tensor], provenance: dict) -> str:
+def write_checkpoint(out: str, cfg: Config, state: dict[str, torch.Tensor], provenance: dict,
+                     planner=None) -> str:
     """Write `state` as checkpoint step_00000000 (model weights only); returns its path.
 
     `out` is that directory (named step_XXXXXXXX) or a folder to put step_00000000 in.
+    `planner`: as for `trainer.checkpoint.write_weights_checkpoint` (a `PullPlanner`).
     """
     final = out if os.path.basename(out.rstrip("/")).startswith("step_") else os.path.join(out, "step_00000000")
-    final = write_weights_checkpoint(final, cfg, state, {"step": 0, **provenance})
+    final = write_weights_checkpoint(final, cfg, state, {"step": 0, **provenance}, planner)
     assert is_complete(final), final
     return final
 
@@ -198,7 +225,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str, cfg: Config, strict: bo
     hf_cfg, family = read_hf_config(hf_dir)
     tensors = SafetensorsDir(hf_dir)
     spec = conversion_spec(family, hf_cfg, cfg, detect_expert_layout(tensors.names(), hf_dir))
-    shapes = _our_shapes(cfg)
+    shapes = our_shapes(cfg)
     if extra := unused_hf_names(shapes, tensors.names(), spec, tied=cfg.model.tie_embeddings):
         raise HFFormatError(f"{hf_dir}: {len(extra)} tensors have no place in our model, e.g. {extra[0]}")
     offsets = expert_offsets(model)
@@ -219,18 +246,49 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str, cfg: Config, strict: bo
 # -- import ------------------------------------------------------------------------------
 
 
+class PullPlanner(DefaultSavePlanner):
+    """DCP's default save planner over a state dict of meta tensors (their shapes and dtypes
+    plan the write); each tensor's data is made by `make(name)` when the writer comes to it, and
+    dropped once written. One ordinary DCP checkpoint, one tensor in memory at a time."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        name = write_item.index.fqn.split(".", 1)[1]  # "model.<our name>", as DCP flattens it
+        tensor, want = self._make(name), write_item.tensor_data
+        if tuple(tensor.shape) != tuple(want.size) or tensor.dtype != want.properties.dtype:
+            raise RuntimeError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, planned {tuple(want.size)} "
+                               f"{want.properties.dtype}")
+        return tensor
+
+
 def import_hf(hf_dir: str, out: str) -> str:
     """Convert the Hugging Face model in `hf_dir` into a checkpoint of ours; returns its directory.
 
     The checkpoint's config.yaml is the defaults with the model's architecture (and
-    data.tokenizer = hf_dir when the directory has a tokenizer).
+    data.tokenizer = hf_dir when the directory has a tokenizer). Streamed: every name, shape and
+    dtype is checked from the safetensors headers first (one-line errors, nothing written), then
+    each of our tensors is read, converted and written in turn, in its source dtype (a bf16
+    model stays bf16; readers cast to the model's dtype when they load). Peak memory: about two
+    copies of our largest tensor (a layer's stacked experts), not the model.
     """
     cfg = hf_config(hf_dir)
     if has_tokenizer(hf_dir):
         cfg.data.tokenizer = os.path.abspath(hf_dir)
+    hf_cfg, family = read_hf_config(hf_dir)
+    tensors = SafetensorsDir(hf_dir)
     try:
-        state = load_hf_state(hf_dir, cfg)
+        spec = conversion_spec(family, hf_cfg, cfg, detect_expert_layout(tensors.names(), hf_dir))
+        shapes = our_shapes(cfg)
+        check_hf_names(shapes, tensors.names(), spec, hf_dir, tied=cfg.model.tie_embeddings)
+        # The conversion run on headers alone: every shape checked, every dtype known.
+        planned = {key: hf_tensor(key, shape, tensors.read_meta, spec, hf_dir) for key, shape in shapes.items()}
     except HFFormatError as e:
         raise ConfigError(str(e)) from None
-    model_type = read_hf_config(hf_dir)[1].model_type
-    return write_checkpoint(out, cfg, state, {"imported_from": os.path.abspath(hf_dir), "model_type": model_type})
+    planner = PullPlanner(lambda key: hf_tensor(key, shapes[key], tensors.read, spec, hf_dir))
+    return write_checkpoint(out, cfg, planned, {"imported_from": os.path.abspath(hf_dir),
+                                                "model_type": family.model_type}, planner)
