@@ -213,10 +213,12 @@ def _read_gpt_oss_experts(w: str, name: str, shape: tuple, hf_E: torch.Tensor) -
     return hf_E[..., 0 if w == "b1" else 1::2] if w in ("b1", "b3") else hf_E
 
 
-def _gpt_oss_to_hf(key: str, tensor: torch.Tensor, state: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def _gpt_oss_to_hf(key: str, tensor: torch.Tensor, state) -> Iterator[tuple[str, torch.Tensor]]:
     """gpt-oss's expert tensors from our stacked w1/w2 (with w3) and b1/b2 (with b3); w3, b3: nothing."""
     layer, leaf = _LAYER_KEY.match(key).group(1), key.rsplit(".", 1)[1]
     w = leaf.split("_")[0]
+    if w in ("w3", "b3"):
+        return
     base = f"model.layers.{layer}.mlp.experts."
     if w == "w1":  # [E, F, D] twice -> [E, D, F, 2] -> [E, D, 2F]: gate, up, gate, up, ...
         up = state[key.replace("w1_EFD", "w3_EFD")]
@@ -315,7 +317,7 @@ def ours_to_hf(state: dict[str, torch.Tensor], spec: Spec) -> Iterator[tuple[str
             continue
         leaf = key.rsplit(".", 1)[1]
         if spec.model_type == "gpt_oss":
-            yield from _gpt_oss_to_hf(key, tensor, state)
+            yield from _gpt_oss_to_hf(key, state[key], state)
             continue
         if leaf == "w3_EFD":
             continue  # written with w1 (fused) or below (per expert)
