@@ -22,3 +22,12 @@ def write_atomic(path: str, write: Callable[[IO], None], binary: bool = True) ->
             os.unlink(tmp)
         raise
     return path
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (a rename is durable once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

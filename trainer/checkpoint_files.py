@@ -15,6 +15,8 @@ import re
 import shutil
 import sys
 
+from trainer.atomic import fsync_path as fsync_dir  # noqa: F401 - a directory: its renames become durable
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 # Set by the launcher (launch/spawn.py) for one `sparseforge run`; torchrun's restarts inherit it.
@@ -133,14 +135,6 @@ def write_manifest(tmp: str, step: int) -> None:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _written_at(path: str) -> int:

@@ -17,7 +17,7 @@ import json
 import os
 
 from models.config import ConfigError
-from trainer.atomic import write_atomic
+from trainer.atomic import fsync_path as fsync_file, write_atomic
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
@@ -43,14 +43,6 @@ def file_sha256(path: str) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(directory: str, manifest: dict) -> str:
