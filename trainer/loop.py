@@ -122,6 +122,7 @@ class Trainer:
                 window_seconds += time.perf_counter() - step_start
                 self.step += 1
                 window_steps += 1
+                log.step_done(self.step)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     tokens_per_s = tokens_per_step * window_steps / max(window_seconds, 1e-9)
                     record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],

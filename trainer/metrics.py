@@ -1,5 +1,6 @@
 """Metrics of a run: metrics.jsonl always (the run-directory contract), wandb on top, a
-progress bar on rank 0, and the provenance of the run (code revision, libraries, hardware)."""
+progress bar on rank 0, the provenance of the run (code revision, libraries, hardware), and
+steps.log: one line per step computed, never truncated, naming the attempt that computed it."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from importlib import metadata
 import torch
 
 from trainer.atomic import write_atomic
+from trainer.checkpoint_files import LAUNCH_ID_ENV
 from trainer.config import Config, config_to_dict
 
 _PACKAGES = ("torch", "datasets", "wandb", "numpy", "pyyaml", "matplotlib", "deepspeed", "transformers",
@@ -59,6 +61,15 @@ def wandb_logged_in() -> bool:
         return False
 
 
+STEPS_LOG = "steps.log"
+
+
+def attempt_id() -> str:
+    """This process's attempt at the run: the launch (one `sparseforge run`) and torchrun's restart
+    round within it. Two attempts that list the same step in steps.log both computed it."""
+    return f"{os.environ.get(LAUNCH_ID_ENV, 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def _finite(value):
     return value if not isinstance(value, float) or math.isfinite(value) else str(value)
 
@@ -71,9 +82,14 @@ class MetricsLogger:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._wandb = None
         self._bar = None
+        self._steps = None
         if not enabled:
             return
         self._truncate_after(start_step)
+        # Append-only, unlike metrics.jsonl (which a resume truncates): the work a restart redid
+        # stays visible, as steps listed by two attempts (the fault drills measure it from here).
+        self._steps = open(os.path.join(run_dir, STEPS_LOG), "a")
+        self._attempt = attempt_id()
         info = run_info()
         with open(os.path.join(run_dir, "run_info.json"), "w") as f:
             json.dump(info, f, indent=2)
@@ -120,6 +136,13 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, list)},
                             step=record["step"])
 
+    def step_done(self, step: int) -> None:
+        """One line of steps.log: `step` was computed (optimizer stepped) by this attempt. Flushed
+        to the kernel at once, so it survives a SIGKILL of the rank."""
+        if self._steps is not None:
+            self._steps.write(json.dumps({"step": step, "attempt": self._attempt}) + "\n")
+            self._steps.flush()
+
     def log_image(self, key: str, path: str, step: int) -> None:
         """Log a PNG already written to the run directory to wandb (no-op without wandb)."""
         if self._wandb is not None:
@@ -142,6 +165,8 @@ class MetricsLogger:
             print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:

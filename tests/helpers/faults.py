@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -169,6 +171,7 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
 # (what happened), "passed", and the numbers the tests check. benchmarks/fault_drills.py prints them.
 
 STEPS, EVERY = 24, 8  # the drills' runs: 24 steps, a checkpoint every 8
+TORCHRUN_GRACE_S = 30  # torchrun's wait between the SIGTERM and the SIGKILL of the ranks it stops
 
 
 def run_args(*extra: str, nproc: int = 2) -> list[str]:
@@ -196,53 +199,90 @@ def drill_determinism(base: str, reference: dict) -> dict:
             "stderr": run.stderr[-3000:]}
 
 
-def drill_kill_and_restart(base: str, reference: dict) -> dict:
-    """SIGKILL rank 1 mid-interval in a run started with --resume of the reference's step-8
-    checkpoint and train.max_restarts=1: torchrun restarts both ranks, which resume from this run's
-    own step-16 checkpoint (not --resume's), and finish with the reference's final weights."""
+def steps_by_attempt(run_dir: str) -> dict[str, list[int]]:
+    """RUN_DIR/steps.log read back: {attempt: the steps it computed, in order}, attempts in the
+    order they started (trainer/metrics.py writes it: one line per step, never truncated)."""
+    path = os.path.join(run_dir, "steps.log")
+    out: dict[str, list[int]] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip().endswith("}"):  # a line being written is skipped
+                    record = json.loads(line)
+                    out.setdefault(record["attempt"], []).append(record["step"])
+    return out
+
+
+def kill_points(seed: int, num_kills: int = 3) -> list[int]:
+    """`num_kills` distinct steps after the reference's step-EVERY checkpoint, none on a checkpoint
+    step, drawn with random.Random(seed), ascending."""
+    candidates = [s for s in range(EVERY + 1, STEPS) if s % EVERY]
+    return sorted(random.Random(seed).sample(candidates, num_kills))
+
+
+def drill_kill_and_restart(base: str, reference: dict, seed: int = 0, num_kills: int = 3) -> dict:
+    """--resume of the reference's step-8 checkpoint with train.max_restarts=num_kills; rank 1
+    SIGKILLed once the attempt running reaches each of `kill_points(seed)`: torchrun restarts both
+    ranks each time, they resume from this launch's newest checkpoint (--resume's until it saved
+    one), and finish with the reference's losses and final weights. The work lost is read from the
+    run's own steps.log: the steps that an attempt and the one after it both computed."""
     start_ckpt = checkpoint_dir(reference["run_dir"], EVERY)
     run_dir = os.path.join(base, "killed")
-    run = Run(run_dir, ["--resume", start_ckpt, *run_args("train.max_restarts=1")])
-    kill_after = 2 * EVERY + 1  # one step into the third interval
+    points = kill_points(seed, num_kills)
+    run = Run(run_dir, ["--resume", start_ckpt, *run_args(f"train.max_restarts={num_kills}")])
+    killed_pids: list[int] = []
     try:
-        ranks = wait_for(lambda: len(run.ranks()) == 2 and run.ranks(), 600, "2 rank processes")
-        wait_for(lambda: has_checkpoint(run_dir, 2 * EVERY) and last_step(run_dir) >= kill_after
-                 or run.proc.poll() is not None, 600, f"step {kill_after}")
-        if run.proc.poll() is not None:
-            raise RuntimeError(f"the run ended (exit {run.proc.returncode}) before the kill")
-        ranks[1].send_signal(signal.SIGSTOP)  # freeze it, read how far the job got, then kill it
-        reached = last_step(run_dir)
-        ranks[1].send_signal(signal.SIGKILL)
-        killed_pid = ranks[1].pid
+        for attempt, point in enumerate(points):
+            def reached():
+                attempts = list(steps_by_attempt(run_dir).values())
+                return len(attempts) > attempt and max(attempts[attempt]) >= point or run.proc.poll() is not None
+            wait_for(reached, 600, f"attempt {attempt} at step {point}", interval=0.005)
+            if run.proc.poll() is not None:
+                raise RuntimeError(f"the run ended (exit {run.proc.returncode}) before kill {attempt + 1}")
+            rank1 = run.ranks().get(1)
+            if rank1 is None or rank1.pid in killed_pids:
+                raise RuntimeError(f"no new rank 1 to kill at step {point}")
+            rank1.send_signal(signal.SIGKILL)
+            killed_pids.append(rank1.pid)
         code = run.wait(900)
     except BaseException:
         run.kill_all()
         raise
+    attempts = list(steps_by_attempt(run_dir).values())
+    # Per kill: the steps the killed attempt computed that the next attempt computed again.
+    redone = [len(set(a) & set(b)) for a, b in zip(attempts, attempts[1:])]
     resumed = [line for line in run.stdout.splitlines() if line.startswith("resumed from")]
-    want_resume = f"resumed from {checkpoint_dir(run_dir, 2 * EVERY)} at step {2 * EVERY}"
-    resumed_step = 2 * EVERY if resumed and resumed[-1] == want_resume else None
     final = checkpoint_dir(run_dir, STEPS)
     diff = max_weight_diff(weights(final), weights(checkpoint_dir(reference["run_dir"], STEPS))) \
         if has_checkpoint(run_dir, STEPS) else math.inf
     want, got = losses(reference["run_dir"]), losses(run_dir)
     same_losses = all(got.get(s) == want[s] for s in range(EVERY + 1, STEPS + 1))
-    lost = reached - 2 * EVERY
-    return {"did": f"--resume {os.path.basename(start_ckpt)} of the reference, train.max_restarts=1; SIGKILL "
-                   f"rank 1 (pid {killed_pid}) at step {reached}",
-            "result": f"exit {code}; restarted and {resumed[-1] if resumed else 'did not resume'}; "
-                      f"{lost} step(s) redone; final weights max |diff| vs uninterrupted {diff:.1e}; "
-                      f"losses after the resume {'identical' if same_losses else 'DIFFERENT'}",
-            "passed": code == 0 and resumed_step is not None and len(resumed) == 2 and diff <= 1e-6
-                      and same_losses and 0 <= lost <= EVERY,
-            "lost_steps": lost, "max_weight_diff": diff, "resumed": resumed, "stderr": run.stderr[-3000:]}
+    spread = (min(redone), statistics.median(redone), max(redone)) if redone else None
+    return {"did": f"--resume {os.path.basename(start_ckpt)} of the reference, train.max_restarts={num_kills}; "
+                   f"SIGKILL rank 1 at steps {points} (random.Random({seed})), pids {killed_pids}",
+            "result": f"exit {code}; {len(attempts)} attempts, {len(resumed)} resumed; steps computed twice "
+                      f"per kill (steps.log): {redone} (min/median/max {spread}, checkpoint interval {EVERY}); "
+                      f"final weights max |diff| vs uninterrupted {diff:.1e}; losses after the resume "
+                      f"{'identical' if same_losses else 'DIFFERENT'}",
+            "passed": code == 0 and len(attempts) == num_kills + 1 and len(resumed) == num_kills + 1
+                      and diff <= 1e-6 and same_losses and all(0 <= n <= EVERY for n in redone),
+            "kill_points": points, "redone_steps": redone, "max_weight_diff": diff, "resumed": resumed,
+            "stderr": run.stderr[-3000:]}
 
 
-def drill_hang(base: str, timeout_s: float = 3.0, continue_stopped: bool = False) -> dict:
+def hang_end_bound(timeout_s: float) -> float:
+    """Seconds from the SIGSTOP by which the job must have ended when the stopped rank stays
+    stopped: the collective timeout, up to 6 s for rank 0 to report and exit, torchrun's grace
+    between its SIGTERM and its SIGKILL, and 15 s for torchrun to notice, tear down and exit on a
+    loaded 2-core machine."""
+    return timeout_s + 6 + TORCHRUN_GRACE_S + 15
+
+
+def drill_hang(base: str, timeout_s: float = 3.0) -> dict:
     """SIGSTOP rank 1 with parallel.timeout_s=3: rank 0's next collective times out and names
-    rank 1, rank 0 exits non-zero and torchrun ends the job: SIGTERM to the stopped rank, SIGKILL
-    after torchrun's 30 s grace (fixed in torch 2.13 for this path), nothing left running.
-    `continue_stopped`: SIGCONT the stopped rank once rank 0 has reported (the pending SIGTERM
-    then ends it at once): the CI test's shortcut past the 30 s."""
+    rank 1, rank 0 exits non-zero and torchrun ends the job: SIGTERM to the stopped rank (pending:
+    a stopped process does not run its handler), SIGKILL after torchrun's 30 s grace, nothing left
+    running, all within `hang_end_bound`."""
     import uuid
 
     tag = uuid.uuid4().hex
@@ -257,10 +297,6 @@ def drill_hang(base: str, timeout_s: float = 3.0, continue_stopped: bool = False
         line = wait_for(lambda: next((l for l in run.stderr.splitlines() if "CollectiveError" in l), None),
                         120, "a CollectiveError line")
         error_s = time.monotonic() - stopped_at
-        if continue_stopped:
-            wait_for(lambda: not ranks[0].is_running() or ranks[0].status() == psutil.STATUS_ZOMBIE, 60,
-                     "rank 0 to exit")
-            ranks[1].send_signal(signal.SIGCONT)
         code = run.wait(120)
         ended_s = time.monotonic() - stopped_at
     except BaseException:
@@ -269,13 +305,16 @@ def drill_hang(base: str, timeout_s: float = 3.0, continue_stopped: bool = False
     deadline = time.monotonic() + 30  # the launcher has exited; give torchrun's children a moment
     while (left := tagged_processes(tag)) and time.monotonic() < deadline:
         time.sleep(0.2)
+    left_s = time.monotonic() - stopped_at
     names_rank = "did not arrive: rank 1 (not responding, dead or stopped" in line
+    bound = hang_end_bound(timeout_s)
     return {"did": f"SIGSTOP rank 1 at step {last_step(run_dir)} with parallel.timeout_s={timeout_s:g}",
             "result": f"after {error_s:.1f} s: {line.strip()[:400]}; job ended {ended_s:.1f} s after the stop "
-                      f"with exit {code}{' (the stopped rank continued by hand)' if continue_stopped else ''}; "
-                      f"processes left: {len(left)}",
-            "passed": code != 0 and names_rank and error_s < timeout_s + 6 and not left,
-            "error_line": line, "error_s": error_s, "exit": code, "stderr": run.stderr[-3000:]}
+                      f"with exit {code}; "
+                      f"processes left: {len(left)} (checked {left_s:.1f} s after the stop; bound {bound:g} s)",
+            "passed": code != 0 and names_rank and error_s < timeout_s + 6 and ended_s <= bound and not left,
+            "error_line": line, "error_s": error_s, "ended_s": ended_s, "bound_s": bound, "exit": code,
+            "stderr": run.stderr[-3000:]}
 
 
 def drill_nonfinite(base: str) -> dict:
@@ -292,82 +331,34 @@ def drill_nonfinite(base: str) -> dict:
             "stderr": run.stderr[-3000:]}
 
 
-SAVE_CHILD = """
-import sys, torch
-from parallel import build_mesh
-from trainer.checkpoint import save_checkpoint
-from trainer.recipe import load_config
-from trainer.optim import build_optimizer, build_scheduler
-
-class Data:  # the data position a checkpoint saves
-    def state_dict(self):
-        return {"position": 0}
-
-cfg = load_config(None)
-torch.manual_seed(0)
-model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(4)])  # ~200 MB with AdamW state
-optimizer = build_optimizer(model, cfg.optim)
-model(torch.randn(2, 2048)).sum().backward()
-optimizer.step()
-scheduler = build_scheduler(optimizer, 10, cfg.optim)
-mesh = build_mesh(cfg.parallel, torch.device("cpu"))
-step = 1
-while True:
-    save_checkpoint(sys.argv[1], step, model, optimizer, scheduler, Data(), cfg, mesh)
-    print("saved", step, flush=True)
-    step += 1
-"""
-
-
-def drill_kill_mid_save(base: str) -> dict:
-    """A process saving ~200 MB checkpoints in a loop is SIGKILLed while step 2 is being written:
-    step 1 stays intact and is the one a restart resumes from."""
-    from trainer.checkpoint_files import checkpoint_problem, latest_checkpoint
-
-    run_dir = os.path.join(base, "mid_save")
-    proc = subprocess.Popen([sys.executable, "-c", SAVE_CHILD, run_dir], env=cli_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    tmp, final = checkpoint_dir(run_dir, 2) + ".tmp", checkpoint_dir(run_dir, 2)
-    try:  # killed once the save of step 2 has written 16 MiB of its ~200
-        wait_for(lambda: _dir_bytes(tmp) > 16 * 2**20 or proc.poll() is not None, 300, "the step-2 save",
-                 interval=0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    except BaseException:
-        proc.kill()
-        raise
-    partial = _dir_bytes(tmp)
-    first = checkpoint_dir(run_dir, 1)
-    intact, chosen = checkpoint_problem(first) is None, latest_checkpoint(run_dir)
-    return {"did": "SIGKILL during the save of step 2 (~200 MB, the previous save complete)",
-            "result": f"step_00000002 {'published' if os.path.isdir(final) else 'not published'}, "
-                      f"{partial / 2**20:.0f} MiB left in its .tmp; step_00000001 {'intact' if intact else 'DAMAGED'}; "
-                      f"resume picks {os.path.basename(chosen or 'nothing')}",
-            "passed": not os.path.isdir(final) and os.path.isdir(tmp) and intact and chosen == first,
-            "tmp_bytes": partial}
-
-
-def _dir_bytes(path: str) -> int:
-    try:
-        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
-    except OSError:  # not there yet, or a file renamed away while listed
-        return 0
+def _tree(path: str) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every file under `path`."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            stat = os.stat(os.path.join(root, name))
+            out[os.path.relpath(os.path.join(root, name), path)] = (stat.st_size, stat.st_mtime_ns)
+    return out
 
 
 def drill_corrupt_checkpoint(base: str, reference: dict) -> dict:
-    """The reference's last checkpoint, copied, loses half of a shard: it is skipped with a warning
-    naming it, and the resume (trainer.checkpoint.latest_checkpoint, as the ranks call it) picks
-    the one before."""
+    """The reference's checkpoints, copied, and the last one loses half of a shard: the resume
+    (trainer.checkpoint_files.latest_checkpoint, as the ranks call it) skips it with a warning
+    naming it and picks the one before; `sparseforge run --resume` of it through the real CLI is
+    refused before anything starts: one line on stderr naming the file, exit 2, no rank process,
+    the run directory untouched."""
     import contextlib
     import io
     import shutil
+    import uuid
 
     from trainer.checkpoint_files import latest_checkpoint
 
     run_dir = os.path.join(base, "corrupt")
     shutil.copytree(os.path.join(reference["run_dir"], "checkpoints"), os.path.join(run_dir, "checkpoints"))
     last = checkpoint_dir(run_dir, STEPS)
-    shard = os.path.join(last, sorted(n for n in os.listdir(last) if n.endswith(".distcp"))[0])
+    shard_name = sorted(n for n in os.listdir(last) if n.endswith(".distcp"))[0]
+    shard = os.path.join(last, shard_name)
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     err = io.StringIO()
@@ -375,10 +366,26 @@ def drill_corrupt_checkpoint(base: str, reference: dict) -> dict:
         chosen = latest_checkpoint(run_dir)
     warning = err.getvalue().strip()
     want = checkpoint_dir(run_dir, STEPS - EVERY)
-    return {"did": f"truncated {os.path.basename(shard)} of step_{STEPS:08d} to half",
-            "result": f"{warning[:400]}; resume picks {os.path.basename(chosen or 'nothing')}",
-            "passed": chosen == want and last in warning and "manifest.json says" in warning,
-            "chosen": chosen, "warning": warning}
+    # The same checkpoint given to --resume: refused by the launcher's preflight.
+    tag, before = uuid.uuid4().hex, _tree(run_dir)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "run", RECIPE, "--run-dir", run_dir, "--resume", last,
+                           *run_args()], capture_output=True, text=True, env=cli_env(FAULT_DRILL_TAG=tag), cwd=ROOT,
+                          timeout=300)
+    seconds = time.monotonic() - started
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    spawned = "run directory:" in proc.stdout or bool(tagged_processes(tag))  # printed just before torchrun starts
+    changed = sorted(set(_tree(run_dir).items()) ^ set(before.items()))
+    refused = proc.returncode == 2 and len(lines) == 1 and shard_name in lines[0] and last in lines[0]
+    return {"did": f"truncated {shard_name} of step_{STEPS:08d} to half; then sparseforge run --resume of it",
+            "result": f"{warning[:400]}; resume picks {os.path.basename(chosen or 'nothing')}; --resume: exit "
+                      f"{proc.returncode} in {seconds:.1f} s, {len(lines)} stderr line(s): {' | '.join(lines)[:400]}; "
+                      f"{'SPAWNED' if spawned else 'nothing spawned'}, {len(changed)} file(s) of the run directory "
+                      f"changed",
+            "passed": chosen == want and last in warning and "manifest.json says" in warning and refused
+                      and not spawned and not changed,
+            "chosen": chosen, "warning": warning, "cli_exit": proc.returncode, "cli_stderr": lines,
+            "changed_files": changed, "stderr": proc.stderr[-3000:]}
 
 
 def drill_bad_inputs(base: str) -> dict:

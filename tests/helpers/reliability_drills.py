@@ -101,16 +101,71 @@ def drill_kill_during_background_write(base: str, reference: dict) -> dict:
     resumed = [line for line in rerun.stdout.splitlines() if line.startswith("resumed from")]
     want, got = fh.losses(reference["run_dir"]), fh.losses(run_dir)
     same = sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == want[s] for s in want)
-    lost = reached - EVERY
+    attempts = list(fh.steps_by_attempt(run_dir).values())  # the killed launch, then the rerun
+    lost = len(set(attempts[0]) & set(attempts[1])) if len(attempts) == 2 else -1
     return {"did": f"async saves; SIGKILL of both ranks while step {target}'s background write was in flight "
                    f"(training had reached step {reached}); then the same command again",
             "result": f"exit {code}; step {target} {'published' if published else 'not published'}; latest "
                       f"{os.path.basename(latest or 'none')}; rerun exit {rerun_code}, "
-                      f"{resumed[-1] if resumed else 'did not resume'}; {lost} step(s) redone; "
+                      f"{resumed[-1] if resumed else 'did not resume'}; {lost} step(s) computed twice "
+                      f"(steps.log); "
                       f"losses {'equal the reference' if same else 'DIFFERENT'}",
             "passed": code != 0 and latest == fh.checkpoint_dir(run_dir, EVERY) and rerun_code == 0 and same
                       and bool(resumed) and 0 <= lost <= 2 * EVERY,
-            "lost_steps": lost, "stderr": rerun.stderr[-3000:]}
+            "redone_steps": [lost], "stderr": rerun.stderr[-3000:]}
+
+
+def drill_kill_mid_save_ranks(base: str, reference: dict) -> dict:
+    """The default synchronous save on 2 real ranks (train.max_restarts=0): rank 1 SIGKILLed while
+    step 8's checkpoint is being written (its step_X.tmp holds shards, not renamed); rank 0 may
+    finish its own writes. The half-written checkpoint is never published nor chosen; the same
+    command again resumes from step 4 and its losses equal the uninterrupted `reference`'s."""
+    from trainer.checkpoint_files import latest_checkpoint
+
+    run_dir = os.path.join(base, "killed_mid_save")
+    run = fh.Run(run_dir, args())
+    target = 2 * EVERY
+    tmp, final = fh.checkpoint_dir(run_dir, target) + ".tmp", fh.checkpoint_dir(run_dir, target)
+    try:
+        ranks = fh.wait_for(lambda: len(run.ranks()) == 2 and run.ranks(), 600, "2 rank processes")
+        fh.wait_for(lambda: _has_shard(tmp) or run.proc.poll() is not None, 600, f"the step-{target} write",
+                    interval=0.002)
+        ranks[1].send_signal(signal.SIGKILL)
+        at_kill = _shards(tmp)  # what the save had written when rank 1 died
+        published_at_kill = os.path.isdir(final)
+        code = run.wait(300)
+    except BaseException:
+        run.kill_all()
+        raise
+    published, latest = os.path.isdir(final), latest_checkpoint(run_dir)
+    rerun = fh.Run(run_dir + "_rerun_log", ["--run-dir", run_dir, *args()])
+    rerun_code = rerun.wait(900)
+    resumed = [line for line in rerun.stdout.splitlines() if line.startswith("resumed from")]
+    want, got = fh.losses(reference["run_dir"]), fh.losses(run_dir)
+    same = sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == want[s] for s in want)
+    shards = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sorted(at_kill.items())) or "none"
+    attempts = list(fh.steps_by_attempt(run_dir).values())  # the killed launch, then the rerun
+    lost = len(set(attempts[0]) & set(attempts[1])) if len(attempts) == 2 else -1
+    return {"did": f"synchronous saves on 2 ranks; SIGKILL of rank 1 while step {target}'s checkpoint was written "
+                   f"(its .tmp then held: {shards}); then the same command again",
+            "result": f"exit {code}; step {target} {'PUBLISHED' if published else 'not published'}; latest "
+                      f"{os.path.basename(latest or 'none')}; rerun exit {rerun_code}, "
+                      f"{resumed[-1] if resumed else 'did not resume'}; {lost} step(s) computed twice "
+                      f"(steps.log); losses {'equal the uninterrupted run' if same else 'DIFFERENT'}",
+            "passed": code != 0 and bool(at_kill) and not published_at_kill and not published
+                      and latest == fh.checkpoint_dir(run_dir, EVERY) and rerun_code == 0 and same
+                      and 0 <= lost <= EVERY and resumed == [f"resumed from {fh.checkpoint_dir(run_dir, EVERY)} at step {EVERY}"],
+            "shards_at_kill": at_kill, "published": published, "latest": latest, "resumed": resumed,
+            "redone_steps": [lost],
+            "stderr": run.stderr[-1500:] + rerun.stderr[-1500:]}
+
+
+def _shards(tmp: str) -> dict[str, int]:
+    """{name: bytes} of the DCP shard files in `tmp` now."""
+    try:
+        return {name: os.path.getsize(os.path.join(tmp, name)) for name in os.listdir(tmp) if name.endswith(".distcp")}
+    except OSError:
+        return {}
 
 
 def _has_shard(tmp: str) -> bool:

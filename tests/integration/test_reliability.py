@@ -1,6 +1,6 @@
 """Reliability at scale with real processes (tests/helpers/reliability_drills.py runs the drills;
 so does benchmarks/fault_drills.py): background checkpoints equal synchronous ones, kill -9
-during a background write, a full disk. The lost-node drill is in tests/integration/test_multinode.py."""
+during a background write and of one rank during a synchronous save, a full disk. The lost-node drill is in tests/integration/test_multinode.py."""
 import pytest
 
 from tests.helpers import reliability_drills as rd
@@ -27,7 +27,16 @@ def test_background_saves_write_the_tensors_of_synchronous_ones(async_vs_sync):
 def test_kill_during_a_background_write_keeps_the_previous_checkpoint(async_vs_sync, tmp_path):
     result = rd.drill_kill_during_background_write(str(tmp_path), async_vs_sync)
     _check(result)
-    assert 0 <= result["lost_steps"] <= 2 * rd.EVERY
+    assert 0 <= result["redone_steps"][0] <= 2 * rd.EVERY
+
+
+def test_kill_of_one_rank_during_a_synchronous_save_keeps_the_previous_checkpoint(async_vs_sync, tmp_path):
+    """Rank 1 SIGKILLed while step 8's shards are written (2 ranks, default synchronous save): step 8
+    is never published nor chosen, the rerun resumes from step 4 with the uninterrupted losses."""
+    result = rd.drill_kill_mid_save_ranks(str(tmp_path), async_vs_sync)
+    _check(result)
+    assert result["shards_at_kill"] and not result["published"], result["shards_at_kill"]
+    assert result["latest"].endswith("step_00000004")
 
 
 @pytest.mark.parametrize("on_error", ["stop", "skip"])
