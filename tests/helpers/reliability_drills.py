@@ -371,12 +371,15 @@ def drill_lost_node(base: str, steps: int = 16, every: int = 4) -> dict:
     redone = [s for s in before if s in after and s > every]
     redone_equal = all(after[s] == before[s] for s in redone)
     rel = max((abs(after[s] - want[s]) / abs(want[s]) for s in want if s in after), default=float("inf"))
+    attempts = list(fh.steps_by_attempt(run_dir).values())  # before the loss, after the restart
+    twice = len(set(attempts[0]) & set(attempts[-1])) if len(attempts) >= 2 else -1
     passed = (ref_code == 0 and code0 == 0 and code1 == 0 and bool(resumed) and sorted(after) == list(range(1, steps + 1))
-              and redone_equal and rel <= 1e-5)
+              and redone_equal and rel <= 1e-5 and 0 <= twice <= every)
     return {"did": f"2 hosts x 1 rank, c10d, train.max_restarts=2; host 1 lost at step {lost_at} (processes killed, "
                    f"link cut), a replacement started 2 s later",
             "result": f"exit {code0}/{code1} after {recovered_s:.0f} s; {resumed[-1] if resumed else 'did not resume'}; "
-                      f"{len(redone)} step(s) computed twice, {'equal' if redone_equal else 'DIFFERENT'}; losses vs "
+                      f"{twice} step(s) computed twice (steps.log), the logged ones "
+                      f"{'equal' if redone_equal else 'DIFFERENT'}; losses vs "
                       f"one node: max rel diff {rel:.1e}",
-            "passed": passed, "lost_steps": lost_at - every, "recovered_s": recovered_s,
+            "passed": passed, "redone_steps": [twice], "recovered_s": recovered_s,
             "stderr": host0_log[-3000:]}
