@@ -227,6 +227,47 @@ def test_pp_dp_ep_composition_matches_one_process(tmp_path):
                              f"pp2 x dp2 ep2 {schedule}")
 
 
+# -- the aux-loss scale the Trainer sets under pp -----------------------------------------------------
+
+# Coefficients 10x the other tests': there a wrong scale moves the step-1 gradient norm by ~5e-4,
+# inside the tolerance; here by well over it (asserted below), so step 1 already tells.
+AUX_SCALE = ["moe.aux_loss_coeff=0.1", "moe.z_loss_coeff=0.01"]
+# Two ways the Trainer reaches 4 forwards per step (4 microbatches of 2 sequences), against one
+# reference: 1f1b with 2 microbatches and 2 accumulation steps, interleaved_1f1b with 4 microbatches.
+AUX_SCALE_RUNS = {
+    "1f1b accum 2": ["parallel.pp_schedule=1f1b", "parallel.pp_microbatches=2", "train.micro_batch_size=4",
+                     "train.grad_accum_steps=2"],
+    "interleaved_1f1b": ["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_microbatches=4",
+                         "train.micro_batch_size=8"],
+}
+AUX_SCALE_REFERENCE = ["train.micro_batch_size=2", "train.grad_accum_steps=4"]
+
+
+def _run_aux_scale(rank, world_size, out):
+    for name, overrides in AUX_SCALE_RUNS.items():
+        _train(_cfg(*AUX_SCALE, "parallel.pp=2", *overrides), os.path.join(out, name.replace(" ", "_")))
+
+
+def test_trainer_sets_the_pipeline_aux_loss_scale(tmp_path):
+    """The scale set by the Trainer (trainer/build.py: 1 / (microbatches x accumulation)), not by
+    the test: pp=2 runs of 20 steps against one process accumulating the same 4 forwards per step.
+    A scale wrong by a factor 2 either way (applied twice, or missing with 2 microbatches) is the
+    reference run with both coefficients doubled or halved (the aux gradient is scale x coefficient
+    x d aux; the logged loss is the LM loss alone): their step-1 gradient norms must lie outside the
+    tolerance, or the comparison could not tell."""
+    out = str(tmp_path)
+    run_distributed(_run_aux_scale, 2, out)
+    reference = _run_reference(out, "ref", _cfg(*AUX_SCALE, *AUX_SCALE_REFERENCE))
+    for name in AUX_SCALE_RUNS:
+        _assert_same_history(_history(os.path.join(out, name.replace(" ", "_"))), reference, range(1, STEPS + 1),
+                             f"pp=2 {name}")
+    want = reference[1]["grad_norm"]
+    for factor in (2, 0.5):
+        coeffs = [f"moe.aux_loss_coeff={0.1 * factor}", f"moe.z_loss_coeff={0.01 * factor}", "train.steps=1"]
+        wrong = _run_reference(out, f"scale_x{factor}", _cfg(*AUX_SCALE_REFERENCE, *coeffs))[1]["grad_norm"]
+        assert abs(wrong - want) > 3e-3 * want, f"aux scale x{factor}: step-1 grad norm {wrong} vs {want}"
+
+
 # -- resume onto another pp size --------------------------------------------------------------------
 
 RESUME = ["moe.aux_loss_coeff=0", "checkpoint.enabled=true", "checkpoint.every=3", "train.steps=6",
