@@ -7,12 +7,20 @@ accumulating gradients over the same m microbatches (grad_accum = m · accumulat
 in another order.
 
 Cases:
-    model level (one step): every schedule at pp=2; gradients of every parameter, rtol 1e-5
-    trainer level (20 steps, real data, AdamW, clipping, aux + z losses on):
+    model level (one step): every schedule at pp=2; gradients of every parameter, rtol 1e-5. The
+        test sets the aux-loss scale on both sides itself: a check of parallel/pipeline.py's
+        stages and schedules, not of the Trainer
+    trainer level (20 steps through trainer.loop.Trainer, real data, AdamW, clipping, aux + z
+        losses on; the Trainer sets the aux-loss scale and runs the micro steps, sync and clip):
         pp=2 with gpipe, 1f1b, interleaved_1f1b, zbv and dualpipev on 2 ranks, and
         pp=2 x dp=2 with ep=2 (every schedule, combinable EP overlap) on 4 ranks,
         against one process accumulating the same microbatches: per-step loss rtol 1e-4,
         gradient norm rtol 1e-3 (AdamW amplifies rounding over the steps, as in the EP test)
+    the Trainer's aux-loss scale under pp (20 steps): pp=2 with 1f1b x 2 accumulation steps and
+        with interleaved_1f1b, 4 forwards per step, against one process accumulating them, with
+        coefficients 10x the cases above: at 0.01 a factor-2 error in the scale moves the step-1
+        gradient norm by ~5e-4 (inside the tolerance, caught later only through routing counts);
+        here by 0.7% (halved) and 1.9% (doubled), and the test asserts that margin
     resume across pp: pp=2 stopped at step 3 resumes on 1 process (pp=1), and a pp=1 run stopped
         at step 3 resumes on 2 ranks (pp=2): the losses after the resume equal the uninterrupted
         run's within rtol 1e-4. Here the balance loss coefficient is 0 (the z-loss stays on): the
@@ -133,6 +141,7 @@ def _run_model_level(rank, world_size):
 
 
 def test_every_schedule_gives_the_reference_gradients():
+    """Stages and schedules alone: both sides' aux-loss scale is set here, not by the Trainer."""
     from models.moe import set_aux_loss_scale
     from parallel.config import pp_microbatches
     from trainer.lm.task import lm_loss
