@@ -69,9 +69,13 @@ def _train_layouts(rank, world_size, out):
 def reference(tmp_path_factory):
     from trainer.loop import train
 
-    torch.set_num_threads(1)  # as each rank: the shared CPUs are not oversubscribed
     run_dir = str(tmp_path_factory.mktemp("ep_trainer_ref"))
-    train(_cfg(REFERENCE, 1), run_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as each rank: the cores are shared with the spawned ranks
+    try:
+        train(_cfg(REFERENCE, 1), run_dir)
+    finally:
+        torch.set_num_threads(threads)
     history = _history(run_dir)
     assert sorted(history) == list(range(1, STEPS + 1))
     assert min(r["grad_norm"] for r in history.values()) > CLIP  # every step clips
