@@ -1,13 +1,18 @@
-"""Expert parallelism on gloo ranks against a single-process reference, for every overlap strategy.
+"""The expert-parallel dispatcher and the gradient functions on gloo ranks against a single-process
+reference, for every overlap strategy: unit-level checks, the test calls what it checks itself.
+Parity of whole runs through the Trainer (its micro steps, DDP, sync, clipping and aux-loss scale)
+is tests/distributed/test_expert_parallel_trainer.py.
 
 Layouts: (dp, ep) = (2, 2) on 2 ranks; (4, 4) and (4, 2) on 4 ranks; E = 8 experts.
 The router is skewed with a fixed selection bias (aux-free buffer, never updated here): loads
 are uneven and expert 7 gets no token. Every rank routes its own tokens, so the reference runs
 the unsharded model on each rank's batch in turn.
 
-Tolerances (fp32; EP only changes summation order):
-    layer outputs and gradients   rtol 1e-5, atol 1e-5 · max|reference|
-    20 training steps             loss rtol 1e-4, gradient norm rtol 1e-3
+Checks:
+    one layer        outputs, input and parameter gradients, grads after `sync_expert_grads`,
+                     the shared-expert overlap hook (rtol 1e-5, atol 1e-5 · max|reference|)
+    20 steps         a hand-written loop (model, `sync_expert_grads`, `clip_grad_norm`, AdamW; the
+                     reference's aux-loss scale set by the test): loss rtol 1e-4, grad norm rtol 1e-3
 AdamW amplifies rounding over the steps (chunking adds more: matmuls over row subsets, expert
 grads summed chunk by chunk), up to 1.5e-4 on the gradient norm by step 20; the same 20 steps in
 float64 agree to 1e-14 for every strategy, so that is rounding, not a difference in what is computed.
@@ -119,7 +124,8 @@ def _layer_step(layer, mesh, rank):
             "hooked": hooked}
 
 
-def _train(mesh, strategy):
+def _train_by_hand(mesh, strategy):
+    """20 steps of this test's own loop: `sync_expert_grads` and `clip_grad_norm` called here."""
     from parallel import all_reduce_mean, clip_grad_norm, parallelize, sync_expert_grads, unwrap
     from trainer.config import Config
     from trainer.lm.task import lm_loss
@@ -153,7 +159,7 @@ def _ranks(rank, world_size):
             for case in LAYER_CASES:
                 layer = apply_expert_parallel(_layer(case), mesh, strategy, CHUNKS)
                 out[(dp, ep, "layer", case, strategy)] = _layer_step(layer, mesh, rank)
-            out[(dp, ep, "train", strategy)] = _train(mesh, strategy)
+            out[(dp, ep, "train", strategy)] = _train_by_hand(mesh, strategy)
     return out
 
 
@@ -242,7 +248,7 @@ def test_layer_outputs_and_gradients_match_single_process(world, case):
     _check_layer(world, case)
 
 
-def test_twenty_training_steps_match_single_process(world):
+def test_sync_expert_grads_and_clip_grad_norm_over_twenty_steps_match_single_process(world):
     world_size, results = world
     for dp, ep in LAYOUTS[world_size]:
         ref_losses, ref_norms = _train_reference(dp)

@@ -7,12 +7,20 @@ accumulating gradients over the same m microbatches (grad_accum = m · accumulat
 in another order.
 
 Cases:
-    model level (one step): every schedule at pp=2; gradients of every parameter, rtol 1e-5
-    trainer level (20 steps, real data, AdamW, clipping, aux + z losses on):
+    model level (one step): every schedule at pp=2; gradients of every parameter, rtol 1e-5. The
+        test sets the aux-loss scale on both sides itself: a check of parallel/pipeline.py's
+        stages and schedules, not of the Trainer
+    trainer level (20 steps through trainer.loop.Trainer, real data, AdamW, clipping, aux + z
+        losses on; the Trainer sets the aux-loss scale and runs the micro steps, sync and clip):
         pp=2 with gpipe, 1f1b, interleaved_1f1b, zbv and dualpipev on 2 ranks, and
         pp=2 x dp=2 with ep=2 (every schedule, combinable EP overlap) on 4 ranks,
         against one process accumulating the same microbatches: per-step loss rtol 1e-4,
         gradient norm rtol 1e-3 (AdamW amplifies rounding over the steps, as in the EP test)
+    the Trainer's aux-loss scale under pp (20 steps): pp=2 with 1f1b x 2 accumulation steps and
+        with interleaved_1f1b, 4 forwards per step, against one process accumulating them, with
+        coefficients 10x the cases above: at 0.01 a factor-2 error in the scale moves the step-1
+        gradient norm by ~5e-4 (inside the tolerance, caught later only through routing counts);
+        here by 0.7% (halved) and 1.9% (doubled), and the test asserts that margin
     resume across pp: pp=2 stopped at step 3 resumes on 1 process (pp=1), and a pp=1 run stopped
         at step 3 resumes on 2 ranks (pp=2): the losses after the resume equal the uninterrupted
         run's within rtol 1e-4. Here the balance loss coefficient is 0 (the z-loss stays on): the
@@ -133,6 +141,7 @@ def _run_model_level(rank, world_size):
 
 
 def test_every_schedule_gives_the_reference_gradients():
+    """Stages and schedules alone: both sides' aux-loss scale is set here, not by the Trainer."""
     from models.moe import set_aux_loss_scale
     from parallel.config import pp_microbatches
     from trainer.lm.task import lm_loss
@@ -225,6 +234,47 @@ def test_pp_dp_ep_composition_matches_one_process(tmp_path):
             references[m] = _run_reference(out, f"ref_m{m}", _reference_cfg(m, dp=2))
         _assert_same_history(_history(os.path.join(out, f"ep_{schedule}")), references[m], range(1, STEPS + 1),
                              f"pp2 x dp2 ep2 {schedule}")
+
+
+# -- the aux-loss scale the Trainer sets under pp -----------------------------------------------------
+
+# Coefficients 10x the other tests': there a wrong scale moves the step-1 gradient norm by ~5e-4,
+# inside the tolerance; here by well over it (asserted below), so step 1 already tells.
+AUX_SCALE = ["moe.aux_loss_coeff=0.1", "moe.z_loss_coeff=0.01"]
+# Two ways the Trainer reaches 4 forwards per step (4 microbatches of 2 sequences), against one
+# reference: 1f1b with 2 microbatches and 2 accumulation steps, interleaved_1f1b with 4 microbatches.
+AUX_SCALE_RUNS = {
+    "1f1b accum 2": ["parallel.pp_schedule=1f1b", "parallel.pp_microbatches=2", "train.micro_batch_size=4",
+                     "train.grad_accum_steps=2"],
+    "interleaved_1f1b": ["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_microbatches=4",
+                         "train.micro_batch_size=8"],
+}
+AUX_SCALE_REFERENCE = ["train.micro_batch_size=2", "train.grad_accum_steps=4"]
+
+
+def _run_aux_scale(rank, world_size, out):
+    for name, overrides in AUX_SCALE_RUNS.items():
+        _train(_cfg(*AUX_SCALE, "parallel.pp=2", *overrides), os.path.join(out, name.replace(" ", "_")))
+
+
+def test_trainer_sets_the_pipeline_aux_loss_scale(tmp_path):
+    """The scale set by the Trainer (trainer/build.py: 1 / (microbatches x accumulation)), not by
+    the test: pp=2 runs of 20 steps against one process accumulating the same 4 forwards per step.
+    A scale wrong by a factor 2 either way (applied twice, or missing with 2 microbatches) is the
+    reference run with both coefficients doubled or halved (the aux gradient is scale x coefficient
+    x d aux; the logged loss is the LM loss alone): their step-1 gradient norms must lie outside the
+    tolerance, or the comparison could not tell."""
+    out = str(tmp_path)
+    run_distributed(_run_aux_scale, 2, out)
+    reference = _run_reference(out, "ref", _cfg(*AUX_SCALE, *AUX_SCALE_REFERENCE))
+    for name in AUX_SCALE_RUNS:
+        _assert_same_history(_history(os.path.join(out, name.replace(" ", "_"))), reference, range(1, STEPS + 1),
+                             f"pp=2 {name}")
+    want = reference[1]["grad_norm"]
+    for factor in (2, 0.5):
+        coeffs = [f"moe.aux_loss_coeff={0.1 * factor}", f"moe.z_loss_coeff={0.01 * factor}", "train.steps=1"]
+        wrong = _run_reference(out, f"scale_x{factor}", _cfg(*AUX_SCALE_REFERENCE, *coeffs))[1]["grad_norm"]
+        assert abs(wrong - want) > 3e-3 * want, f"aux scale x{factor}: step-1 grad norm {wrong} vs {want}"
 
 
 # -- resume onto another pp size --------------------------------------------------------------------
