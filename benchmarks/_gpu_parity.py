@@ -88,7 +88,9 @@ def compare(got: list[torch.Tensor], want: list[torch.Tensor], counts: list[int]
     for name, g, w in zip(NAMES, got, want):
         g = g.detach().cpu().double()
         parts = zip(_per_expert(g, counts, name in ("y", "dx")), _per_expert(w, counts, name in ("y", "dx")))
-        rel[name] = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in parts)
+        errs = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in parts]
+        # max() drops a NaN that is not first (nan > x is False): a NaN expert would pass
+        rel[name] = float("nan") if any(e != e for e in errs) else max(errs)
         max_abs[name] = float((g - w).abs().max())
     idle = [e for e, n in enumerate(counts) if n == 0]
     idle_zero = all(int(torch.count_nonzero(dw[idle])) == 0 for dw in got[2:])

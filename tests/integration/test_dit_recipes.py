@@ -1,39 +1,57 @@
-"""Each DiT recipe trains, evaluates and samples in one process for a few steps (tiny settings):
+"""Each DiT recipe trains, evaluates and samples in one process for 30 steps (tiny settings):
 the DDPM recipe (learned sigma), the flow-matching one (Heun) and the dense baseline, plus
-v-prediction, which no recipe uses. Quality is measured by the benchmarks, not here; here every
-objective/sampler path runs end to end through the real Trainer and writes what the run-directory
-contract promises."""
+v-prediction, which no recipe uses. Every objective/sampler path runs end to end through the real
+Trainer, writes what the run-directory contract promises, and learns: the mean of the last 5 logged
+losses is below a stated factor times the mean of the first 3 (measured, seeds 0-2: 0.20-0.30 for
+the ε objectives, 0.60-0.67 flow matching, 0.73-0.76 v; lr 0 gives 0.99-1.02). Sample quality
+(class accuracy, FD) is measured by the benchmarks, not here: after 30 steps, or 250, the samples'
+class accuracy is still at chance (0.10), so it is only checked to be a finite fraction."""
 import json
+import math
 import os
 
 import pytest
 
 from trainer.recipe import load_config
 
-TINY = ["train.steps=6", "train.log_every=2", "train.micro_batch_size=16", "model.num_layers=2",
+STEPS = 30
+# lr 3e-3 (the recipes: 1e-3) and 2 warmup steps (the recipes: 100): learning visible in 30 steps
+TINY = [f"train.steps={STEPS}", "train.log_every=1", "optim.lr=3e-3", "optim.warmup_steps=2", "train.micro_batch_size=16", "model.num_layers=2",
         "diffusion.num_samples=20", "logging.wandb=false", "logging.progress_bar=false",
         "checkpoint.enabled=false", "logging.heatmap_every=0"]
 
 
-@pytest.mark.parametrize("recipe, extra", [
-    ("recipes/dit/pretrain_digits_moe.yaml", ["diffusion.sample_steps=8"]),
-    ("recipes/dit/pretrain_digits_flow.yaml", ["diffusion.sample_steps=4"]),
-    ("recipes/dit/pretrain_digits_dense.yaml", ["diffusion.sampler=ddim", "diffusion.sample_steps=8"]),
+def assert_learns(losses: list[float], factor: float) -> None:
+    """Every loss finite, and the mean of the last 5 below `factor` x the mean of the first 3."""
+    assert losses and all(map(math.isfinite, losses)), losses
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert last < factor * first, f"loss {first:.4f} -> {last:.4f}: ratio {last / first:.3f}, want < {factor}"
+
+
+# (recipe, overrides, loss factor): factors ~1.7x the worst ratio measured over seeds 0-2 for ε, 1.14-1.2x
+# for flow matching and v, whose losses fall slower (their floor is higher); a model that does not
+# learn sits at ~1.0.
+@pytest.mark.parametrize("recipe, extra, factor", [
+    ("recipes/dit/pretrain_digits_moe.yaml", ["diffusion.sample_steps=8"], 0.5),
+    ("recipes/dit/pretrain_digits_flow.yaml", ["diffusion.sample_steps=4"], 0.8),
+    ("recipes/dit/pretrain_digits_dense.yaml", ["diffusion.sampler=ddim", "diffusion.sample_steps=8"], 0.5),
     ("recipes/dit/pretrain_digits_moe.yaml", ["diffusion.objective=v", "model.learn_sigma=false",
-                                              "diffusion.sampler=dpm_solver_pp", "diffusion.sample_steps=6"]),
+                                              "diffusion.sampler=dpm_solver_pp", "diffusion.sample_steps=6"], 0.87),
 ])
-def test_dit_recipe_trains_and_samples(tmp_path, recipe, extra):
+def test_dit_recipe_learns_and_samples(tmp_path, recipe, extra, factor):
     from trainer.loop import train
 
     cfg = load_config(recipe, TINY + extra)
     result = train(cfg, str(tmp_path))
-    assert result.final_step == 6 and result.final_val_loss is not None
-    assert 0.0 <= result.final_eval["eval/acc"] <= 1.0 and result.final_eval["eval/fd"] > 0
-    assert os.path.isfile(tmp_path / "plots" / "samples_step_00000006.png")
+    assert result.final_step == STEPS and math.isfinite(result.final_val_loss)
+    acc, fd = result.final_eval["eval/acc"], result.final_eval["eval/fd"]
+    assert 0.0 <= acc <= 1.0 and math.isfinite(fd) and fd > 0  # quality: the benchmarks
+    assert os.path.isfile(tmp_path / "plots" / f"samples_step_{STEPS:08d}.png")
     with open(tmp_path / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 3 and all(l == l for l in losses)  # logged every 2 steps, finite
+    assert len(losses) == STEPS  # logged every step
+    assert_learns(losses, factor)
     assert any("diffusion/mse" in r for r in records)
     if cfg.model.learn_sigma:
         assert any("diffusion/vlb" in r for r in records)
@@ -52,5 +70,5 @@ def test_dit_trains_from_a_prepared_image_set(tmp_path, capsys):
                                       "diffusion.sample_steps=2", "diffusion.num_samples=10"])
     preflight(cfg, str(run_dir), None)
     result = train(cfg, str(run_dir))
-    assert result.final_step == 3 and result.final_val_loss == result.final_val_loss
+    assert result.final_step == 3 and math.isfinite(result.final_val_loss)
     assert "1,438 training images, 359 validation images" in capsys.readouterr().err  # the run log

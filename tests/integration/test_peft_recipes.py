@@ -11,6 +11,7 @@ another PEFT run. Tiny shapes and 4 steps: what is checked is the plumbing, not 
 (benchmarks/peft_compare.py measures that).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_peft_recipe_counts_checkpoints_adapters_and_resumes_exactly(base, finet
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in (3, 4):
         assert got[step] == want[step], (method, step)
-    assert want[4] != want[1]  # it trained
+    assert all(map(math.isfinite, want.values())) and want[4] != want[1]  # it trained (not: it learned)
 
 
 def _logits(model, tokens):
@@ -220,27 +221,35 @@ DIT = ["model.num_layers=2", "train.micro_batch_size=16", "train.log_every=1", "
        "logging.heatmap_every=0", "optim.warmup_steps=2"]
 
 
-def test_dit_lora_recipe_trains_and_evaluates(tmp_path):
+def test_dit_lora_recipe_learns_and_evaluates(tmp_path):
+    """LoRA on a 10-step DiT-MoE pretrain (after 3, its zero-initialised final layer, which LoRA does
+    not adapt, still outputs ~0 and the adapters cannot move the loss: ratio 0.994), 30 steps at lr
+    1e-2 (the recipe: 1e-3): the mean of the last 5 losses below 0.9 x the mean of the first 3
+    (measured: 0.826 seed 0, 0.801 seed 1; lr 0: ~1.0). Sample quality is the benchmarks' (30 steps
+    leave class accuracy at chance)."""
     from models.peft import LoRALinear
     from trainer.checkpoint import model_tensor_shapes
 
-    _trainer(load_config("recipes/dit/pretrain_digits_moe.yaml", DIT + ["train.steps=3", "checkpoint.every=3"]),
+    _trainer(load_config("recipes/dit/pretrain_digits_moe.yaml", DIT + ["train.steps=10", "checkpoint.every=10"]),
              str(tmp_path / "base"))
-    base = tmp_path / "base" / "checkpoints" / "step_00000003"
+    base = tmp_path / "base" / "checkpoints" / "step_00000010"
     run_dir = tmp_path / "lora"
-    trainer = _trainer(load_config("recipes/dit/peft_lora.yaml", DIT + [f"peft.base={base}", "train.steps=3",
-                                                                       "checkpoint.every=3"]), str(run_dir))
+    trainer = _trainer(load_config("recipes/dit/peft_lora.yaml", DIT + [f"peft.base={base}", "optim.lr=1e-2", "train.steps=30",
+                                                                       "checkpoint.every=30"]), str(run_dir))
     model = trainer.unwrapped_model
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert any(".attn." in n for n in adapted) and any(".adaLN_modulation." in n for n in adapted)
     assert all(m.lora is not None for n, m in model.named_modules() if n.endswith(".ffn.experts"))
     losses = _losses(str(run_dir))
-    assert sorted(losses) == [1, 2, 3] and all(l == l for l in losses.values())
+    assert sorted(losses) == list(range(1, 31)) and all(map(math.isfinite, losses.values())), losses
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in range(26, 31)) / 5
+    assert last < 0.9 * first, f"loss {first:.4f} -> {last:.4f}: ratio {last / first:.3f}, want < 0.9"
     evals = [r for r in _records(str(run_dir)) if "eval/acc" in r]
-    assert evals and 0.0 <= evals[-1]["eval/acc"] <= 1.0 and evals[-1]["eval/fd"] > 0
-    assert os.path.isfile(run_dir / "plots" / "samples_step_00000003.png")
+    assert evals and 0.0 <= evals[-1]["eval/acc"] <= 1.0
+    assert math.isfinite(evals[-1]["eval/fd"]) and evals[-1]["eval/fd"] > 0
+    assert os.path.isfile(run_dir / "plots" / "samples_step_00000030.png")
     # The checkpoint: the adapters and their EMA only.
-    ckpt = str(run_dir / "checkpoints" / "step_00000003")
+    ckpt = str(run_dir / "checkpoints" / "step_00000030")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(model_tensor_shapes(ckpt)) == trainable
     assert set(trainer.ema.shadow) == trainable  # the EMA follows the adapters only

@@ -89,3 +89,16 @@ def test_parity_reference_is_the_loop_backend_in_float64(dtype):
     got = _gpu_parity.run_backend("loop", x.double(), [w.double() for w in ws], dy.double(), counts)
     verdict = _gpu_parity.compare(got, _gpu_parity.reference(x, ws, dy, case["counts"]), case["counts"], 1e-12)
     assert verdict["status"] == "pass" and max(verdict["rel_err"].values()) < 1e-12
+
+
+def test_parity_fails_a_kernel_with_nan_in_one_expert():
+    """A NaN in the rows of one busy expert (not the first) fails: Python's max() would drop it."""
+    case = _gpu_parity.cases(smoke=True)[0]
+    x, ws, dy, counts = _gpu_parity.make_inputs(case, torch.device("cpu"), torch.float32, seed=0)
+    want = _gpu_parity.reference(x, ws, dy, case["counts"])
+    got = _gpu_parity.run_backend("loop", x, ws, dy, counts)
+    assert _gpu_parity.compare(got, want, case["counts"], 1e-3)["status"] == "pass"
+    start = sum(case["counts"][:5])
+    got[0][start:start + case["counts"][5]] = float("nan")  # expert 5's rows of y
+    verdict = _gpu_parity.compare(got, want, case["counts"], 1e-3)
+    assert verdict["status"] == "fail" and verdict["rel_err"]["y"] != verdict["rel_err"]["y"]
