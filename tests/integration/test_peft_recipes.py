@@ -1,6 +1,6 @@
 """The PEFT recipes end to end: a base pretrained for 4 steps, then every LLM recipe (LoRA on
 attention + experts, PERFT-R, ESFT, and full fine-tuning from the LoRA recipe) trains from it
-through the real Trainer; the DiT LoRA recipe from a few-step DiT-MoE pretrain; merge-peft and the
+through the real Trainer and lowers its loss on its first batch by a stated margin; the DiT LoRA recipe from a few-step DiT-MoE pretrain; merge-peft and the
 one-line refusals through the real CLI.
 
 For each LLM method: the trainable/total count is printed at start and logged once; a checkpoint
@@ -260,3 +260,28 @@ def test_dit_lora_recipe_learns_and_evaluates(tmp_path):
     frozen = dict(model.named_parameters())["layers.0.attn.qkv.weight"]
     assert torch.equal(frozen, ema["layers.0.attn.qkv.weight"])
     assert not torch.equal(frozen, raw["layers.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_peft_recipe_learns_its_first_batch(finetuned, method):
+    """Learning, measured without batch-to-batch noise: the fine-tuned model's loss on the run's
+    first training batch (rebuilt from the same data order) against the loss logged at step 1 (the
+    base with zero-initialised adapters, before any update). After 4 steps every method has
+    lowered it by a stated margin; a run that does not learn (lr 0, frozen adapters) does not."""
+    run = finetuned[method]
+    trainer = run["trainer"]
+    from trainer.lm.data import build_text_data
+
+    # The same builder, seed and order: the first global batch again (one process, as the run).
+    first = next(build_text_data(trainer.cfg.data, trainer.cfg.train.micro_batch_size, 0, 1,
+                                 trainer.cfg.train.seed).train_batches())
+    model = trainer.unwrapped_model.eval()
+    with torch.no_grad():
+        after = trainer.task.micro_batch_loss(model, first).item()
+    before = _losses(run["straight"])[1]
+    assert math.isfinite(after) and after < before - MARGIN[method], (method, before, after)
+
+
+# Nats the first batch's loss must fall by after 4 steps; measured drops: lora 0.060, perft 0.045,
+# esft 0.0048 (a few selected experts), full 0.44. With lr 0 the loss does not move at all.
+MARGIN = {"lora": 0.02, "perft": 0.015, "esft": 0.002, "full": 0.15}
