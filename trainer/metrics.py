@@ -65,9 +65,12 @@ STEPS_LOG = "steps.log"
 
 
 def attempt_id() -> str:
-    """This process's attempt at the run: the launch (one `sparseforge run`) and torchrun's restart
-    round within it. Two attempts that list the same step in steps.log both computed it."""
-    return f"{os.environ.get(LAUNCH_ID_ENV, 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    """This process's attempt at the run: the launch (one `sparseforge run`), torchrun's restart
+    round within it, and this rank process (a restart after a membership change, e.g. a replacement
+    node joining, does not count as a restart round, but its workers are new processes). Two
+    attempts that list the same step in steps.log both computed it."""
+    return (f"{os.environ.get(LAUNCH_ID_ENV, 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            f"/{os.getpid()}")
 
 
 def _finite(value):
