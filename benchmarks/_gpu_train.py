@@ -36,6 +36,7 @@ from trainer.lm.task import lm_loss
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, no sparsity (NVIDIA's datasheets)
 MODES = ("none", "block", "moe_ffn")
 MEMORY_SHARE = 0.8  # halve the batch while the plan's estimate exceeds this share of the device
+OPTIM = {"implementation": "auto"}  # the runs' optim section (gpu_suite.py --optim sets it)
 COMPILE_RESERVE_S = 75  # start compiling only with this much of the part's time left (cold inductor cache)
 
 
@@ -107,6 +108,7 @@ def make_config(preset: str, mode: str, batch: int, device: torch.device, seq_le
     # traces and compiles the same expert path (auto would take the loop there).
     backend = "auto" if device.type == "cuda" else "grouped_mm"
     raw = {"model": {**p["model"], "preset": preset}, "moe": {**p["moe"], "backend": backend},
+           "optim": dict(OPTIM),
            "train": {"dtype": "bf16", "micro_batch_size": batch, "steps": 10_000, "device": device.type},
            "parallel": {"activation_checkpoint": mode},
            "logging": {"wandb": False, "progress_bar": False, "heatmap_every": 0},
@@ -180,9 +182,24 @@ def _phase(cfg, trainer, batches, first_step, warmup, steps, device, peak, label
     return out
 
 
+def profile_step(trainer, batches, step: int, label: str, path: str, rows: int = 25) -> None:
+    """One more step under torch.profiler; its kernels by self device time appended to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        trainer.stepper(batches, step)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"== {label}\n" + prof.key_averages().table(sort_by=key, row_limit=rows,
+                                                             max_name_column_width=70) + "\n\n")
+
+
 def train_run(cfg, task, device, compile_backend: str | None, deadline: float, compile_reserve_s: float,
-              smoke: bool, log) -> dict:
-    """Eager steps, then (if a backend is given and time is left) compiled steps, on one Trainer."""
+              smoke: bool, log, profile_to: str | None = None) -> dict:
+    """Eager steps, then (if a backend is given and time is left) compiled steps, on one Trainer;
+    with `profile_to`, one profiled step after the last phase that ran."""
     from trainer.loop import Trainer
 
     warmup, steps = (1, 1) if smoke else (2, 5)
@@ -219,19 +236,23 @@ def train_run(cfg, task, device, compile_backend: str | None, deadline: float, c
             except Exception as e:  # noqa: BLE001 - a compiler failure: the eager numbers stand
                 result["compiled"] = {"error": one_line(e)}
                 log(f"    {mode} compiled failed: {result['compiled']['error']}")
+        if profile_to:
+            kind = "compiled" if "step_ms" in result["compiled"] else "eager"
+            profile_step(trainer, batches, 100, f"{cfg.model.preset} {mode} {kind}, batch "
+                         f"{cfg.train.micro_batch_size}", profile_to)
         del trainer, batches
     return result
 
 
 def _run_fitted(preset: str, mode: str, batch: int, seq_len: int, task_cls, device, compile_backend, deadline,
-                smoke: bool, log) -> dict:
+                smoke: bool, log, profile_to: str | None = None) -> dict:
     """`train_run` at the largest batch the plan fits, halved once more on running out of memory."""
     batch = fit_batch(preset, mode, batch, device, seq_len)
     for attempt in range(2):
         cfg = make_config(preset, mode, batch, device, seq_len)
         try:
             return train_run(cfg, task_cls(cfg, device), device, compile_backend, deadline,
-                             0.0 if smoke else COMPILE_RESERVE_S, smoke, log)
+                             0.0 if smoke else COMPILE_RESERVE_S, smoke, log, profile_to)
         except torch.cuda.OutOfMemoryError:
             release(device)
             if attempt or batch == 1:
@@ -242,8 +263,10 @@ def _run_fitted(preset: str, mode: str, batch: int, seq_len: int, task_cls, devi
             release(device)
 
 
-def run_llm(device: torch.device, smoke: bool, deadline: float, compile_backend: str | None, log) -> dict:
-    """Part 3: each activation-checkpointing mode, eager then compiled (see the module docstring)."""
+def run_llm(device: torch.device, smoke: bool, deadline: float, compile_backend: str | None, log,
+            modes: tuple[str, ...] = MODES, profile_to: str | None = None) -> dict:
+    """Part 3: each activation-checkpointing mode of `modes`, eager then compiled (see the module
+    docstring)."""
     preset, seq_len, batch = ("tiny", 64, 2) if smoke else ("olmoe_2b_16e", 4096, 8)
     cfg = make_config(preset, "none", 1, device, seq_len)
     total, active = param_breakdown(cfg)[:2]
@@ -251,13 +274,13 @@ def run_llm(device: torch.device, smoke: bool, deadline: float, compile_backend:
            "train_flops_per_token": round(flops_per_sample(cfg) / seq_len),
            "peak_tflops": peak_flops(device) and peak_flops(device) / 1e12, "runs": {}}
     log(f"  llm {preset}: {total / 1e9:.2f}B total, {active / 1e9:.2f}B active, seq {seq_len}")
-    for mode in MODES:
+    for mode in modes:
         if time.monotonic() > deadline:
             out["runs"][mode] = {"skipped": "out of the part's time budget"}
             continue
         try:
             out["runs"][mode] = _run_fitted(preset, mode, batch, seq_len, SyntheticLM, device, compile_backend,
-                                            deadline, smoke, log)
+                                            deadline, smoke, log, profile_to)
         except Exception as e:  # noqa: BLE001 - the next mode still runs
             out["runs"][mode] = {"error": one_line(e)}
             log(f"    {mode} failed: {out['runs'][mode]['error']}")
@@ -271,14 +294,16 @@ def run_llm(device: torch.device, smoke: bool, deadline: float, compile_backend:
     return out
 
 
-def run_dit(device: torch.device, smoke: bool, deadline: float, compile_backend: str | None, log) -> dict:
+def run_dit(device: torch.device, smoke: bool, deadline: float, compile_backend: str | None, log,
+            profile_to: str | None = None) -> dict:
     """Part 4: a DiT-MoE-XL/2 training step (256 tokens an image), eager then compiled."""
     preset, batch = ("dit_tiny_moe", 4) if smoke else ("dit_moe_XL_8E2A", 32)
     cfg = make_config(preset, "none", 1, device)
     total, active = param_breakdown(cfg)[:2]
     log(f"  dit {preset}: {total / 1e9:.2f}B total, {active / 1e9:.2f}B active, "
         f"{tokens_per_sample(cfg)} tokens an image")
-    run = _run_fitted(preset, "none", batch, 0, SyntheticImages, device, compile_backend, deadline, smoke, log)
+    run = _run_fitted(preset, "none", batch, 0, SyntheticImages, device, compile_backend, deadline, smoke, log,
+                      profile_to)
     return {"preset": preset, "params_total": total, "params_active": active,
             "train_flops_per_image": round(flops_per_sample(cfg)), **run}
 

@@ -50,11 +50,22 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=360.0, help="seconds for all parts together")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset, e.g. llm,dit")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--llm-modes", default="none,block,moe_ffn", help="activation-checkpointing modes of the llm part")
+    p.add_argument("--optim", default="auto", choices=("auto", "fused", "foreach", "for_loop"),
+                   help="optim.implementation of the training runs (AdamW's kernels)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps of each training run, one step under torch.profiler: its kernels "
+                        "by device time appended to OUT/profiles.txt")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="report folder (default $OUT)")
     args = p.parse_args(argv)
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         p.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    from _gpu_train import MODES
+
+    unknown = set(args.llm_modes.split(",")) - set(MODES)
+    if unknown:
+        p.error(f"unknown --llm-modes {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
     return args
 
 
@@ -104,7 +115,7 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-def run_part(name: str, device, smoke: bool, deadline: float, backend: str | None, log):
+def run_part(name: str, device, smoke: bool, deadline: float, backend: str | None, log, args=None):
     """What part `name` reports (the parts' modules are imported here, after the sys.path setup)."""
     from _gpu_layer import run_moe_layer
     from _gpu_parity import run_parity
@@ -114,14 +125,19 @@ def run_part(name: str, device, smoke: bool, deadline: float, backend: str | Non
         return run_parity(device, smoke, log)
     if name == "moe_layer":
         return run_moe_layer(device, smoke, deadline, log)
+    profile_to = os.path.join(args.out, "profiles.txt") if args is not None and args.profile and args.out else None
     if name == "llm":
-        return run_llm(device, smoke, deadline, backend, log)
-    return run_dit(device, smoke, deadline, backend, log)
+        modes = tuple(args.llm_modes.split(",")) if args is not None else None
+        return run_llm(device, smoke, deadline, backend, log, *((modes,) if modes else ()), profile_to=profile_to)
+    return run_dit(device, smoke, deadline, backend, log, profile_to=profile_to)
 
 
 def main(argv=None) -> int:
     """Run the chosen parts in order within the budget; 0, or 1 if parity failed or a part raised."""
     args = parse_args(argv)
+    import _gpu_train
+
+    _gpu_train.OPTIM["implementation"] = args.optim
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device here; run with --cpu-smoke for the CPU smoke test", file=sys.stderr)
         return 2
@@ -131,7 +147,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     summary = {"device": name, "torch": torch.__version__, "parity": {}, "moe_layer": [], "llm": {}, "dit": {}}
     report.log(f"gpu_suite: {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), {_versions()}, "
-               f"compile {backend}, budget {args.budget_s:.0f} s")
+               f"compile {backend}, optim {args.optim}, budget {args.budget_s:.0f} s")
     start, failed = time.monotonic(), False
     chosen = [p for p in PARTS if p in args.parts.split(",")]
     share = sum(PARTS[p] for p in chosen)
@@ -141,7 +157,7 @@ def main(argv=None) -> int:
         deadline = start + used * args.budget_s  # what an earlier part leaves, a later one gets
         report.log(f"[{time.monotonic() - start:6.1f} s] {part}")
         try:
-            summary[part] = run_part(part, device, args.cpu_smoke, deadline, backend, report.log)
+            summary[part] = run_part(part, device, args.cpu_smoke, deadline, backend, report.log, args)
         except Exception as e:  # noqa: BLE001 - recorded; the next part still runs
             failed = True
             error = one_line(e)

@@ -63,6 +63,9 @@ class OptimConfig(ConfigSection):
     warmup_steps: int = bounded(20, ge=0)
     decay_fraction: float = bounded(0.2, gt=0, le=1)  # wsd: share of the steps spent in the final decay
     grad_clip: float = bounded(1.0, ge=0)  # 0: off
+    # AdamW's kernels: auto = fused (one kernel over all tensors) when every parameter is on CUDA,
+    # torch's default elsewhere (foreach on CPU), so CPU runs stay bitwise what they were.
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
 
 @dataclass

@@ -26,7 +26,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay_params=(), para
     # Empty groups left out (LoRA has matrices only): checkpoint state dicts cannot hold them.
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **kernel_choice(cfg.implementation, [p for g in groups for p in g["params"]]))
+
+
+def kernel_choice(implementation: str, params: list[torch.Tensor]) -> dict:
+    """AdamW's keyword for `optim.implementation`: auto = fused where every parameter is a floating
+    CUDA tensor (one kernel launch per dtype group instead of a dozen foreach passes over the
+    moments: the update is memory-bound), torch's default elsewhere."""
+    if implementation == "auto":
+        on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+        return {"fused": True} if on_cuda else {}
+    if implementation == "fused":
+        return {"fused": True}
+    return {"foreach": implementation == "foreach"}
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 from dataclasses import dataclass
 
 from models.config import BACKEND_CHOICES
+from models.moe.grouped_swiglu import GroupedMMSwiGLU, torch_grouped_mm
 
 MEGABLOCKS_HINT = "pip install megablocks (CUDA only; it brings the grouped_gemm kernels)"
 
@@ -265,9 +266,7 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _torch_grouped_mm():
-    """torch's grouped GEMM function, or None on a torch without one."""
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_torch_grouped_mm = torch_grouped_mm  # module-level name: tests replace it to hide the kernel
 
 
 def _grouped_swiglu(matmul, x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
@@ -299,6 +298,18 @@ def grouped_mm_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch
     """torch grouped GEMM over the expert-sorted rows; group ends stay on device (no sync)."""
     if x_sorted_ND.shape[0] == 0:  # kernels reject an empty problem; nothing to compute anyway
         return loop_backend(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras)
+    if extras is None:  # plain SwiGLU: one autograd node (models/moe/grouped_swiglu.py)
+        x_ND, w1_EFD, w3_EFD, w2_EDF = _cast(x_sorted_ND, w1_EFD, w3_EFD, w2_EDF)
+        with _autocast_off(x_ND.device.type):
+            return GroupedMMSwiGLU.apply(x_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF)
+    return grouped_mm_composed(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras)
+
+
+def grouped_mm_composed(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch.Tensor,
+                        w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                        extras: ExpertExtras | None = None) -> torch.Tensor:
+    """The grouped GEMMs composed under autograd: biased experts and other activations (and the
+    plain SwiGLU's path before GroupedMMSwiGLU, which benchmarks/gpu_moe_profile.py times beside it)."""
     gmm = _torch_grouped_mm()
     offs_E = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
     matmul = lambda a_NI, w_EOI: gmm(a_NI, w_EOI.transpose(-2, -1), offs=offs_E)

@@ -41,3 +41,27 @@ def test_scheduler_drives_optimizer_lr():
         opt.step()
         sched.step()
     assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_optim_implementation_picks_adamw_kernels_and_fused_matches_foreach():
+    from trainer.optim import kernel_choice
+
+    cpu = [torch.nn.Parameter(torch.zeros(2))]
+    assert kernel_choice("auto", cpu) == {}  # CPU runs keep torch's default, bitwise as before
+    assert kernel_choice("foreach", cpu) == {"foreach": True}
+    assert kernel_choice("for_loop", cpu) == {"foreach": False}
+    meta_cuda = [torch.nn.Parameter(torch.empty(2, device="meta"))]
+    assert kernel_choice("auto", meta_cuda) == {}
+    results = {}
+    for impl in ("fused", "foreach", "for_loop"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=0.1, implementation=impl))
+        assert opt.param_groups[0]["fused"] is (True if impl == "fused" else None)
+        for _ in range(3):
+            model(torch.randn(5, 8)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        results[impl] = model.weight.detach().clone()
+    torch.testing.assert_close(results["fused"], results["foreach"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["for_loop"], results["foreach"], rtol=1e-5, atol=1e-6)
