@@ -3,8 +3,8 @@ through the real Trainer (trainer/loop.py) on synthetic batches (docs/gpu.md).
 
 Each run builds a Trainer (model on meta, activation checkpointing, per-rank materialisation,
 AdamW, the DiT's EMA), times `trainer.stepper` (forward, backward, clip, AdamW, router loads;
-the DiT's EMA) in bf16 autocast, then compiles every block (parallel/compile.py) and times it
-again. Reported per run: median step time, tokens (images) per second, MFU, the peak device
+the DiT's EMA) in bf16 autocast, then compiles every block (parallel/compile.py) and the LM loss,
+as parallel.compile does, and times it again. Reported per run: median step time, tokens (images) per second, MFU, the peak device
 memory of the timed steps beside launch/plan.py's estimate (weights, gradients, AdamW moments,
 the DiT's EMA, activations).
 
@@ -17,6 +17,7 @@ and are counted so. Recomputation is not model FLOPs: checkpointing lowers MFU b
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import tempfile
@@ -31,7 +32,7 @@ from parallel.compile import compile_blocks
 from parallel.recompute import checkpointed_modules
 from trainer.config import config_from_dict, validate
 from trainer.datasets_io import one_line
-from trainer.lm.task import lm_loss
+from trainer.lm.task import compiled_loss, lm_loss
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, no sparsity (NVIDIA's datasheets)
 MODES = ("none", "block", "moe_ffn")
@@ -52,6 +53,7 @@ class SyntheticLM:
     """The LM task (trainer/lm/task.py) on uniformly random tokens, drawn on the device."""
 
     data = None
+    loss_fn = staticmethod(lm_loss)  # compiled with the blocks (parallel.compile's compiled_loss)
 
     def __init__(self, cfg, device):
         self.vocab, self.shape, self.device = cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len), device
@@ -67,7 +69,7 @@ class SyntheticLM:
 
     def micro_batch_loss(self, model, batch):
         inputs, targets = batch
-        return lm_loss(model(inputs), targets)
+        return self.loss_fn(model(inputs), targets)
 
 
 class SyntheticImages:
@@ -226,6 +228,9 @@ def train_run(cfg, task, device, compile_backend: str | None, deadline: float, c
             start = time.monotonic()
             result["compiled_modules"] = compile_blocks(model, checkpointed_modules(model, cfg.parallel),
                                                         compile_backend)
+            if hasattr(task, "loss_fn"):  # what parallel.compile does to the LM loss
+                task.loss_fn = compiled_loss(dataclasses.replace(cfg.parallel, compile=True,
+                                                                 compile_backend=compile_backend))
             try:
                 result["compiled"] = _phase(cfg, trainer, batches, 1 + warmup + steps, warmup + 1, steps, device,
                                             peak, f"{mode} compiled", log)

@@ -12,7 +12,8 @@ from parallel.data_parallel import wrap_data_parallel
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh
-from parallel.recompute import apply_activation_checkpointing
+from parallel.compile import compile_blocks
+from parallel.recompute import apply_activation_checkpointing, checkpointed_modules
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig) -> nn.Module:
@@ -24,7 +25,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig) -> nn
             parameters): build the optimizer afterwards, on `unwrap(result)`.
         mesh: from `build_mesh`, with pp == 1.
         par: the parallel section (ep_overlap, ep_chunks, data_parallel, fsdp_*).
-    Order: expert parallelism, activation checkpointing, then FSDP (on meta too:
+    Order: expert parallelism, activation checkpointing, torch.compile of every block
+    (par.compile), then FSDP (on meta too:
     parallel/materialize.py allocates the shards) or DDP (only for a materialised model: DDP
     needs real tensors; a meta model is wrapped later with `wrap_data_parallel`).
     """
@@ -33,6 +35,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, par: ParallelConfig) -> nn
     if mesh.ep > 1:
         apply_expert_parallel(model, mesh, par.ep_overlap, par.ep_chunks)
     apply_activation_checkpointing(model, par)
+    if par.compile:  # after checkpointing, before FSDP (torchtitan's order): see parallel/compile.py
+        compile_blocks(model, checkpointed_modules(model, par), par.compile_backend)
     if mesh.fsdp:
         apply_fsdp(model, [model], mesh, par)
         return model

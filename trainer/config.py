@@ -216,6 +216,8 @@ def _check_engine(cfg: Config) -> None:
                                 "parallel.ep shards; use 1 or 2")
     require(cfg.parallel.pp == 1, f"train.engine=deepspeed: not with parallel.pp={cfg.parallel.pp} (pipeline "
                                   f"stages run on torch.distributed.pipelining; use train.engine=native)")
+    require(not cfg.parallel.compile, "train.engine=deepspeed: not with parallel.compile (applied by "
+                                      "parallel.parallelize, which DeepSpeed replaces); use train.engine=native")
     require(cfg.parallel.activation_checkpoint == "none",
             f"train.engine=deepspeed: not with parallel.activation_checkpoint={cfg.parallel.activation_checkpoint} "
             f"(applied by parallel.parallelize, which DeepSpeed replaces); use train.engine=native")

@@ -37,12 +37,20 @@ class AttachAuxLoss(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, aux: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         ctx.scale = scale
         ctx.save_for_backward(aux)
-        return y
+        return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         (aux,) = ctx.saved_tensors
         return grad_y, torch.ones_like(aux) * ctx.scale, None
+
+
+# Run eagerly: traced by torch.compile (2.13, in an MoE layer whose expert loop breaks the graph),
+# AttachAuxLoss's backward lost the aux loss's gradient, so the balance and z losses silently
+# stopped training the router (tests/unit/test_trainer_compile.py). One graph break per layer.
+@torch.compiler.disable
+def attach_aux_loss(y: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+    return AttachAuxLoss.apply(y, aux, scale)
 
 
 class MoE(nn.Module):
@@ -111,7 +119,7 @@ class MoE(nn.Module):
             num_seqs = x_TD.shape[0] // x.shape[-2] if x.dim() >= 3 else 1
             aux = self._aux_loss(route, num_seqs)
             if aux is not None and torch.is_grad_enabled() and aux.requires_grad:
-                y_TD = AttachAuxLoss.apply(y_TD, aux, self.aux_loss_scale)
+                y_TD = attach_aux_loss(y_TD, aux, self.aux_loss_scale)
         return y_TD.reshape(x.shape)
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
