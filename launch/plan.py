@@ -41,26 +41,49 @@ def param_breakdown(cfg: Config) -> tuple[int, int, int]:
     return module_breakdown(meta_model(cfg), cfg.moe)
 
 
-def _layer_elements(cfg: Config, layer_id: int) -> tuple[int, int]:
-    """Activation elements per token that layer `layer_id` keeps for backward without recomputation,
-    and how many of them are the routed experts' intermediates (0 for a dense layer).
+def _layer_bytes(cfg: Config, layer_id: int) -> tuple[int, int]:
+    """Activation bytes per token that layer `layer_id` keeps for backward without recomputation, and
+    how many of them are the routed experts' intermediates (0 for a dense layer).
 
-    Attention keeps its normed input, q/k/v, the SDPA output and the residual; a dense FFN its input
-    and three F-wide tensors (w1, w3, their SwiGLU product); an MoE FFN its input, the router
-    logits, the shared experts' three F-wide tensors and, for each of its top_k copies of a token,
-    the permuted input and the expert's F-wide intermediates: two with moe.backend=loop (w1 and w3
-    outputs; it recomputes their product in backward), four with grouped GEMM (the fused w1|w3
-    output, silu, the product), three for `auto` (the loop on CPU, grouped GEMM on GPUs).
+    What autograd saves, counted tensor by tensor (listed with saved-tensor hooks on the CPU, checked
+    against an H200's peaks: docs/gpu.md). s = the residual stream's width, c = the matmuls' output
+    width (`stream_width`, `compute_width`); under bf16 autocast (c < s) every linear saves its own
+    bf16 copy of its input and an RMSNorm whose input and weight differ in dtype runs unfused:
+      each RMSNorm          its input and the normed output at s (fused, without autocast: the input)
+      attention             the input of q, k and v (one tensor without autocast, three casts with);
+                            q/k RMSNorm (model.qk_norm) at fp32; SDPA's q, k, v and output at c
+      dense FFN             the input of w1 and w3 (shared without autocast), w1 and w3 outputs and
+                            their SwiGLU product at c
+      MoE                   the router's fp32 input, for each of top_k copies of a token the permuted
+                            input at c, the expert's F-wide intermediates (`intermediates`), its
+                            output in the combine's fp32 and the gate-weighted rows; shared experts as
+                            a dense FFN
+    Intermediates: w1 and w3 outputs (the loop and the grouped-GEMM node recompute the product in
+    backward), twice that where the GEMMs are composed under autograd (megablocks; biased experts
+    or another activation: w1|w3 fused, silu, the product).
     """
     m = cfg.model
-    head_dim = m.head_dim or m.d_model // m.num_heads
-    attention = 3 * m.d_model + (m.num_heads + 2 * m.num_kv_heads) * head_dim + m.num_heads * head_dim
+    s, c = stream_width(cfg), compute_width(cfg)
+    cast = c < s  # autocast: each consumer saves its own cast copy
+    D = m.d_model
+    head_dim = m.head_dim or D // m.num_heads
+    q, kv = m.num_heads * head_dim, m.num_kv_heads * head_dim
+    norms = 2 * (2 * D * s if cast else D * s)
+    attention = (3 * D * c if cast else D * s) + (2 * q + 2 * kv) * c
+    if m.qk_norm:
+        attention += (q + kv) * 4 * (2 if cast else 1)
+
+    def swiglu(width: int) -> int:
+        return (2 * D * c if cast else D * s) + 3 * width * c
+
     if not is_moe_layer(layer_id, cfg.moe):
-        return attention + m.d_model + 3 * m.ffn_dim, 0
+        return norms + attention + swiglu(m.ffn_dim), 0
     moe = moe_layer_config(layer_id, cfg.moe)
-    shared = moe.num_shared_experts * 3 * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
-    intermediates = moe.top_k * {"loop": 2, "auto": 3}.get(moe.backend, 4) * moe.expert_ffn_dim
-    return attention + m.d_model + moe.num_experts + moe.top_k * m.d_model + intermediates + shared, intermediates
+    composed = moe.backend == "megablocks" or moe.expert_bias or moe.expert_act != "swiglu"
+    intermediates = moe.top_k * (4 if composed else 2) * moe.expert_ffn_dim * c
+    shared_width = moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
+    routed = D * 4 + moe.top_k * D * (c + 2 * 4) + intermediates
+    return norms + attention + routed + (swiglu(shared_width) if shared_width else 0), intermediates
 
 
 def stream_width(cfg: Config) -> int:
@@ -105,7 +128,7 @@ def activations(cfg: Config, layer_ids: list[int] | None = None, head: bool = Tr
                 sequences: int | None = None) -> Activations:
     """Activations of `sequences` sequences (default train.micro_batch_size) through the layers
     `layer_ids` (default all, ascending) and, when `head`, the output head (an estimate, see
-    `_layer_elements`).
+    `_layer_bytes`).
 
     Without recomputation every layer keeps all it saves until its backward, so the peak is the end
     of the forward. parallel.activation_checkpoint=block keeps, of each checkpointed block, only
@@ -121,21 +144,20 @@ def activations(cfg: Config, layer_ids: list[int] | None = None, head: bool = Tr
     layer_ids = range(m.num_layers) if layer_ids is None else layer_ids
     sequences = tr.micro_batch_size if sequences is None else sequences
     tokens = sequences * tokens_per_sample(cfg)
-    elem = compute_width(cfg)
     block_input = (tokens + (sequences if m.family == "dit" else 0)) * m.d_model * stream_width(cfg)
     checkpointed = set(checkpointed_layers(par, m.num_layers))
     kept = replay = recomputing = 0  # recomputing: the most held while a layer recomputes
     for i in layer_ids:
-        full, intermediates = _layer_elements(cfg, i)
+        full, intermediates = _layer_bytes(cfg, i)
         if i in checkpointed:
             replay += replay_bytes(cfg, i, tokens)
-            recomputing = max(recomputing, kept + replay + tokens * full * elem)
+            recomputing = max(recomputing, kept + replay + tokens * full)
             kept += block_input
         elif par.activation_checkpoint == "moe_ffn" and intermediates:
-            kept += tokens * (full - intermediates) * elem
-            recomputing = max(recomputing, kept + replay + tokens * intermediates * elem)
+            kept += tokens * (full - intermediates)
+            recomputing = max(recomputing, kept + replay + tokens * intermediates)
         else:
-            kept += tokens * full * elem
+            kept += tokens * full
     # A DiT's head outputs patch_size² x channels (x 2 with learned sigma) per token, not logits.
     out_width = m.patch_size ** 2 * m.in_channels * (2 if m.learn_sigma else 1) if m.family == "dit" else m.vocab_size
     kept += tokens * out_width * 4 * 2 if head else 0
