@@ -298,6 +298,10 @@ def grouped_mm_backend(x_sorted_ND: torch.Tensor, num_tokens_per_expert_E: torch
     """torch grouped GEMM over the expert-sorted rows; group ends stay on device (no sync)."""
     if x_sorted_ND.shape[0] == 0:  # kernels reject an empty problem; nothing to compute anyway
         return loop_backend(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras)
+    if torch.compiler.is_compiling() and compute_dtype(x_sorted_ND) != torch.bfloat16:
+        # torch's meta kernel of _grouped_mm (what torch.compile traces with) takes bf16 only, while
+        # the eager kernel also runs fp32: traced, fp32 runs on the loop (outside the graph).
+        return loop_backend(x_sorted_ND, num_tokens_per_expert_E, w1_EFD, w3_EFD, w2_EDF, extras)
     if extras is None:  # plain SwiGLU: one autograd node (models/moe/grouped_swiglu.py)
         x_ND, w1_EFD, w3_EFD, w2_EDF = _cast(x_sorted_ND, w1_EFD, w3_EFD, w2_EDF)
         with _autocast_off(x_ND.device.type):

@@ -63,3 +63,18 @@ def test_compile_refuses_what_it_cannot_combine_with(extra, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(load_config("recipes/llm/pretrain_tiny.yaml", ["parallel.compile=true"] + extra), world_size=2)
+
+
+def test_compiled_fp32_grouped_gemm_runs_on_the_loop():
+    """torch's meta kernel of _grouped_mm takes bf16 only, so a traced fp32 layer would fail to
+    compile: it runs on the loop instead, with the same numbers."""
+    from models.config import MoEConfig
+    from models.moe import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(16, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, backend="grouped_mm"))
+    layer.init_weights(0.3, 0.3)
+    x = torch.randn(2, 6, 16)
+    eager = layer(x)
+    layer.compile(backend="aot_eager")
+    torch.testing.assert_close(layer(x), eager)
