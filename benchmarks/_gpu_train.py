@@ -37,7 +37,7 @@ from trainer.lm.task import compiled_loss, lm_loss
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, no sparsity (NVIDIA's datasheets)
 MODES = ("none", "block", "moe_ffn")
 MEMORY_SHARE = 0.8  # halve the batch while the plan's estimate exceeds this share of the device
-OPTIM = {"implementation": "auto"}  # the runs' optim section (gpu_suite.py --optim sets it)
+OVERRIDES: dict[str, object] = {}  # dotted recipe keys set on every run (gpu_suite.py --optim, --set)
 COMPILE_RESERVE_S = 75  # start compiling only with this much of the part's time left (cold inductor cache)
 
 
@@ -110,7 +110,6 @@ def make_config(preset: str, mode: str, batch: int, device: torch.device, seq_le
     # traces and compiles the same expert path (auto would take the loop there).
     backend = "auto" if device.type == "cuda" else "grouped_mm"
     raw = {"model": {**p["model"], "preset": preset}, "moe": {**p["moe"], "backend": backend},
-           "optim": dict(OPTIM),
            "train": {"dtype": "bf16", "micro_batch_size": batch, "steps": 10_000, "device": device.type},
            "parallel": {"activation_checkpoint": mode},
            "logging": {"wandb": False, "progress_bar": False, "heatmap_every": 0},
@@ -118,6 +117,9 @@ def make_config(preset: str, mode: str, batch: int, device: torch.device, seq_le
     if seq_len:
         raw["data"] = {"seq_len": seq_len}
         raw["model"]["max_seq_len"] = max(seq_len, p["model"]["max_seq_len"])
+    for key, value in OVERRIDES.items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
     cfg = config_from_dict(raw)
     validate(cfg, world_size=1)
     return cfg

@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--llm-modes", default="none,block,moe_ffn", help="activation-checkpointing modes of the llm part")
     p.add_argument("--optim", default="auto", choices=("auto", "fused", "foreach", "for_loop"),
                    help="optim.implementation of the training runs (AdamW's kernels)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe key of every training run, e.g. parallel.fsdp_param_dtype=bf16 (repeatable)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps of each training run, one step under torch.profiler: its kernels "
                         "by device time appended to OUT/profiles.txt")
@@ -137,7 +139,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import _gpu_train
 
-    _gpu_train.OPTIM["implementation"] = args.optim
+    import yaml
+
+    _gpu_train.OVERRIDES["optim.implementation"] = args.optim
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            print(f"gpu_suite: --set {item!r}: expected SECTION.KEY=VALUE", file=sys.stderr)
+            return 2
+        _gpu_train.OVERRIDES[key] = yaml.safe_load(value)
+    if _gpu_train.OVERRIDES.get("parallel.data_parallel") == "fsdp":  # FSDP needs a process group: a world of one
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", str(port))):
+            os.environ.setdefault(name, value)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device here; run with --cpu-smoke for the CPU smoke test", file=sys.stderr)
         return 2
@@ -147,7 +166,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     summary = {"device": name, "torch": torch.__version__, "parity": {}, "moe_layer": [], "llm": {}, "dit": {}}
     report.log(f"gpu_suite: {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), {_versions()}, "
-               f"compile {backend}, optim {args.optim}, budget {args.budget_s:.0f} s")
+               f"compile {backend}, optim {args.optim}, set {args.set or '-'}, budget {args.budget_s:.0f} s")
     start, failed = time.monotonic(), False
     chosen = [p for p in PARTS if p in args.parts.split(",")]
     share = sum(PARTS[p] for p in chosen)

@@ -102,3 +102,24 @@ def test_parity_fails_a_kernel_with_nan_in_one_expert():
     got[0][start:start + case["counts"][5]] = float("nan")  # expert 5's rows of y
     verdict = _gpu_parity.compare(got, want, case["counts"], 1e-3)
     assert verdict["status"] == "fail" and verdict["rel_err"]["y"] != verdict["rel_err"]["y"]
+
+
+def test_profiled_run_with_overrides_and_the_layer_profile(tmp_path):
+    """--set reaches the runs' config (here AdamW's kernels), --profile appends a kernel table per
+    training run, and benchmarks/gpu_moe_profile.py times its variants (equal outputs) on the CPU."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                       timeout=300)
+    out = run(os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--cpu-smoke", "--parts", "llm", "--llm-modes",
+              "none", "--set", "optim.implementation=for_loop", "--profile", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "for_loop" in (tmp_path / "gpu_suite.log").read_text()
+    assert (tmp_path / "profiles.txt").read_text().count("== tiny none compiled") == 1
+    assert run(os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--cpu-smoke", "--set", "oops").returncode == 2
+    out = run(os.path.join(ROOT, "benchmarks", "gpu_moe_profile.py"), "--cpu-smoke", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "moe_profile.json").read_text())
+    for row in report["shapes"]:
+        assert set(row["ms"]) >= {"grouped_mm", "grouped_composed", "loop", "dense"}
+        assert max(row["max_abs_vs_grouped_mm"][n] for n in ("grouped_composed", "loop")) < 1e-4
+    assert report["sweep"] and "== loop E=8" in (tmp_path / "profiles.txt").read_text()
