@@ -117,7 +117,7 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-def run_part(name: str, device, smoke: bool, deadline: float, backend: str | None, log, args=None):
+def run_part(name: str, device, smoke: bool, deadline: float, backend: str | None, log, args):
     """What part `name` reports (the parts' modules are imported here, after the sys.path setup)."""
     from _gpu_layer import run_moe_layer
     from _gpu_parity import run_parity
@@ -127,10 +127,9 @@ def run_part(name: str, device, smoke: bool, deadline: float, backend: str | Non
         return run_parity(device, smoke, log)
     if name == "moe_layer":
         return run_moe_layer(device, smoke, deadline, log)
-    profile_to = os.path.join(args.out, "profiles.txt") if args is not None and args.profile and args.out else None
+    profile_to = os.path.join(args.out, "profiles.txt") if args.profile and args.out else None
     if name == "llm":
-        modes = tuple(args.llm_modes.split(",")) if args is not None else None
-        return run_llm(device, smoke, deadline, backend, log, *((modes,) if modes else ()), profile_to=profile_to)
+        return run_llm(device, smoke, deadline, backend, log, tuple(args.llm_modes.split(",")), profile_to)
     return run_dit(device, smoke, deadline, backend, log, profile_to=profile_to)
 
 

@@ -37,7 +37,7 @@ class AttachAuxLoss(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, aux: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         ctx.scale = scale
         ctx.save_for_backward(aux)
-        return y.view_as(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
